@@ -1,0 +1,22 @@
+//! The presence table behind `Drab.Presence`.
+//!
+//! A [`Registry`] holds who is present on which topic, keeps per-topic
+//! counters up to date as entries change (so counting never walks a topic),
+//! and accumulates the joins and leaves of each topic until a dispatcher
+//! drains them as one coalesced diff.
+//!
+//! This crate knows nothing of Erlang. Owners (processes), metas and the
+//! handle that watches an owner are type parameters: the NIF instantiates
+//! them with pids, encoded terms and monitors; tests use integers.
+
+mod cow_chunks;
+mod error;
+mod phx_ref;
+mod registry;
+
+pub use cow_chunks::{CowChunks, Snapshot, CHUNK_LEN};
+pub use error::CoreError;
+pub use phx_ref::{encode_ref, RefGen};
+pub use registry::{
+    Bytes, Change, Counts, Presence, Ref, Registry, RemovedOwner, TopicDiff, Update,
+};

@@ -1,0 +1,660 @@
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use crate::cow_chunks::{CowChunks, Snapshot};
+use crate::error::CoreError;
+use crate::phx_ref::RefGen;
+
+/// A presence ref (rendered as `phx_ref` by [`crate::encode_ref`]).
+pub type Ref = u64;
+
+/// Topics and keys are byte strings: Erlang binaries need not be UTF-8.
+pub type Bytes = Arc<[u8]>;
+
+/// One tracked presence: an owner under a key on a topic, with its meta.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Presence<O, M> {
+    pub owner: O,
+    pub key: Bytes,
+    pub meta: M,
+    pub phx_ref: Ref,
+    /// The ref this presence had before its last update, as `phx_ref_prev`.
+    pub prev_ref: Option<Ref>,
+}
+
+/// What one topic's subscribers have not been told yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicDiff<O, M> {
+    pub topic: Bytes,
+    pub joins: Vec<Presence<O, M>>,
+    pub leaves: Vec<Presence<O, M>>,
+}
+
+/// The result of a write that changed the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub phx_ref: Ref,
+    /// The first pending diff appeared: the dispatcher must be told.
+    pub wake: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    Changed(Change),
+    /// The new meta equals the old one: nothing changed, nothing to send.
+    Unchanged(Ref),
+}
+
+/// What removing presences of an owner did.
+#[derive(Debug)]
+pub struct RemovedOwner<W> {
+    pub removed: usize,
+    pub wake: bool,
+    /// The owner's watch handle, returned once its last presence is gone so
+    /// the caller can release it (demonitor).
+    pub released_watch: Option<W>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Distinct keys (Drab: users, or browsers).
+    pub users: usize,
+    /// Presences (Drab: connections).
+    pub connections: usize,
+}
+
+/// The refs under one key in one topic. Most keys have one connection, so
+/// that case needs no allocation.
+#[derive(Debug)]
+enum KeyRefs {
+    One(Ref),
+    Many(Vec<Ref>),
+}
+
+impl KeyRefs {
+    fn as_slice(&self) -> &[Ref] {
+        match self {
+            KeyRefs::One(r) => std::slice::from_ref(r),
+            KeyRefs::Many(v) => v,
+        }
+    }
+
+    fn add(&mut self, phx_ref: Ref) {
+        match self {
+            KeyRefs::One(first) => *self = KeyRefs::Many(vec![*first, phx_ref]),
+            KeyRefs::Many(v) => v.push(phx_ref),
+        }
+    }
+
+    /// Removes `phx_ref`; returns true when no ref is left.
+    fn remove(&mut self, phx_ref: Ref) -> bool {
+        match self {
+            KeyRefs::One(r) => *r == phx_ref,
+            KeyRefs::Many(v) => {
+                v.retain(|r| *r != phx_ref);
+                match v[..] {
+                    [] => true,
+                    [only] => {
+                        *self = KeyRefs::One(only);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    fn replace(&mut self, old: Ref, new: Ref) {
+        match self {
+            KeyRefs::One(r) => *r = new,
+            KeyRefs::Many(v) => {
+                if let Some(r) = v.iter_mut().find(|r| **r == old) {
+                    *r = new
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pending<O, M> {
+    joins: HashMap<Ref, Presence<O, M>>,
+    leaves: HashMap<Ref, Presence<O, M>>,
+}
+
+#[derive(Debug)]
+struct Topic<O, M> {
+    entries: CowChunks<Presence<O, M>>,
+    position: HashMap<Ref, u32>,
+    keys: HashMap<Bytes, KeyRefs>,
+    /// `None` while subscribers are up to date, which is most of the time.
+    pending: Option<Box<Pending<O, M>>>,
+}
+
+impl<O, M> Default for Topic<O, M> {
+    fn default() -> Self {
+        Self {
+            entries: CowChunks::default(),
+            position: HashMap::new(),
+            keys: HashMap::new(),
+            pending: None,
+        }
+    }
+}
+
+/// Where one presence of an owner lives, to find it without a topic scan.
+#[derive(Debug)]
+struct Handle {
+    topic: Bytes,
+    key: Bytes,
+    phx_ref: Ref,
+}
+
+#[derive(Debug)]
+struct Owner<W> {
+    watch: W,
+    handles: Vec<Handle>,
+}
+
+/// The presence table.
+///
+/// * `O` identifies an owner (a process).
+/// * `M` is a meta; equality decides whether an update is a no-op.
+/// * `W` is what watches a live owner (a monitor); one per owner, created on
+///   its first presence and handed back when its last one goes.
+#[derive(Debug)]
+pub struct Registry<O, M, W> {
+    topics: HashMap<Bytes, Topic<O, M>>,
+    owners: HashMap<O, Owner<W>>,
+    /// Topics with a pending diff, in the order they first changed.
+    dirty: Vec<Bytes>,
+    refs: RefGen,
+    presences: usize,
+}
+
+impl<O, M, W> Registry<O, M, W>
+where
+    O: Copy + Eq + Hash,
+    M: Clone + PartialEq,
+{
+    /// `ref_seed` should be random, so refs from different registries differ.
+    pub fn new(ref_seed: u64) -> Self {
+        Self {
+            topics: HashMap::new(),
+            owners: HashMap::new(),
+            dirty: Vec::new(),
+            refs: RefGen::new(ref_seed),
+            presences: 0,
+        }
+    }
+
+    /// Adds a presence of `owner` under `key` on `topic`.
+    ///
+    /// `watch` runs only when `owner` has no presence yet; it returns `None`
+    /// when the owner cannot be watched (it is gone), and then nothing is
+    /// added.
+    pub fn track(
+        &mut self,
+        owner: O,
+        topic: &[u8],
+        key: &[u8],
+        meta: M,
+        watch: impl FnOnce() -> Option<W>,
+    ) -> Result<Change, CoreError> {
+        if let Some(existing) = self.owners.get(&owner) {
+            if existing.handles.iter().any(|h| &*h.topic == topic && &*h.key == key) {
+                return Err(CoreError::AlreadyTracked);
+            }
+        } else {
+            let watch = watch().ok_or(CoreError::OwnerGone)?;
+            self.owners.insert(
+                owner,
+                Owner {
+                    watch,
+                    handles: Vec::new(),
+                },
+            );
+        }
+
+        let topic_name = self.intern_topic(topic);
+        let phx_ref = self.refs.next();
+        let topic_entry = self.topics.get_mut(&topic_name).expect("interned above");
+        let key = match topic_entry.keys.get_key_value(key) {
+            Some((existing, _)) => existing.clone(),
+            None => Bytes::from(key),
+        };
+        let presence = Presence {
+            owner,
+            key: key.clone(),
+            meta,
+            phx_ref,
+            prev_ref: None,
+        };
+        insert_presence(topic_entry, presence.clone());
+        self.presences += 1;
+        self.owners
+            .get_mut(&owner)
+            .expect("ensured above")
+            .handles
+            .push(Handle {
+                topic: topic_name.clone(),
+                key,
+                phx_ref,
+            });
+        let wake = self.record(&topic_name, |pending| {
+            pending.joins.insert(phx_ref, presence);
+        });
+        Ok(Change { phx_ref, wake })
+    }
+
+    /// Removes the presence of `owner` under `key` on `topic`, if any.
+    pub fn untrack(&mut self, owner: O, topic: &[u8], key: &[u8]) -> RemovedOwner<W> {
+        let Some(owner_entry) = self.owners.get_mut(&owner) else {
+            return RemovedOwner {
+                removed: 0,
+                wake: false,
+                released_watch: None,
+            };
+        };
+        let Some(index) = owner_entry
+            .handles
+            .iter()
+            .position(|h| &*h.topic == topic && &*h.key == key)
+        else {
+            return RemovedOwner {
+                removed: 0,
+                wake: false,
+                released_watch: None,
+            };
+        };
+        let handle = owner_entry.handles.swap_remove(index);
+        let released_watch = if owner_entry.handles.is_empty() {
+            self.owners.remove(&owner).map(|o| o.watch)
+        } else {
+            None
+        };
+        let wake = self.remove_presence(&handle.topic, handle.phx_ref);
+        RemovedOwner {
+            removed: 1,
+            wake,
+            released_watch,
+        }
+    }
+
+    /// Removes every presence of `owner`: `untrack(pid)`, or the owner exited.
+    pub fn untrack_owner(&mut self, owner: O) -> RemovedOwner<W> {
+        let Some(owner_entry) = self.owners.remove(&owner) else {
+            return RemovedOwner {
+                removed: 0,
+                wake: false,
+                released_watch: None,
+            };
+        };
+        let mut wake = false;
+        for handle in &owner_entry.handles {
+            wake |= self.remove_presence(&handle.topic, handle.phx_ref);
+        }
+        RemovedOwner {
+            removed: owner_entry.handles.len(),
+            wake,
+            released_watch: Some(owner_entry.watch),
+        }
+    }
+
+    /// The current meta and ref of a presence, for read-modify-write updates.
+    pub fn lookup(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<(&M, Ref)> {
+        let handle = self.handle(owner, topic, key)?;
+        let topic = self.topics.get(&*handle.topic)?;
+        let presence = topic
+            .entries
+            .get(*topic.position.get(&handle.phx_ref)? as usize)?;
+        Some((&presence.meta, presence.phx_ref))
+    }
+
+    /// Replaces the meta of a presence. The presence gets a new ref and
+    /// remembers the old one, unless `meta` equals the current meta.
+    ///
+    /// With `expected_ref`, the update is refused with [`CoreError::Stale`]
+    /// when the presence no longer has that ref, so that a caller computing
+    /// the new meta from the old one never overwrites a concurrent update.
+    pub fn update(
+        &mut self,
+        owner: O,
+        topic: &[u8],
+        key: &[u8],
+        meta: M,
+        expected_ref: Option<Ref>,
+    ) -> Result<Update, CoreError> {
+        let (topic_name, old_ref) = {
+            let handle = self.handle(owner, topic, key).ok_or(CoreError::NotTracked)?;
+            (handle.topic.clone(), handle.phx_ref)
+        };
+        if expected_ref.is_some_and(|expected| expected != old_ref) {
+            return Err(CoreError::Stale);
+        }
+        let topic_entry = self.topics.get_mut(&topic_name).expect("handles point at live topics");
+        let index = *topic_entry.position.get(&old_ref).expect("handles point at live refs") as usize;
+        if topic_entry.entries.get(index).expect("positions are in bounds").meta == meta {
+            return Ok(Update::Unchanged(old_ref));
+        }
+
+        let new_ref = self.refs.next();
+        let slot = topic_entry.entries.get_mut(index).expect("positions are in bounds");
+        let before = slot.clone();
+        slot.meta = meta;
+        slot.phx_ref = new_ref;
+        slot.prev_ref = Some(old_ref);
+        let after = slot.clone();
+        topic_entry.position.remove(&old_ref);
+        topic_entry.position.insert(new_ref, index as u32);
+        topic_entry
+            .keys
+            .get_mut(&after.key)
+            .expect("every entry's key is indexed")
+            .replace(old_ref, new_ref);
+        let owner_entry = self.owners.get_mut(&owner).expect("handle found above");
+        let handle = owner_entry
+            .handles
+            .iter_mut()
+            .find(|h| h.phx_ref == old_ref)
+            .expect("handle found above");
+        handle.phx_ref = new_ref;
+
+        let wake = self.record(&topic_name, |pending| {
+            leave(pending, before);
+            pending.joins.insert(new_ref, after);
+        });
+        Ok(Update::Changed(Change {
+            phx_ref: new_ref,
+            wake,
+        }))
+    }
+
+    /// Users and connections on `topic`, from counters: O(1).
+    pub fn counts(&self, topic: &[u8]) -> Counts {
+        self.topics.get(topic).map_or(Counts::default(), |t| Counts {
+            users: t.keys.len(),
+            connections: t.entries.len(),
+        })
+    }
+
+    /// A consistent view of every presence on `topic`, taken in
+    /// O(entries / CHUNK_LEN); walking it needs no lock on the registry.
+    pub fn snapshot(&self, topic: &[u8]) -> Option<Snapshot<Presence<O, M>>> {
+        self.topics
+            .get(topic)
+            .filter(|t| !t.entries.is_empty())
+            .map(|t| t.entries.snapshot())
+    }
+
+    /// The presences under `key` on `topic`.
+    pub fn get_by_key(&self, topic: &[u8], key: &[u8]) -> Vec<Presence<O, M>> {
+        let Some(topic) = self.topics.get(topic) else {
+            return Vec::new();
+        };
+        let Some(refs) = topic.keys.get(key) else {
+            return Vec::new();
+        };
+        refs.as_slice()
+            .iter()
+            .filter_map(|r| topic.entries.get(*topic.position.get(r)? as usize))
+            .cloned()
+            .collect()
+    }
+
+    /// Drains the pending diffs of up to `max_topics` topics, oldest first.
+    /// Diffs whose joins and leaves cancelled out are dropped.
+    pub fn take_diffs(&mut self, max_topics: usize) -> Vec<TopicDiff<O, M>> {
+        let take = max_topics.min(self.dirty.len());
+        let mut diffs = Vec::with_capacity(take);
+        for topic_name in self.dirty.drain(..take) {
+            let Some(topic) = self.topics.get_mut(&topic_name) else {
+                continue;
+            };
+            let pending = topic.pending.take();
+            if topic.entries.is_empty() {
+                self.topics.remove(&topic_name);
+            }
+            if let Some(pending) = pending {
+                if pending.joins.is_empty() && pending.leaves.is_empty() {
+                    continue;
+                }
+                diffs.push(TopicDiff {
+                    topic: topic_name,
+                    joins: pending.joins.into_values().collect(),
+                    leaves: pending.leaves.into_values().collect(),
+                });
+            }
+        }
+        diffs
+    }
+
+    /// Topics with a diff not yet taken.
+    pub fn pending_topics(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Presences across all topics.
+    pub fn len(&self) -> usize {
+        self.presences
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.presences == 0
+    }
+
+    pub fn owner_count(&self) -> usize {
+        self.owners.len()
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.values().filter(|t| !t.entries.is_empty()).count()
+    }
+
+    /// The watch handles of every owner, e.g. to release them on shutdown.
+    pub fn watches(&self) -> impl Iterator<Item = (&O, &W)> {
+        self.owners.iter().map(|(owner, entry)| (owner, &entry.watch))
+    }
+
+    fn handle(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<&Handle> {
+        self.owners
+            .get(&owner)?
+            .handles
+            .iter()
+            .find(|h| &*h.topic == topic && &*h.key == key)
+    }
+
+    fn intern_topic(&mut self, topic: &[u8]) -> Bytes {
+        if let Some((name, _)) = self.topics.get_key_value(topic) {
+            return name.clone();
+        }
+        let name = Bytes::from(topic);
+        self.topics.insert(name.clone(), Topic::default());
+        name
+    }
+
+    /// Removes the presence `phx_ref` from `topic_name`, records the leave,
+    /// and returns whether the dispatcher must be woken.
+    fn remove_presence(&mut self, topic_name: &Bytes, phx_ref: Ref) -> bool {
+        let topic = self.topics.get_mut(topic_name).expect("handles point at live topics");
+        let index = topic.position.remove(&phx_ref).expect("handles point at live refs") as usize;
+        let removed = topic.entries.swap_remove(index).expect("positions are in bounds");
+        if let Some(moved) = topic.entries.get(index) {
+            topic.position.insert(moved.phx_ref, index as u32);
+        }
+        let key_empty = topic
+            .keys
+            .get_mut(&removed.key)
+            .expect("every entry's key is indexed")
+            .remove(phx_ref);
+        if key_empty {
+            topic.keys.remove(&removed.key);
+        }
+        self.presences -= 1;
+        self.record(topic_name, |pending| leave(pending, removed))
+    }
+
+    /// Applies `change` to the pending diff of `topic_name`, marking the topic
+    /// dirty. Returns true when this is the first dirty topic, i.e. the
+    /// dispatcher is idle and must be woken.
+    fn record(&mut self, topic_name: &Bytes, change: impl FnOnce(&mut Pending<O, M>)) -> bool {
+        let topic = self.topics.get_mut(topic_name).expect("recorded topics exist");
+        let mut wake = false;
+        let pending = topic.pending.get_or_insert_with(|| {
+            wake = self.dirty.is_empty();
+            self.dirty.push(topic_name.clone());
+            Box::new(Pending {
+                joins: HashMap::new(),
+                leaves: HashMap::new(),
+            })
+        });
+        change(pending);
+        wake
+    }
+}
+
+fn insert_presence<O: Clone, M: Clone>(topic: &mut Topic<O, M>, presence: Presence<O, M>) {
+    let phx_ref = presence.phx_ref;
+    match topic.keys.get_mut(&presence.key) {
+        Some(refs) => refs.add(phx_ref),
+        None => {
+            topic.keys.insert(presence.key.clone(), KeyRefs::One(phx_ref));
+        }
+    }
+    let index = topic.entries.push(presence);
+    topic.position.insert(phx_ref, index as u32);
+}
+
+/// A leave cancels a join of the same ref that subscribers have not seen yet.
+fn leave<O, M>(pending: &mut Pending<O, M>, presence: Presence<O, M>) {
+    if pending.joins.remove(&presence.phx_ref).is_none() {
+        pending.leaves.insert(presence.phx_ref, presence);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Reg = Registry<u32, &'static str, ()>;
+
+    fn reg() -> Reg {
+        Registry::new(1)
+    }
+
+    fn watch() -> Option<()> {
+        Some(())
+    }
+
+    #[test]
+    fn counts_users_and_connections() {
+        let mut r = reg();
+        r.track(1, b"t", b"alice", "a", watch).unwrap();
+        r.track(2, b"t", b"alice", "b", watch).unwrap();
+        r.track(3, b"t", b"bob", "c", watch).unwrap();
+        r.track(3, b"other", b"bob", "c", watch).unwrap();
+        assert_eq!(r.counts(b"t"), Counts { users: 2, connections: 3 });
+        r.untrack(1, b"t", b"alice");
+        assert_eq!(r.counts(b"t"), Counts { users: 2, connections: 2 });
+        r.untrack_owner(2);
+        assert_eq!(r.counts(b"t"), Counts { users: 1, connections: 1 });
+        assert_eq!(r.counts(b"none"), Counts::default());
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn tracking_twice_is_refused_and_changes_nothing() {
+        let mut r = reg();
+        r.track(1, b"t", b"k", "a", watch).unwrap();
+        assert_eq!(r.track(1, b"t", b"k", "b", watch), Err(CoreError::AlreadyTracked));
+        assert_eq!(r.get_by_key(b"t", b"k").len(), 1);
+    }
+
+    #[test]
+    fn an_owner_that_cannot_be_watched_is_not_tracked() {
+        let mut r = reg();
+        assert_eq!(r.track(1, b"t", b"k", "a", || None), Err(CoreError::OwnerGone));
+        assert!(r.is_empty());
+        assert_eq!(r.topic_count(), 0);
+    }
+
+    #[test]
+    fn watch_is_created_once_and_released_with_the_last_presence() {
+        let mut r: Registry<u32, &str, u32> = Registry::new(0);
+        let mut created = 0;
+        r.track(1, b"a", b"k", "m", || {
+            created += 1;
+            Some(7)
+        })
+        .unwrap();
+        r.track(1, b"b", b"k", "m", || panic!("watched already")).unwrap();
+        assert_eq!(created, 1);
+        assert_eq!(r.untrack(1, b"a", b"k").released_watch, None);
+        assert_eq!(r.untrack(1, b"b", b"k").released_watch, Some(7));
+        assert_eq!(r.owner_count(), 0);
+    }
+
+    #[test]
+    fn update_sets_new_ref_and_prev_ref() {
+        let mut r = reg();
+        let first = r.track(1, b"t", b"k", "a", watch).unwrap().phx_ref;
+        let Update::Changed(change) = r.update(1, b"t", b"k", "b", None).unwrap() else {
+            panic!("meta changed")
+        };
+        assert_ne!(change.phx_ref, first);
+        let [p] = &r.get_by_key(b"t", b"k")[..] else { panic!() };
+        assert_eq!((p.meta, p.phx_ref, p.prev_ref), ("b", change.phx_ref, Some(first)));
+        assert_eq!(r.update(1, b"t", b"k", "b", None), Ok(Update::Unchanged(change.phx_ref)));
+        assert_eq!(r.update(1, b"t", b"k", "c", Some(first)), Err(CoreError::Stale));
+        assert_eq!(r.update(2, b"t", b"k", "c", None), Err(CoreError::NotTracked));
+    }
+
+    #[test]
+    fn changes_in_one_window_coalesce_into_one_diff() {
+        let mut r = reg();
+        assert!(r.track(1, b"t", b"a", "x", watch).unwrap().wake);
+        assert!(!r.track(2, b"t", b"b", "x", watch).unwrap().wake);
+        assert!(!r.track(3, b"u", b"c", "x", watch).unwrap().wake);
+        let diffs = r.take_diffs(usize::MAX);
+        assert_eq!(diffs.len(), 2);
+        assert_eq!(diffs[0].topic.as_ref(), b"t");
+        assert_eq!(diffs[0].joins.len(), 2);
+        assert!(r.take_diffs(usize::MAX).is_empty());
+        assert!(r.untrack(1, b"t", b"a").wake);
+    }
+
+    #[test]
+    fn join_then_leave_in_one_window_sends_nothing() {
+        let mut r = reg();
+        r.track(1, b"t", b"a", "x", watch).unwrap();
+        r.update(1, b"t", b"a", "y", None).unwrap();
+        r.untrack_owner(1);
+        assert!(r.take_diffs(usize::MAX).is_empty());
+        assert_eq!(r.topic_count(), 0);
+    }
+
+    #[test]
+    fn update_after_a_sent_join_is_a_leave_and_a_join() {
+        let mut r = reg();
+        let old = r.track(1, b"t", b"a", "x", watch).unwrap().phx_ref;
+        r.take_diffs(usize::MAX);
+        r.update(1, b"t", b"a", "y", None).unwrap();
+        let diffs = r.take_diffs(usize::MAX);
+        assert_eq!(diffs[0].leaves[0].phx_ref, old);
+        assert_eq!(diffs[0].leaves[0].meta, "x");
+        assert_eq!(diffs[0].joins[0].meta, "y");
+        assert_eq!(diffs[0].joins[0].prev_ref, Some(old));
+    }
+
+    #[test]
+    fn take_diffs_respects_the_topic_budget() {
+        let mut r = reg();
+        for owner in 0..5u32 {
+            r.track(owner, owner.to_string().as_bytes(), b"k", "m", watch).unwrap();
+        }
+        assert_eq!(r.take_diffs(2).len(), 2);
+        assert_eq!(r.pending_topics(), 3);
+        assert_eq!(r.take_diffs(10).len(), 3);
+    }
+}

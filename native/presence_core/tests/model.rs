@@ -1,0 +1,152 @@
+//! Random sequences of track, untrack, update, owner exit and diff draining,
+//! checked against a plain model after every step:
+//! counts, lists and `get_by_key` agree with the model, and a subscriber
+//! that applies every drained diff to the last list it saw ends up with
+//! exactly the current list.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use presence_core::{CoreError, Counts, Ref, Registry, Update};
+use proptest::prelude::*;
+
+type Owner = u8;
+type Meta = u8;
+type Reg = Registry<Owner, Meta, ()>;
+
+const TOPICS: [&[u8]; 3] = [b"lobby", b"room:1", b"room:2"];
+const KEYS: [&[u8]; 3] = [b"alice", b"bob", b"carol"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Track(Owner, usize, usize, Meta),
+    Untrack(Owner, usize, usize),
+    Update(Owner, usize, usize, Meta),
+    Exit(Owner),
+    Drain(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let owner = 0u8..5;
+    let topic = 0..TOPICS.len();
+    let key = 0..KEYS.len();
+    let meta = 0u8..3;
+    prop_oneof![
+        4 => (owner.clone(), topic.clone(), key.clone(), meta.clone())
+            .prop_map(|(o, t, k, m)| Op::Track(o, t, k, m)),
+        2 => (owner.clone(), topic.clone(), key.clone()).prop_map(|(o, t, k)| Op::Untrack(o, t, k)),
+        2 => (owner.clone(), topic, key, meta).prop_map(|(o, t, k, m)| Op::Update(o, t, k, m)),
+        1 => owner.prop_map(Op::Exit),
+        2 => (1usize..4).prop_map(Op::Drain),
+    ]
+}
+
+/// (owner, topic, key) -> (meta, ref)
+type Model = BTreeMap<(Owner, usize, usize), (Meta, Ref)>;
+/// What a subscriber of a topic believes: ref -> (key, meta)
+type View = BTreeMap<Ref, (Vec<u8>, Meta)>;
+
+fn listed(reg: &Reg, topic: usize) -> View {
+    reg.snapshot(TOPICS[topic])
+        .map(|snap| {
+            snap.iter()
+                .map(|p| (p.phx_ref, (p.key.to_vec(), p.meta)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn modelled(model: &Model, topic: usize) -> View {
+    model
+        .iter()
+        .filter(|((_, t, _), _)| *t == topic)
+        .map(|((_, _, k), (m, r))| (*r, (KEYS[*k].to_vec(), *m)))
+        .collect()
+}
+
+fn apply_diffs(reg: &mut Reg, views: &mut [View], max_topics: usize) {
+    for diff in reg.take_diffs(max_topics) {
+        let topic = TOPICS.iter().position(|t| *t == &*diff.topic).unwrap();
+        let joined: BTreeSet<Ref> = diff.joins.iter().map(|p| p.phx_ref).collect();
+        for leave in &diff.leaves {
+            assert!(!joined.contains(&leave.phx_ref), "a ref both joins and leaves");
+            let seen = views[topic].remove(&leave.phx_ref);
+            assert_eq!(seen, Some((leave.key.to_vec(), leave.meta)), "leave of an unseen presence");
+        }
+        for join in diff.joins {
+            let before = views[topic].insert(join.phx_ref, (join.key.to_vec(), join.meta));
+            assert_eq!(before, None, "a join of a presence already seen");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn registry_agrees_with_the_model(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut reg = Reg::new(1000);
+        let mut model = Model::new();
+        let mut views = vec![View::new(); TOPICS.len()];
+
+        for op in ops {
+            match op {
+                Op::Track(o, t, k, m) => {
+                    let result = reg.track(o, TOPICS[t], KEYS[k], m, || Some(()));
+                    if model.contains_key(&(o, t, k)) {
+                        prop_assert_eq!(result, Err(CoreError::AlreadyTracked));
+                    } else {
+                        model.insert((o, t, k), (m, result.unwrap().phx_ref));
+                    }
+                }
+                Op::Untrack(o, t, k) => {
+                    let removed = reg.untrack(o, TOPICS[t], KEYS[k]).removed;
+                    prop_assert_eq!(removed, model.remove(&(o, t, k)).map_or(0, |_| 1));
+                }
+                Op::Update(o, t, k, m) => {
+                    let result = reg.update(o, TOPICS[t], KEYS[k], m, None);
+                    match (model.get_mut(&(o, t, k)), result) {
+                        (None, result) => prop_assert_eq!(result, Err(CoreError::NotTracked)),
+                        (Some((old, r)), Ok(Update::Unchanged(same))) => {
+                            prop_assert_eq!(*old, m);
+                            prop_assert_eq!(*r, same);
+                        }
+                        (Some((old, r)), Ok(Update::Changed(change))) => {
+                            prop_assert_ne!(*old, m);
+                            prop_assert_ne!(*r, change.phx_ref);
+                            *old = m;
+                            *r = change.phx_ref;
+                        }
+                        (Some(_), Err(e)) => prop_assert!(false, "update failed: {e}"),
+                    }
+                }
+                Op::Exit(o) => {
+                    let expected = model.keys().filter(|(owner, _, _)| *owner == o).count();
+                    model.retain(|(owner, _, _), _| *owner != o);
+                    prop_assert_eq!(reg.untrack_owner(o).removed, expected);
+                }
+                Op::Drain(max_topics) => apply_diffs(&mut reg, &mut views, max_topics),
+            }
+
+            for t in 0..TOPICS.len() {
+                let expected = modelled(&model, t);
+                prop_assert_eq!(&listed(&reg, t), &expected);
+                let users: BTreeSet<_> = expected.values().map(|(k, _)| k.clone()).collect();
+                prop_assert_eq!(reg.counts(TOPICS[t]), Counts { users: users.len(), connections: expected.len() });
+                for key in KEYS {
+                    let mut by_key: Vec<_> = reg.get_by_key(TOPICS[t], key).iter().map(|p| p.phx_ref).collect();
+                    by_key.sort();
+                    let want: Vec<_> = expected.iter().filter(|(_, (k, _))| k == key).map(|(r, _)| *r).collect();
+                    prop_assert_eq!(by_key, want);
+                }
+            }
+            prop_assert_eq!(reg.len(), model.len());
+        }
+
+        apply_diffs(&mut reg, &mut views, usize::MAX);
+        for (t, view) in views.iter().enumerate() {
+            prop_assert_eq!(view, &modelled(&model, t), "subscriber view of topic {}", t);
+        }
+        prop_assert_eq!(reg.pending_topics(), 0);
+        prop_assert!(reg.take_diffs(usize::MAX).is_empty());
+    }
+}
