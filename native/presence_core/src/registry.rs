@@ -302,14 +302,17 @@ where
         }
     }
 
-    /// The current meta and ref of a presence, for read-modify-write updates.
-    pub fn lookup(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<(&M, Ref)> {
+    /// The presence of `owner` under `key` on `topic`, for read-modify-write
+    /// updates.
+    pub fn lookup(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<&Presence<O, M>> {
         let handle = self.handle(owner, topic, key)?;
         let topic = self.topics.get(&*handle.topic)?;
-        let presence = topic
-            .entries
-            .get(*topic.position.get(&handle.phx_ref)? as usize)?;
-        Some((&presence.meta, presence.phx_ref))
+        topic.entries.get(*topic.position.get(&handle.phx_ref)? as usize)
+    }
+
+    /// What watches `owner`, while it has presences.
+    pub fn watch(&self, owner: &O) -> Option<&W> {
+        self.owners.get(owner).map(|o| &o.watch)
     }
 
     /// Replaces the meta of a presence. The presence gets a new ref and
@@ -608,6 +611,9 @@ mod tests {
         assert_eq!(r.update(1, b"t", b"k", "b", None), Ok(Update::Unchanged(change.phx_ref)));
         assert_eq!(r.update(1, b"t", b"k", "c", Some(first)), Err(CoreError::Stale));
         assert_eq!(r.update(2, b"t", b"k", "c", None), Err(CoreError::NotTracked));
+        let p = r.lookup(1, b"t", b"k").unwrap();
+        assert_eq!((p.meta, p.prev_ref), ("b", Some(first)));
+        assert!(r.lookup(1, b"t", b"other").is_none());
     }
 
     #[test]

@@ -1,1 +1,13 @@
-fn _placeholder() {}
+//! Rustler bindings of `presence_core` for `Drab.Presence.Native`.
+//!
+//! One file per area; NIF names carry the file's prefix (`table_*`).
+//! Errors cross as atoms (see `error.rs`); shaping them into Phoenix's
+//! return values happens once, in Elixir.
+
+mod encode;
+mod error;
+mod table;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
+
+rustler::init!("Elixir.Drab.Presence.Native");

@@ -1,0 +1,132 @@
+defmodule Drab.Presence do
+  @moduledoc """
+  Who is on each Drab topic, held in a Rust table and counted in O(1).
+
+  A drop-in replacement for drab 0.10's `Drab.Presence`: the same functions,
+  the same config, the same return values as `Phoenix.Presence`, and the
+  same `"presence_diff"` broadcasts, which the phoenix.js `Presence` client
+  understands. What changes is underneath: presences live in a table inside
+  a NIF, written and read directly by the calling process, and counted from
+  counters kept as entries change.
+
+  ## Setup
+
+  Enable presence as with Drab, and add `Drab.Presence` to your supervision
+  tree:
+
+      config :drab, :presence, true
+
+      children = [
+        MyAppWeb.Endpoint,
+        Drab.Presence
+      ]
+
+  Drab calls `start/2` when a browser connects or subscribes to a topic, and
+  `stop/2` when it unsubscribes. A presence leaves by itself when its channel
+  process exits, for any reason.
+
+  ## Configuration
+
+      config :drab, :presence,
+        id: [store: :current_user_id, session: :current_user_id],
+        module: MyAppWeb.MyPresence,
+        endpoint: MyAppWeb.Endpoint
+
+    * `:id` - where the presence key comes from: `[session: key]`,
+      `[store: key]`, or both, the first one listed winning. Without a value
+      there, the key is the browser id (`socket.assigns.__client_id`).
+      `config :drab, :presence, true` uses the browser id; a keyword list
+      without `:id` means `[session: :user_id]`, as in Drab.
+    * `:module` - your own presence module (see below). Defaults to `Drab.Presence`.
+    * `:endpoint` - the endpoint whose pubsub server carries diffs, when the
+      `:drab` config names several.
+
+  Options of our own go in the same list (or in `start_link/1`):
+
+  #{Drab.Presence.Options.docs()}
+
+  ## Own presence modules
+
+      defmodule MyAppWeb.MyPresence do
+        use Drab.Presence, otp_app: :my_app, pubsub_server: MyApp.PubSub
+
+        def fetch(_topic, presences) do
+          for {key, %{metas: metas}} <- presences, into: %{} do
+            {key, %{metas: metas, user: MyApp.Users.get_name(key)}}
+          end
+        end
+      end
+
+  Add it to your supervision tree and to the config as `module:`; Drab then
+  calls its `start/2` and `stop/2`, which you may override too.
+
+  ## Diffs
+
+  Every change reaches subscribers of its topic as a `"presence_diff"`
+  broadcast with `%{joins: presences, leaves: presences}`, each passed
+  through `fetch/2`. Changes to one topic within `:diff_window` milliseconds
+  go out as one diff; a presence that joins and leaves within the window is
+  never sent; an update that leaves the meta as it was sends nothing.
+
+  With a `:pubsub_server` and Phoenix on the code path, diffs go out exactly
+  as Phoenix.Presence sends them, through `Phoenix.Channel.Server.local_broadcast/4`,
+  so channels forward them to the browser. Without one, processes receive
+  them after `subscribe/1`, as `%Drab.Presence.Broadcast{}` (or
+  `%Phoenix.Socket.Broadcast{}` when Phoenix is loaded).
+
+  ## Performance
+
+  `track/4`, `untrack/3` and `update/4` run in the caller, in a NIF that
+  holds the table lock for microseconds. `count_users/1` and
+  `count_connections/1` read counters: O(1) at any topic size. `list/1` is
+  O(presences on the topic); topics over a few thousand presences are listed
+  from a copy-on-write snapshot on a dirty scheduler, so no normal scheduler
+  is held up and writers are never blocked by a reader.
+
+  > #### Restarts and shutdown {: .warning}
+  >
+  > The table outlives the processes of the package: a crashed or restarted
+  > dispatcher loses no presence of a live process, and diffs pending at the
+  > crash go out when it is back. While the presence module is stopped,
+  > track and list still work, and diffs wait for the next start.
+  """
+
+  @typedoc "A Drab or Phoenix socket: anything with `topic`, `channel_pid` and `assigns`."
+  @type socket :: Drab.Presence.Config.socket()
+
+  @typedoc "A topic: a binary."
+  @type topic :: String.t()
+
+  @typedoc "A presence key. Listed as a string (`to_string/1`), as Phoenix.Presence does."
+  @type key :: String.Chars.t()
+
+  @typedoc "Presences as listed: `%{key => %{metas: [meta]}}`, plus what `fetch/2` adds."
+  @type presences :: %{optional(String.t()) => %{required(:metas) => [map()], optional(any()) => any()}}
+
+  @doc "Extends listed and diffed presences; see `Drab.Presence.fetch/2`."
+  @callback fetch(topic(), presences()) :: presences()
+
+  @doc "Drab's connect and subscribe hook."
+  @callback start(socket(), topic()) :: {:ok, term()}
+
+  @doc "Drab's unsubscribe hook."
+  @callback stop(socket(), topic()) :: :ok
+
+  @doc """
+  Defines a presence module of your own.
+
+  Options: `:otp_app` (required; the app whose env holds more options) and
+  any option of `start_link/1`, such as `:pubsub_server`.
+  """
+  defmacro __using__(opts) do
+    unless Keyword.has_key?(opts, :otp_app) do
+      raise ArgumentError, "use Drab.Presence expects :otp_app, e.g. use Drab.Presence, otp_app: :my_app"
+    end
+
+    quote do
+      use Drab.Presence.Definition, unquote(opts)
+    end
+  end
+
+  use Drab.Presence.Definition, otp_app: :drab
+end

@@ -1,0 +1,50 @@
+defmodule Drab.Presence.Backend.NIF do
+  @moduledoc false
+  # The table in this VM, behind Drab.Presence.Native.
+  @behaviour Drab.Presence.Backend
+
+  alias Drab.Presence.Native
+
+  @impl true
+  def new(opts), do: Native.table_new(Keyword.fetch!(opts, :max_meta_bytes))
+
+  @impl true
+  defdelegate set_dispatcher(table, pid), to: Native, as: :table_set_dispatcher
+
+  @impl true
+  defdelegate track(table, pid, topic, key, meta), to: Native, as: :table_track
+
+  @impl true
+  defdelegate untrack(table, pid, topic, key), to: Native, as: :table_untrack
+
+  @impl true
+  defdelegate untrack_owner(table, pid), to: Native, as: :table_untrack_owner
+
+  @impl true
+  defdelegate lookup(table, pid, topic, key), to: Native, as: :table_lookup
+
+  @impl true
+  defdelegate update(table, pid, topic, key, meta, expected_ref), to: Native, as: :table_update
+
+  @impl true
+  defdelegate counts(table, topic), to: Native, as: :table_counts
+
+  # Small topics are listed on the calling scheduler; the NIF answers
+  # :too_large when a topic is big enough to belong on a dirty scheduler.
+  @impl true
+  def list(table, topic) do
+    case Native.table_list(table, topic) do
+      :too_large -> Native.table_list_dirty(table, topic)
+      presences -> presences
+    end
+  end
+
+  @impl true
+  defdelegate get_by_key(table, topic, key), to: Native, as: :table_get_by_key
+
+  @impl true
+  defdelegate take_diffs(table, max_topics), to: Native, as: :table_take_diffs
+
+  @impl true
+  defdelegate stats(table), to: Native, as: :table_stats
+end

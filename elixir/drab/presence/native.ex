@@ -1,0 +1,68 @@
+defmodule Drab.Presence.Native do
+  @moduledoc false
+  # The NIF stubs. Every function is replaced by native/presence_nif when the
+  # library loads; the bodies only run if it did not.
+
+  @on_load :load_nif
+
+  @typedoc "A presence table (a NIF resource)."
+  @opaque table :: reference()
+
+  @typedoc "Every reason a table NIF returns in `{:error, reason}`."
+  @type reason :: :already_tracked | :not_tracked | :noproc | :stale | :meta_too_large
+
+  @doc false
+  @spec load_nif() :: :ok | {:error, term()}
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:drab_presence), ~c"native/libpresence_nif")
+    :erlang.load_nif(path, 0)
+  end
+
+  @spec table_new(pos_integer()) :: table()
+  def table_new(_max_meta_bytes), do: err()
+
+  @spec table_set_dispatcher(table(), pid()) :: boolean()
+  def table_set_dispatcher(_table, _pid), do: err()
+
+  @spec table_track(table(), pid(), binary(), binary(), map()) ::
+          {:ok, binary()} | {:error, reason()}
+  def table_track(_table, _pid, _topic, _key, _meta), do: err()
+
+  @spec table_untrack(table(), pid(), binary(), binary()) :: :ok
+  def table_untrack(_table, _pid, _topic, _key), do: err()
+
+  @spec table_untrack_owner(table(), pid()) :: :ok
+  def table_untrack_owner(_table, _pid), do: err()
+
+  @spec table_lookup(table(), pid(), binary(), binary()) ::
+          {:ok, map(), non_neg_integer()} | {:error, :not_tracked}
+  def table_lookup(_table, _pid, _topic, _key), do: err()
+
+  @spec table_update(table(), pid(), binary(), binary(), map(), non_neg_integer() | nil) ::
+          {:ok, binary()} | {:error, reason()}
+  def table_update(_table, _pid, _topic, _key, _meta, _expected_ref), do: err()
+
+  @spec table_counts(table(), binary()) :: {non_neg_integer(), non_neg_integer()}
+  def table_counts(_table, _topic), do: err()
+
+  @spec table_list(table(), binary()) :: map() | :too_large
+  def table_list(_table, _topic), do: err()
+
+  @spec table_list_dirty(table(), binary()) :: map()
+  def table_list_dirty(_table, _topic), do: err()
+
+  @spec table_get_by_key(table(), binary(), binary()) :: map() | []
+  def table_get_by_key(_table, _topic, _key), do: err()
+
+  @spec table_take_diffs(table(), pos_integer()) ::
+          {[{binary(), map(), map()}], non_neg_integer()}
+  def table_take_diffs(_table, _max_topics), do: err()
+
+  @spec table_stats(table()) :: %{atom() => non_neg_integer()}
+  def table_stats(_table), do: err()
+
+  @spec test_panic() :: no_return()
+  def test_panic, do: err()
+
+  defp err, do: :erlang.nif_error(:nif_not_loaded)
+end

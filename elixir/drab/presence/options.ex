@@ -1,0 +1,108 @@
+defmodule Drab.Presence.Options do
+  @moduledoc false
+  # The one schema of the options a presence module accepts, checked up front
+  # and rendered into the docs. No NimbleOptions (no hex here): the same
+  # shape, written once.
+
+  @schema [
+    otp_app: [
+      type: :atom,
+      doc: "the OTP app whose env holds more options, under the presence module's name"
+    ],
+    pubsub_server: [
+      type: :atom_or_nil,
+      default: nil,
+      doc:
+        "the `Phoenix.PubSub` server diffs are broadcast on. Without it (or without " <>
+          "phoenix_pubsub loaded), subscribers use `subscribe/1`'s built-in registry"
+    ],
+    diff_window: [
+      type: :non_neg_integer,
+      default: 50,
+      doc:
+        "milliseconds during which changes to a topic are gathered into one `presence_diff`; " <>
+          "0 sends as soon as the dispatcher runs"
+    ],
+    max_meta_bytes: [
+      type: :pos_integer,
+      default: 65_536,
+      doc: "largest meta accepted, as `:erlang.term_to_binary/1` encodes it"
+    ],
+    backend: [
+      type: {:in, [:nif]},
+      default: :nif,
+      doc: "where the table lives: `:nif`, in this VM"
+    ],
+    name: [type: :atom, doc: false],
+    # Drab's own keys, read by Drab.Presence.Config and passed over here.
+    id: [type: :any, doc: false],
+    module: [type: :atom, doc: false],
+    endpoint: [type: :atom_or_nil, doc: false]
+  ]
+
+  @type t :: [
+          otp_app: atom(),
+          pubsub_server: atom() | nil,
+          diff_window: non_neg_integer(),
+          max_meta_bytes: pos_integer(),
+          backend: :nif
+        ]
+
+  @doc "Validates `opts` against the schema and fills in defaults. Raises `ArgumentError`."
+  @spec validate!(keyword()) :: keyword()
+  def validate!(opts) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError, "presence options must be a keyword list, got: #{inspect(opts)}"
+    end
+
+    known = Keyword.keys(@schema)
+
+    case Keyword.keys(opts) -- known do
+      [] ->
+        :ok
+
+      unknown ->
+        raise ArgumentError,
+              "unknown presence options #{inspect(Enum.uniq(unknown))}; known options are " <>
+                inspect(known)
+    end
+
+    for {key, value} <- opts do
+      check!(key, value, @schema[key][:type])
+    end
+
+    defaults = for {key, spec} <- @schema, Keyword.has_key?(spec, :default), do: {key, spec[:default]}
+    Keyword.merge(defaults, opts)
+  end
+
+  @doc "The options rendered as a markdown list, for `@moduledoc`."
+  @spec docs() :: String.t()
+  def docs do
+    for {key, spec} <- @schema, spec[:doc] != false, into: "" do
+      default = if Keyword.has_key?(spec, :default), do: " Defaults to `#{inspect(spec[:default])}`.", else: ""
+      "  * `#{inspect(key)}` - #{spec[:doc]}.#{default}\n"
+    end
+  end
+
+  defp check!(_key, _value, :any), do: :ok
+  defp check!(_key, value, :atom) when is_atom(value) and not is_nil(value), do: :ok
+  defp check!(_key, value, :atom_or_nil) when is_atom(value), do: :ok
+  defp check!(_key, value, :non_neg_integer) when is_integer(value) and value >= 0, do: :ok
+  defp check!(_key, value, :pos_integer) when is_integer(value) and value > 0, do: :ok
+
+  defp check!(key, value, {:in, allowed}) do
+    if value in allowed,
+      do: :ok,
+      else: raise(ArgumentError, "invalid value for #{inspect(key)}: expected one of #{inspect(allowed)}, got: #{inspect(value)}")
+  end
+
+  defp check!(key, value, type) do
+    raise ArgumentError,
+          "invalid value for #{inspect(key)}: expected #{describe(type)}, got: #{inspect(value)}"
+  end
+
+  defp describe(:atom), do: "an atom"
+  defp describe(:atom_or_nil), do: "an atom or nil"
+  defp describe(:non_neg_integer), do: "a non-negative integer"
+  defp describe(:pos_integer), do: "a positive integer"
+end

@@ -1,0 +1,196 @@
+defmodule Drab.Presence.Table do
+  @moduledoc false
+  # The operations behind every presence module's functions. They run in the
+  # caller and go straight to the backend: no GenServer on the read or write
+  # path. Bad input raises ArgumentError here, before the table is touched.
+
+  alias Drab.Presence.Runtime
+
+  @spec track(module(), pid(), term(), term(), map()) ::
+          {:ok, binary()} | {:error, {:already_tracked, pid(), binary(), term()}}
+  def track(module, pid, topic, key, meta) do
+    check_pid!(pid)
+    check_topic!(topic)
+    check_meta!(meta)
+    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
+
+    case backend.track(table, pid, topic, key!(key), meta) do
+      {:ok, _phx_ref} = ok -> ok
+      {:error, :already_tracked} -> {:error, {:already_tracked, pid, topic, key}}
+      {:error, reason} -> refuse!(reason, pid, meta, module)
+    end
+  end
+
+  @spec untrack(module(), pid(), term(), term()) :: :ok
+  def untrack(module, pid, topic, key) do
+    check_pid!(pid)
+    check_topic!(topic)
+    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
+    backend.untrack(table, pid, topic, key!(key))
+  end
+
+  @spec untrack(module(), pid()) :: :ok
+  def untrack(module, pid) do
+    check_pid!(pid)
+    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
+    backend.untrack_owner(table, pid)
+  end
+
+  @spec update(module(), pid(), term(), term(), map() | (map() -> map())) ::
+          {:ok, binary()} | {:error, :nopresence}
+  def update(module, pid, topic, key, meta_or_fun) do
+    check_pid!(pid)
+    check_topic!(topic)
+    %Runtime{} = runtime = Runtime.fetch!(module)
+    key = key!(key)
+
+    case meta_or_fun do
+      fun when is_function(fun, 1) ->
+        update_with(runtime, module, pid, topic, key, fun)
+
+      meta ->
+        check_meta!(meta)
+        write(runtime, module, pid, topic, key, meta, nil)
+    end
+  end
+
+  # Read, apply, write back only if nobody updated in between; else retry.
+  # The function sees the meta as Phoenix passes it, with its phx_ref.
+  defp update_with(%Runtime{backend: backend, table: table} = runtime, module, pid, topic, key, fun) do
+    case backend.lookup(table, pid, topic, key) do
+      {:error, :not_tracked} ->
+        {:error, :nopresence}
+
+      {:ok, old_meta, phx_ref} ->
+        new_meta = apply_update!(fun, old_meta, key)
+
+        case write(runtime, module, pid, topic, key, new_meta, phx_ref) do
+          {:error, :stale} -> update_with(runtime, module, pid, topic, key, fun)
+          result -> result
+        end
+    end
+  end
+
+  defp apply_update!(fun, old_meta, key) do
+    new_meta =
+      try do
+        fun.(old_meta)
+      rescue
+        exception ->
+          reraise ArgumentError,
+                  [
+                    message:
+                      "the update function for presence #{inspect(key)} raised " <>
+                        "#{inspect(exception.__struct__)}: #{Exception.message(exception)}; " <>
+                        "the presence is unchanged"
+                  ],
+                  __STACKTRACE__
+      end
+
+    check_meta!(new_meta)
+    # Phoenix sets these itself: carrying the old ones over would make every
+    # `fn meta -> meta end` look like a change.
+    Map.drop(new_meta, [:phx_ref, :phx_ref_prev])
+  end
+
+  defp write(%Runtime{backend: backend, table: table}, module, pid, topic, key, meta, expected_ref) do
+    case backend.update(table, pid, topic, key, meta, expected_ref) do
+      {:ok, _phx_ref} = ok -> ok
+      {:error, :not_tracked} -> {:error, :nopresence}
+      {:error, :stale} = stale -> stale
+      {:error, reason} -> refuse!(reason, pid, meta, module)
+    end
+  end
+
+  @spec list(module(), term()) :: map()
+  def list(module, topic) do
+    check_topic!(topic)
+    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
+    module.fetch(topic, backend.list(table, topic))
+  end
+
+  @spec get_by_key(module(), term(), term()) :: map() | []
+  def get_by_key(module, topic, key) do
+    check_topic!(topic)
+    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
+    key = key!(key)
+
+    case backend.get_by_key(table, topic, key) do
+      [] ->
+        []
+
+      %{} = presences ->
+        %{^key => fetched} = module.fetch(topic, presences)
+        fetched
+    end
+  end
+
+  @spec counts(module(), term()) :: {non_neg_integer(), non_neg_integer()}
+  def counts(module, topic) do
+    check_topic!(topic)
+    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
+    backend.counts(table, topic)
+  end
+
+  @spec stats(module()) :: %{atom() => non_neg_integer()}
+  def stats(module) do
+    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
+    backend.stats(table)
+  end
+
+  @spec subscribe(module(), term()) :: :ok | {:error, term()}
+  def subscribe(module, topic) do
+    check_topic!(topic)
+    Drab.Presence.Broadcast.subscribe(Runtime.fetch!(module).delivery, topic)
+  end
+
+  @spec unsubscribe(module(), term()) :: :ok
+  def unsubscribe(module, topic) do
+    check_topic!(topic)
+    Drab.Presence.Broadcast.unsubscribe(Runtime.fetch!(module).delivery, topic)
+  end
+
+  defp check_pid!(pid) when is_pid(pid) and node(pid) == node(), do: :ok
+
+  defp check_pid!(pid) when is_pid(pid) do
+    raise ArgumentError,
+          "cannot track #{inspect(pid)}: it lives on #{inspect(node(pid))}; track a process " <>
+            "on the node it runs on"
+  end
+
+  defp check_pid!(other), do: raise(ArgumentError, "expected a pid, got: #{inspect(other)}")
+
+  defp check_topic!(topic) when is_binary(topic), do: :ok
+
+  defp check_topic!(topic),
+    do: raise(ArgumentError, "a presence topic must be a binary, got: #{inspect(topic)}")
+
+  defp check_meta!(meta) when is_map(meta), do: :ok
+
+  defp check_meta!(meta),
+    do: raise(ArgumentError, "a presence meta must be a map, got: #{inspect(meta)}")
+
+  # Phoenix.Presence lists keys with to_string/1; keying the table by that
+  # string makes list/1 and get_by_key/2 agree with it.
+  defp key!(key) when is_binary(key), do: key
+
+  defp key!(key) do
+    String.Chars.to_string(key)
+  rescue
+    Protocol.UndefinedError ->
+      reraise ArgumentError,
+              [message: "a presence key must be convertible to a string, got: #{inspect(key)}"],
+              __STACKTRACE__
+  end
+
+  defp refuse!(:noproc, pid, _meta, _module) do
+    raise ArgumentError, "cannot track #{inspect(pid)}: the process is not alive"
+  end
+
+  defp refuse!(:meta_too_large, _pid, meta, module) do
+    raise ArgumentError,
+          "presence meta is #{byte_size(:erlang.term_to_binary(meta))} bytes encoded, over the " <>
+            ":max_meta_bytes limit of #{inspect(module)}; keep metas small (ids, timestamps) " <>
+            "or raise the limit"
+  end
+end

@@ -1,0 +1,126 @@
+defmodule Mix.Tasks.Compile.PresenceNif do
+  @moduledoc """
+  Builds the `presence_nif` crate with cargo and copies the library to
+  `priv/native/`, where `Drab.Presence.Native` loads it.
+
+  hex.pm is out of reach here, so the rustler mix package is not an option;
+  this is the small part of it we need. Cargo decides what is stale, so the
+  task simply runs it on every compile (a no-op build takes well under a
+  second).
+  """
+  use Mix.Task.Compiler
+
+  @crate "presence_nif"
+
+  @impl Mix.Task.Compiler
+  def run(_args) do
+    # Release everywhere: the tests exercise the build that ships, and the
+    # crates are small enough that an optimised build costs seconds.
+    profile = System.get_env("DRAB_PRESENCE_CARGO_PROFILE", "release")
+    features = if Mix.env() == :test, do: ["--features", "test-hooks"], else: []
+    args = ["build", "--package", @crate, "--profile", profile] ++ features
+
+    with {:ok, cargo} <- find_cargo(),
+         :ok <- cargo_build(cargo, args),
+         :ok <- install(profile) do
+      {:ok, []}
+    else
+      {:error, message} ->
+        Mix.shell().error(message)
+
+        {:error,
+         [
+           %Mix.Task.Compiler.Diagnostic{
+             compiler_name: "presence_nif",
+             file: Path.expand("native/#{@crate}/Cargo.toml"),
+             message: message,
+             position: nil,
+             severity: :error
+           }
+         ]}
+    end
+  end
+
+  defp find_cargo do
+    case System.find_executable("cargo") || existing(Path.expand("~/.cargo/bin/cargo")) do
+      nil -> {:error, "cargo not found: install Rust (https://rustup.rs) to build #{@crate}"}
+      cargo -> {:ok, cargo}
+    end
+  end
+
+  defp existing(path), do: if(File.exists?(path), do: path)
+
+  defp cargo_build(cargo, args) do
+    Mix.shell().info("Compiling #{@crate} (cargo #{Enum.join(args, " ")})")
+
+    case System.cmd(cargo, args, stderr_to_stdout: true, into: IO.stream(:stdio, :line)) do
+      {_, 0} -> :ok
+      {_, status} -> {:error, "cargo build of #{@crate} failed with exit status #{status}"}
+    end
+  end
+
+  defp install(profile) do
+    target_dir = if profile == "dev", do: "debug", else: profile
+    {source_name, dest_name} = library_names()
+    source = Path.join(["target", target_dir, source_name])
+    dest_dir = Path.join(Mix.Project.app_path(), "priv/native")
+    File.mkdir_p!(dest_dir)
+    dest = Path.join(dest_dir, dest_name)
+
+    if File.exists?(source) do
+      # Copy to a temporary name and rename, so a running VM that has the
+      # old library mapped keeps a valid file.
+      tmp = dest <> ".tmp"
+      File.cp!(source, tmp)
+      File.rename!(tmp, dest)
+      :ok
+    else
+      {:error, "cargo reported success but #{source} is missing"}
+    end
+  end
+
+  defp library_names do
+    case :os.type() do
+      {:win32, _} -> {"#{@crate}.dll", "#{@crate}.dll"}
+      {:unix, :darwin} -> {"lib#{@crate}.dylib", "lib#{@crate}.so"}
+      _ -> {"lib#{@crate}.so", "lib#{@crate}.so"}
+    end
+  end
+end
+
+defmodule DrabPresence.MixProject do
+  use Mix.Project
+
+  @version "0.1.0"
+
+  def project do
+    [
+      app: :drab_presence,
+      version: @version,
+      elixir: "~> 1.14",
+      elixirc_paths: elixirc_paths(Mix.env()),
+      compilers: [:presence_nif] ++ Mix.compilers(),
+      start_permanent: Mix.env() == :prod,
+      deps: [],
+      package: package(),
+      description: "Drab.Presence on a Rust presence table: O(1) counts, coalesced diffs.",
+      test_coverage: [ignore_modules: [Mix.Tasks.Compile.PresenceNif]]
+    ]
+  end
+
+  def application do
+    [extra_applications: [:logger]]
+  end
+
+  defp elixirc_paths(:test), do: ["elixir", "test/support"]
+  defp elixirc_paths(_), do: ["elixir"]
+
+  defp package do
+    [
+      licenses: ["MIT"],
+      files: ~w(elixir native/presence_core/src native/presence_core/Cargo.toml
+                native/presence_nif/src native/presence_nif/Cargo.toml
+                Cargo.toml Cargo.lock mix.exs README.md)
+    ]
+  end
+end

@@ -1,0 +1,283 @@
+//! The presence table resource and its NIFs.
+//!
+//! Writes and small reads run on normal schedulers and hold the lock for
+//! microseconds. Large lists and diff batches take a copy-on-write snapshot
+//! under the lock and build their terms on a dirty CPU scheduler, so writers
+//! are never held up by a reader.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use presence_core::{CoreError, Registry, RemovedOwner, Update};
+use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
+
+use crate::encode::{self, ref_term};
+use crate::error::{self, NifError};
+
+/// A meta as `term_to_binary/1` encodes it: compact, and compared by bytes
+/// to detect no-op updates.
+pub type Meta = Arc<[u8]>;
+
+/// Lists of up to this many presences are built on the calling scheduler
+/// (well under 1 ms); larger ones go to `table_list_dirty`.
+const INLINE_LIST_LIMIT: usize = 2_000;
+
+struct State {
+    registry: Registry<LocalPid, Meta, Monitor>,
+    /// Told (`:drab_presence_pending`) when the first pending diff appears.
+    dispatcher: Option<LocalPid>,
+}
+
+pub struct Table {
+    state: Mutex<State>,
+    max_meta_bytes: usize,
+}
+
+#[rustler::resource_impl]
+impl Resource for Table {
+    const IMPLEMENTS_DOWN: bool = true;
+
+    fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, monitor: Monitor) {
+        let (removed, dispatcher) = {
+            let mut state = self.lock();
+            // Only the monitor that watches the owner now may remove it: a
+            // down message of an earlier, released monitor must not.
+            if state.registry.watch(&pid) != Some(&monitor) {
+                return;
+            }
+            let removed = state.registry.untrack_owner(pid);
+            (removed, state.dispatcher)
+        };
+        wake_if_needed(env, &removed, dispatcher);
+    }
+}
+
+impl Table {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held cannot leave the registry half
+        // written (core operations do not panic mid-change), so a poisoned
+        // lock is safe to reuse.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn encode_meta(&self, meta: Term) -> Result<Meta, NifError> {
+        let encoded = meta.to_binary();
+        if encoded.len() > self.max_meta_bytes {
+            return Err(NifError::MetaTooLarge);
+        }
+        Ok(Arc::from(encoded.as_slice()))
+    }
+}
+
+fn wake_if_needed<W>(env: Env, removed: &RemovedOwner<W>, dispatcher: Option<LocalPid>) {
+    if removed.wake {
+        wake(env, dispatcher);
+    }
+}
+
+fn wake(env: Env, dispatcher: Option<LocalPid>) {
+    if let Some(pid) = dispatcher {
+        // A dead dispatcher is fine: its successor drains on start.
+        let _ = env.send(&pid, error::drab_presence_pending());
+    }
+}
+
+fn random_seed() -> u64 {
+    RandomState::new().build_hasher().finish()
+}
+
+#[rustler::nif]
+fn table_new(max_meta_bytes: usize) -> ResourceArc<Table> {
+    ResourceArc::new(Table {
+        state: Mutex::new(State {
+            registry: Registry::new(random_seed()),
+            dispatcher: None,
+        }),
+        max_meta_bytes,
+    })
+}
+
+/// Makes `pid` the process told about pending diffs. Returns whether diffs
+/// are already pending, so a restarted dispatcher drains them at once.
+#[rustler::nif]
+fn table_set_dispatcher(table: ResourceArc<Table>, pid: LocalPid) -> bool {
+    let mut state = table.lock();
+    state.dispatcher = Some(pid);
+    state.registry.pending_topics() > 0
+}
+
+#[rustler::nif]
+fn table_track<'a>(
+    env: Env<'a>,
+    table: ResourceArc<Table>,
+    pid: LocalPid,
+    topic: Binary,
+    key: Binary,
+    meta: Term<'a>,
+) -> Result<Term<'a>, NifError> {
+    let meta = table.encode_meta(meta)?;
+    let (change, dispatcher) = {
+        let mut state = table.lock();
+        let change = state
+            .registry
+            .track(pid, &topic, &key, meta, || env.monitor(&table, &pid))?;
+        (change, state.dispatcher)
+    };
+    if change.wake {
+        wake(env, dispatcher);
+    }
+    Ok(ref_term(env, change.phx_ref))
+}
+
+fn release<'a>(env: Env<'a>, table: &ResourceArc<Table>, removed: RemovedOwner<Monitor>, dispatcher: Option<LocalPid>) {
+    if let Some(monitor) = &removed.released_watch {
+        env.demonitor(table, monitor);
+    }
+    wake_if_needed(env, &removed, dispatcher);
+}
+
+#[rustler::nif]
+fn table_untrack(env: Env, table: ResourceArc<Table>, pid: LocalPid, topic: Binary, key: Binary) -> rustler::Atom {
+    let (removed, dispatcher) = {
+        let mut state = table.lock();
+        (state.registry.untrack(pid, &topic, &key), state.dispatcher)
+    };
+    release(env, &table, removed, dispatcher);
+    error::ok()
+}
+
+#[rustler::nif]
+fn table_untrack_owner(env: Env, table: ResourceArc<Table>, pid: LocalPid) -> rustler::Atom {
+    let (removed, dispatcher) = {
+        let mut state = table.lock();
+        (state.registry.untrack_owner(pid), state.dispatcher)
+    };
+    release(env, &table, removed, dispatcher);
+    error::ok()
+}
+
+/// The current meta (with `phx_ref`) and its raw ref, for update functions.
+#[rustler::nif]
+fn table_lookup<'a>(
+    env: Env<'a>,
+    table: ResourceArc<Table>,
+    pid: LocalPid,
+    topic: Binary,
+    key: Binary,
+) -> NifResult<Term<'a>> {
+    let found = table.lock().registry.lookup(pid, &topic, &key).cloned();
+    match found {
+        None => Ok((error::error(), NifError::from(CoreError::NotTracked)).encode(env)),
+        Some(presence) => Ok((error::ok(), encode::meta_term(env, &presence)?, presence.phx_ref).encode(env)),
+    }
+}
+
+/// Replaces a meta. `expected_ref` (or `nil`) guards a read-modify-write
+/// against a concurrent update: a mismatch returns `{:error, :stale}`.
+#[rustler::nif]
+fn table_update<'a>(
+    env: Env<'a>,
+    table: ResourceArc<Table>,
+    pid: LocalPid,
+    topic: Binary,
+    key: Binary,
+    meta: Term<'a>,
+    expected_ref: Option<u64>,
+) -> Result<Term<'a>, NifError> {
+    let meta = table.encode_meta(meta)?;
+    let (update, dispatcher) = {
+        let mut state = table.lock();
+        let update = state.registry.update(pid, &topic, &key, meta, expected_ref)?;
+        (update, state.dispatcher)
+    };
+    let phx_ref = match update {
+        Update::Unchanged(phx_ref) => phx_ref,
+        Update::Changed(change) => {
+            if change.wake {
+                wake(env, dispatcher);
+            }
+            change.phx_ref
+        }
+    };
+    Ok(ref_term(env, phx_ref))
+}
+
+/// `{users, connections}` on `topic`, from counters.
+#[rustler::nif]
+fn table_counts(table: ResourceArc<Table>, topic: Binary) -> (usize, usize) {
+    let counts = table.lock().registry.counts(&topic);
+    (counts.users, counts.connections)
+}
+
+/// The grouped presences of a topic, or `:too_large` when the topic is
+/// large enough that the list belongs on a dirty scheduler.
+#[rustler::nif]
+fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> NifResult<Term<'a>> {
+    let snapshot = table.lock().registry.snapshot(&topic);
+    match snapshot {
+        None => Ok(rustler::types::map::map_new(env)),
+        Some(s) if s.len() > INLINE_LIST_LIMIT => Ok(error::too_large().encode(env)),
+        Some(s) => encode::grouped(env, s.iter()),
+    }
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> NifResult<Term<'a>> {
+    let snapshot = table.lock().registry.snapshot(&topic);
+    match snapshot {
+        None => Ok(rustler::types::map::map_new(env)),
+        Some(s) => encode::grouped(env, s.iter()),
+    }
+}
+
+/// `%{metas: [...]}` of one key, or `[]` when the key is not present, as
+/// Phoenix.Presence.get_by_key/2 returns.
+#[rustler::nif]
+fn table_get_by_key<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary, key: Binary) -> NifResult<Term<'a>> {
+    let presences = table.lock().registry.get_by_key(&topic, &key);
+    if presences.is_empty() {
+        return Ok(Vec::<Term>::new().encode(env));
+    }
+    encode::grouped(env, presences.iter())
+}
+
+/// Drains pending diffs of up to `max_topics` topics as
+/// `{[{topic, joins, leaves}], topics_still_pending}`, joins and leaves
+/// grouped like `list`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn table_take_diffs<'a>(env: Env<'a>, table: ResourceArc<Table>, max_topics: usize) -> NifResult<(Vec<Term<'a>>, usize)> {
+    let (diffs, still_pending) = {
+        let mut state = table.lock();
+        let diffs = state.registry.take_diffs(max_topics);
+        (diffs, state.registry.pending_topics())
+    };
+    let diffs = diffs
+        .iter()
+        .map(|diff| {
+            Ok((
+                encode::bytes_term(env, &diff.topic),
+                encode::grouped(env, diff.joins.iter())?,
+                encode::grouped(env, diff.leaves.iter())?,
+            )
+                .encode(env))
+        })
+        .collect::<NifResult<Vec<_>>>()?;
+    Ok((diffs, still_pending))
+}
+
+/// Sizes of the table, for stats and tests.
+#[rustler::nif]
+fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
+    let state = table.lock();
+    let registry = &state.registry;
+    Term::map_from_pairs(
+        env,
+        &[
+            (error::presences().encode(env), registry.len().encode(env)),
+            (error::owners().encode(env), registry.owner_count().encode(env)),
+            (error::topics().encode(env), registry.topic_count().encode(env)),
+            (error::pending_topics().encode(env), registry.pending_topics().encode(env)),
+        ],
+    )
+}
