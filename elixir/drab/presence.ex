@@ -101,7 +101,9 @@ defmodule Drab.Presence do
   @type key :: String.Chars.t()
 
   @typedoc "Presences as listed: `%{key => %{metas: [meta]}}`, plus what `fetch/2` adds."
-  @type presences :: %{optional(String.t()) => %{required(:metas) => [map()], optional(any()) => any()}}
+  @type presences :: %{
+          optional(String.t()) => %{required(:metas) => [map()], optional(any()) => any()}
+        }
 
   @doc "Extends listed and diffed presences; see `Drab.Presence.fetch/2`."
   @callback fetch(topic(), presences()) :: presences()
@@ -120,7 +122,8 @@ defmodule Drab.Presence do
   """
   defmacro __using__(opts) do
     unless Keyword.has_key?(opts, :otp_app) do
-      raise ArgumentError, "use Drab.Presence expects :otp_app, e.g. use Drab.Presence, otp_app: :my_app"
+      raise ArgumentError,
+            "use Drab.Presence expects :otp_app, e.g. use Drab.Presence, otp_app: :my_app"
     end
 
     quote do

@@ -19,10 +19,12 @@ defmodule Drab.Presence.Backend do
               {:ok, map(), non_neg_integer()} | {:error, :not_tracked}
   @callback update(handle(), pid(), topic(), key(), map(), non_neg_integer() | nil) ::
               {:ok, binary()} | {:error, reason()}
-  @callback counts(handle(), topic()) :: {users :: non_neg_integer(), connections :: non_neg_integer()}
+  @callback counts(handle(), topic()) ::
+              {users :: non_neg_integer(), connections :: non_neg_integer()}
   @callback list(handle(), topic()) :: grouped()
   @callback get_by_key(handle(), topic(), key()) :: grouped() | []
   @callback take_diffs(handle(), pos_integer()) ::
-              {[{topic(), joins :: grouped(), leaves :: grouped()}], still_pending :: non_neg_integer()}
+              {[{topic(), joins :: grouped(), leaves :: grouped()}],
+               still_pending :: non_neg_integer()}
   @callback stats(handle()) :: %{atom() => non_neg_integer()}
 end

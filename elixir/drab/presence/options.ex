@@ -71,7 +71,9 @@ defmodule Drab.Presence.Options do
       check!(key, value, @schema[key][:type])
     end
 
-    defaults = for {key, spec} <- @schema, Keyword.has_key?(spec, :default), do: {key, spec[:default]}
+    defaults =
+      for {key, spec} <- @schema, Keyword.has_key?(spec, :default), do: {key, spec[:default]}
+
     Keyword.merge(defaults, opts)
   end
 
@@ -79,7 +81,11 @@ defmodule Drab.Presence.Options do
   @spec docs() :: String.t()
   def docs do
     for {key, spec} <- @schema, spec[:doc] != false, into: "" do
-      default = if Keyword.has_key?(spec, :default), do: " Defaults to `#{inspect(spec[:default])}`.", else: ""
+      default =
+        if Keyword.has_key?(spec, :default),
+          do: " Defaults to `#{inspect(spec[:default])}`.",
+          else: ""
+
       "  * `#{inspect(key)}` - #{spec[:doc]}.#{default}\n"
     end
   end
@@ -93,7 +99,11 @@ defmodule Drab.Presence.Options do
   defp check!(key, value, {:in, allowed}) do
     if value in allowed,
       do: :ok,
-      else: raise(ArgumentError, "invalid value for #{inspect(key)}: expected one of #{inspect(allowed)}, got: #{inspect(value)}")
+      else:
+        raise(
+          ArgumentError,
+          "invalid value for #{inspect(key)}: expected one of #{inspect(allowed)}, got: #{inspect(value)}"
+        )
   end
 
   defp check!(key, value, type) do

@@ -1,0 +1,164 @@
+defmodule Drab.Presence.ConfigTest do
+  # Changes the :drab application env, so not async.
+  use Drab.PresenceCase, async: false
+
+  alias Drab.Presence.Config
+
+  setup do
+    previous = Application.fetch_env(:drab, :presence)
+
+    on_exit(fn ->
+      case previous do
+        {:ok, value} -> Application.put_env(:drab, :presence, value)
+        :error -> Application.delete_env(:drab, :presence)
+      end
+    end)
+  end
+
+  defp with_presence(config), do: Application.put_env(:drab, :presence, config)
+
+  defp assigns(session, store),
+    do: %{assigns: %{__session: session, __store: store, __client_id: "browser"}}
+
+  describe "Drab.Config.get(:presence, _) equivalents" do
+    test "unset" do
+      Application.delete_env(:drab, :presence)
+      assert Config.presence() == false
+      assert Config.get(:id) == nil
+      assert Config.get(:module) == Drab.Presence
+      assert Config.get(:endpoint) == nil
+    end
+
+    test "true: browser id, Drab.Presence" do
+      with_presence(true)
+      assert Config.get(:id) == nil
+      assert Config.get(:module) == Drab.Presence
+    end
+
+    test "a keyword list without :id means [session: :user_id]" do
+      with_presence(endpoint: MyEndpoint)
+      assert Config.get(:id) == [session: :user_id]
+      assert Config.get(:endpoint) == MyEndpoint
+    end
+
+    test "module:" do
+      with_presence(module: MyPresence)
+      assert Config.get(:module) == MyPresence
+    end
+  end
+
+  describe "client_id/1" do
+    test "true uses the browser id" do
+      with_presence(true)
+      assert Config.client_id(assigns(%{user_id: 1}, %{user_id: 2})) == "browser"
+    end
+
+    test "[session: key]" do
+      with_presence(id: [session: :uid])
+      assert Config.client_id(assigns(%{uid: 42}, %{uid: 7})) == 42
+      assert Config.client_id(assigns(%{}, %{uid: 7})) == "browser"
+      assert Config.client_id(assigns(nil, %{})) == "browser"
+    end
+
+    test "[store: key]" do
+      with_presence(id: [store: :uid])
+      assert Config.client_id(assigns(%{uid: 42}, %{uid: 7})) == 7
+      assert Config.client_id(assigns(%{uid: 42}, %{})) == "browser"
+    end
+
+    test "store first, then session" do
+      with_presence(id: [store: :uid, session: :sid])
+      assert Config.client_id(assigns(%{sid: 1}, %{uid: 2})) == 2
+      assert Config.client_id(assigns(%{sid: 1}, %{})) == 1
+      assert Config.client_id(assigns(%{}, %{})) == "browser"
+    end
+
+    test "session first, then store" do
+      with_presence(id: [session: :sid, store: :uid])
+      assert Config.client_id(assigns(%{sid: 1}, %{uid: 2})) == 1
+      assert Config.client_id(assigns(%{}, %{uid: 2})) == 2
+    end
+
+    test "a bare atom is a session key" do
+      with_presence(id: :sid)
+      assert Config.client_id(assigns(%{sid: 1}, %{})) == 1
+    end
+
+    test "the default of a keyword list reads the session's :user_id" do
+      with_presence([])
+      assert Config.client_id(assigns(%{user_id: 5}, %{})) == 5
+    end
+
+    test "without any id it raises as Drab does" do
+      with_presence(true)
+
+      assert_raise RuntimeError, "can't get the browser id", fn ->
+        Config.client_id(%{assigns: %{}})
+      end
+    end
+
+    test "start/2 tracks under the configured id", %{topic: topic} do
+      with_presence(id: [session: :user_id])
+      socket = socket(topic, %{__session: %{user_id: 42}, __store: %{}})
+      {:ok, _} = Drab.Presence.start(socket, topic)
+      assert Map.keys(Drab.Presence.list(topic)) == ["42"]
+      :ok = Drab.Presence.stop(socket, topic)
+      assert Drab.Presence.list(topic) == %{}
+    end
+  end
+
+  describe "options" do
+    test "our own keys pass through; Drab's stay behind" do
+      with_presence(id: [session: :u], module: X, diff_window: 5, pubsub_server: My.PubSub)
+
+      assert Keyword.take(Config.options(), [:diff_window, :pubsub_server]) == [
+               diff_window: 5,
+               pubsub_server: My.PubSub
+             ]
+
+      refute Keyword.has_key?(Config.options(), :id)
+    end
+
+    test "the pubsub server comes from the Drab endpoint's config" do
+      Application.put_env(:drab, ConfigTest.Endpoint, otp_app: :drab_presence_config_test)
+
+      Application.put_env(:drab_presence_config_test, ConfigTest.Endpoint,
+        pubsub_server: From.Endpoint
+      )
+
+      on_exit(fn ->
+        Application.delete_env(:drab, ConfigTest.Endpoint)
+        Application.delete_env(:drab_presence_config_test, ConfigTest.Endpoint)
+      end)
+
+      with_presence(endpoint: ConfigTest.Endpoint)
+      assert Config.options()[:pubsub_server] == From.Endpoint
+    end
+
+    test "invalid options are refused up front with a clear message" do
+      defmodule BadOptions do
+        use Drab.Presence, otp_app: :drab_presence
+      end
+
+      assert_raise ArgumentError, ~r/unknown presence options \[:diff_windw\]/, fn ->
+        BadOptions.start_link(diff_windw: 10)
+      end
+
+      assert_raise ArgumentError,
+                   ~r/invalid value for :diff_window: expected a non-negative integer/,
+                   fn ->
+                     BadOptions.start_link(diff_window: -1)
+                   end
+
+      assert_raise ArgumentError, ~r/invalid value for :backend/, fn ->
+        BadOptions.start_link(backend: :redis)
+      end
+    end
+
+    test "use without :otp_app is refused at compile time" do
+      assert_raise ArgumentError, ~r/expects :otp_app/, fn ->
+        Code.compile_string("defmodule NoApp do use Drab.Presence end")
+      end
+    end
+  end
+end

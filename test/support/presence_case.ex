@@ -1,0 +1,51 @@
+defmodule Drab.PresenceCase do
+  @moduledoc false
+  # Each test gets its own topic and a supply of live processes to track.
+  use ExUnit.CaseTemplate
+
+  using do
+    quote do
+      import Drab.PresenceCase
+    end
+  end
+
+  setup context do
+    {:ok, topic: "topic:#{inspect(context.module)}.#{context.test}"}
+  end
+
+  @doc "A live process that stays until the test ends (or is killed)."
+  @spec live_pid() :: pid()
+  def live_pid do
+    pid = spawn(fn -> Process.sleep(:infinity) end)
+    ExUnit.Callbacks.on_exit(fn -> Process.exit(pid, :kill) end)
+    pid
+  end
+
+  @doc "A socket as Drab hands it to presence: topic, channel_pid and assigns."
+  @spec socket(String.t(), map()) :: map()
+  def socket(topic, assigns \\ %{}) do
+    %{
+      topic: topic,
+      channel_pid: live_pid(),
+      assigns: Map.merge(%{__client_id: "browser-#{System.unique_integer([:positive])}"}, assigns)
+    }
+  end
+
+  @doc "Waits for the next presence_diff on `topic` and returns its payload."
+  defmacro assert_diff(topic, timeout \\ 1_000) do
+    quote do
+      assert_receive %{event: "presence_diff", topic: ^unquote(topic), payload: payload},
+                     unquote(timeout)
+
+      payload
+    end
+  end
+
+  @doc "Metas of a listed or diffed presence map, without the refs, sorted."
+  @spec bare(map()) :: %{String.t() => [map()]}
+  def bare(presences) do
+    Map.new(presences, fn {key, %{metas: metas}} ->
+      {key, metas |> Enum.map(&Map.drop(&1, [:phx_ref, :phx_ref_prev])) |> Enum.sort()}
+    end)
+  end
+end

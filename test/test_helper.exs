@@ -1,0 +1,17 @@
+# Tests tagged :phoenix need the real phoenix_pubsub (and phoenix) on the
+# code path, e.g. ERL_LIBS=/path/to/built/libs. They are never vendored here.
+phoenix? = Code.ensure_loaded?(Phoenix.PubSub)
+
+unless phoenix? do
+  IO.puts(
+    "Skipping tests tagged :phoenix: Phoenix.PubSub is not on the code path " <>
+      "(point ERL_LIBS at built phoenix_pubsub and phoenix to run them)."
+  )
+end
+
+# Drab.Presence runs for the whole suite, unlinked from any test process;
+# tests use their own topics. Tests of restarts start and stop other modules.
+{:ok, presence} = Drab.Presence.start_link(diff_window: 20)
+Process.unlink(presence)
+
+ExUnit.start(exclude: if(phoenix?, do: [], else: [:phoenix]))
