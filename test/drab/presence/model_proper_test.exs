@@ -1,0 +1,161 @@
+defmodule Drab.Presence.ModelProperTest do
+  # PropEr (Debian's erlang-proper) drives random track, untrack, update and
+  # process exits through the NIF and checks the table against a plain map:
+  # counts, list, get_by_key, and a subscriber view rebuilt from the diffs.
+  use ExUnit.Case, async: true
+
+  alias Drab.Presence.Backend.NIF, as: Table
+
+  @topics ["lobby", "room"]
+  @keys ["ann", "bob", "cy"]
+  @owners 0..3
+
+  setup_all do
+    case Code.ensure_loaded(:proper) do
+      {:module, :proper} -> :ok
+      _ -> raise "PropEr is missing: apt-get install erlang-proper (the test command does this)"
+    end
+  end
+
+  test "the NIF table agrees with a model" do
+    property = :proper.forall(ops_gen(), &run_ops/1)
+    assert :proper.quickcheck(property, [{:numtests, 150}, {:to_file, :user}, :quiet]) == true
+  end
+
+  defp ops_gen do
+    owner = :proper_types.integer(0, 3)
+    topic = :proper_types.elements(@topics)
+    key = :proper_types.elements(@keys)
+    meta = :proper_types.integer(0, 2)
+
+    op =
+      :proper_types.frequency([
+        {4, :proper_types.tuple([:proper_types.exactly(:track), owner, topic, key, meta])},
+        {2, :proper_types.tuple([:proper_types.exactly(:untrack), owner, topic, key])},
+        {2, :proper_types.tuple([:proper_types.exactly(:update), owner, topic, key, meta])},
+        {1, :proper_types.tuple([:proper_types.exactly(:exit), owner])},
+        {2, :proper_types.exactly(:drain)}
+      ])
+
+    :proper_types.list(op)
+  end
+
+  defp run_ops(ops) do
+    table = Table.new(max_meta_bytes: 1_024)
+    owners = Map.new(@owners, &{&1, spawn_owner()})
+    state = %{table: table, owners: owners, model: %{}, views: Map.new(@topics, &{&1, %{}})}
+
+    try do
+      state = Enum.reduce(ops, state, &step/2) |> drain()
+      Enum.all?(@topics, &(state.views[&1] == listed(state, &1)))
+    after
+      Enum.each(state.owners, fn {_, pid} -> Process.exit(pid, :kill) end)
+    end
+  end
+
+  defp step({:track, o, topic, key, meta}, state) do
+    result = Table.track(state.table, state.owners[o], topic, key, %{v: meta})
+    model_key = {o, topic, key}
+
+    state =
+      if Map.has_key?(state.model, model_key) do
+        {:error, :already_tracked} = result
+        state
+      else
+        {:ok, _ref} = result
+        put_in(state.model[model_key], meta)
+      end
+
+    check!(state)
+  end
+
+  defp step({:untrack, o, topic, key}, state) do
+    :ok = Table.untrack(state.table, state.owners[o], topic, key)
+    check!(%{state | model: Map.delete(state.model, {o, topic, key})})
+  end
+
+  defp step({:update, o, topic, key, meta}, state) do
+    result = Table.update(state.table, state.owners[o], topic, key, %{v: meta}, nil)
+
+    case Map.fetch(state.model, {o, topic, key}) do
+      :error ->
+        {:error, :not_tracked} = result
+        check!(state)
+
+      {:ok, _old} ->
+        {:ok, _ref} = result
+        check!(put_in(state.model[{o, topic, key}], meta))
+    end
+  end
+
+  defp step({:exit, o}, state) do
+    old = state.owners[o]
+    monitor = Process.monitor(old)
+    Process.exit(old, :kill)
+    receive do: ({:DOWN, ^monitor, _, _, _} -> :ok)
+    # The table's own monitor fires independently of ours: wait for it.
+    wait_for_owners(state.table, owners_with_presences(state.model) - if(has_presence?(state.model, o), do: 1, else: 0))
+    model = Map.reject(state.model, fn {{owner, _, _}, _} -> owner == o end)
+    check!(%{state | model: model, owners: Map.put(state.owners, o, spawn_owner())})
+  end
+
+  defp step(:drain, state), do: drain(state)
+
+  # Applies drained diffs as phoenix.js does: leaves by phx_ref, then joins.
+  defp drain(state) do
+    {diffs, 0} = Table.take_diffs(state.table, 1_000)
+
+    views =
+      Enum.reduce(diffs, state.views, fn {topic, joins, leaves}, views ->
+        view = views[topic]
+        left = for {_key, %{metas: metas}} <- leaves, meta <- metas, into: MapSet.new(), do: meta.phx_ref
+        joined = for {key, %{metas: metas}} <- joins, meta <- metas, into: %{}, do: {meta.phx_ref, {key, meta}}
+        true = MapSet.subset?(left, MapSet.new(Map.keys(view)))
+        Map.put(views, topic, view |> Map.drop(MapSet.to_list(left)) |> Map.merge(joined))
+      end)
+
+    %{state | views: views}
+  end
+
+  defp check!(state) do
+    for topic <- @topics do
+      expected = for {{_o, ^topic, key}, meta} <- state.model, do: {key, meta}
+      listed = listed(state, topic) |> Map.values() |> Enum.map(fn {key, %{v: v}} -> {key, v} end)
+      true = Enum.sort(listed) == Enum.sort(expected)
+      users = expected |> Enum.map(&elem(&1, 0)) |> Enum.uniq() |> length()
+      true = Table.counts(state.table, topic) == {users, length(expected)}
+
+      for key <- @keys do
+        metas = for {^key, meta} <- expected, do: meta
+
+        case Table.get_by_key(state.table, topic, key) do
+          [] -> [] = metas
+          %{^key => %{metas: got}} -> true = Enum.sort(Enum.map(got, & &1.v)) == Enum.sort(metas)
+        end
+      end
+    end
+
+    state
+  end
+
+  defp listed(state, topic) do
+    for {key, %{metas: metas}} <- Table.list(state.table, topic), meta <- metas, into: %{} do
+      {meta.phx_ref, {key, meta}}
+    end
+  end
+
+  defp has_presence?(model, o), do: Enum.any?(model, fn {{owner, _, _}, _} -> owner == o end)
+
+  defp owners_with_presences(model),
+    do: model |> Map.keys() |> Enum.map(&elem(&1, 0)) |> Enum.uniq() |> length()
+
+  defp wait_for_owners(table, count, tries \\ 200) do
+    cond do
+      Table.stats(table).owners == count -> :ok
+      tries == 0 -> raise "table still has #{Table.stats(table).owners} owners, expected #{count}"
+      true -> Process.sleep(1) && wait_for_owners(table, count, tries - 1)
+    end
+  end
+
+  defp spawn_owner, do: spawn(fn -> Process.sleep(:infinity) end)
+end
