@@ -14,7 +14,7 @@ defmodule Drab.Presence.Table do
     check_meta!(meta)
     %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
 
-    case backend.track(table, pid, topic, key!(key), meta) do
+    case backend.track(table, pid, topic, key!(key), without_refs(meta)) do
       {:ok, _phx_ref} = ok -> ok
       {:error, :already_tracked} -> {:error, {:already_tracked, pid, topic, key}}
       {:error, reason} -> refuse!(reason, pid, meta, module)
@@ -50,7 +50,7 @@ defmodule Drab.Presence.Table do
 
       meta ->
         check_meta!(meta)
-        write(runtime, module, pid, topic, key, meta, nil)
+        write(runtime, module, pid, topic, key, without_refs(meta), nil)
     end
   end
 
@@ -88,10 +88,15 @@ defmodule Drab.Presence.Table do
       end
 
     check_meta!(new_meta)
-    # Phoenix sets these itself: carrying the old ones over would make every
-    # `fn meta -> meta end` look like a change.
-    Map.drop(new_meta, [:phx_ref, :phx_ref_prev])
+    without_refs(new_meta)
   end
+
+  # Phoenix sets these itself, over whatever the meta had. Stored, they would
+  # make every `fn meta -> meta end` look like a change.
+  defp without_refs(meta) when is_map_key(meta, :phx_ref) or is_map_key(meta, :phx_ref_prev),
+    do: Map.drop(meta, [:phx_ref, :phx_ref_prev])
+
+  defp without_refs(meta), do: meta
 
   defp write(%Runtime{backend: backend, table: table}, module, pid, topic, key, meta, expected_ref) do
     case backend.update(table, pid, topic, key, meta, expected_ref) do

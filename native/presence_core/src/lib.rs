@@ -7,10 +7,12 @@
 //!
 //! This crate knows nothing of Erlang. Owners (processes), metas and the
 //! handle that watches an owner are type parameters: the NIF instantiates
-//! them with pids, encoded terms and monitors; tests use integers.
+//! them with pids, encoded terms and monitors; tests use integers. [`etf`]
+//! writes listings in Erlang's external term format from stored meta bytes.
 
 mod cow_chunks;
 mod error;
+pub mod etf;
 mod phx_ref;
 mod registry;
 

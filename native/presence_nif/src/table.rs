@@ -9,7 +9,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use presence_core::{CoreError, Registry, RemovedOwner, Update};
+use presence_core::{etf, CoreError, Registry, RemovedOwner, Update};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
 use crate::encode::{self, ref_term};
@@ -21,7 +21,7 @@ pub type Meta = Arc<[u8]>;
 
 /// Lists of up to this many presences are built on the calling scheduler
 /// (well under 1 ms); larger ones go to `table_list_dirty`.
-const INLINE_LIST_LIMIT: usize = 2_000;
+const INLINE_LIST_LIMIT: usize = 1_000;
 
 struct State {
     registry: Registry<LocalPid, Meta, Monitor>,
@@ -61,12 +61,16 @@ impl Table {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn encode_meta(&self, meta: Term) -> Result<Meta, NifError> {
+    fn encode_meta(&self, meta: Term) -> NifResult<Result<Meta, NifError>> {
+        if !meta.is_map() {
+            return Err(rustler::Error::BadArg);
+        }
         let encoded = meta.to_binary();
         if encoded.len() > self.max_meta_bytes {
-            return Err(NifError::MetaTooLarge);
+            return Ok(Err(NifError::MetaTooLarge));
         }
-        Ok(Arc::from(encoded.as_slice()))
+        etf::check_meta(&encoded).map_err(|_| rustler::Error::BadArg)?;
+        Ok(Ok(Arc::from(encoded.as_slice())))
     }
 }
 
@@ -115,19 +119,26 @@ fn table_track<'a>(
     topic: Binary,
     key: Binary,
     meta: Term<'a>,
-) -> Result<Term<'a>, NifError> {
-    let meta = table.encode_meta(meta)?;
+) -> NifResult<Result<Term<'a>, NifError>> {
+    let meta = match table.encode_meta(meta)? {
+        Ok(meta) => meta,
+        Err(e) => return Ok(Err(e)),
+    };
     let (change, dispatcher) = {
         let mut state = table.lock();
         let change = state
             .registry
-            .track(pid, &topic, &key, meta, || env.monitor(&table, &pid))?;
+            .track(pid, &topic, &key, meta, || env.monitor(&table, &pid));
         (change, state.dispatcher)
+    };
+    let change = match change {
+        Ok(change) => change,
+        Err(e) => return Ok(Err(e.into())),
     };
     if change.wake {
         wake(env, dispatcher);
     }
-    Ok(ref_term(env, change.phx_ref))
+    Ok(Ok(ref_term(env, change.phx_ref)))
 }
 
 fn release<'a>(env: Env<'a>, table: &ResourceArc<Table>, removed: RemovedOwner<Monitor>, dispatcher: Option<LocalPid>) {
@@ -169,7 +180,7 @@ fn table_lookup<'a>(
     let found = table.lock().registry.lookup(pid, &topic, &key).cloned();
     match found {
         None => Ok((error::error(), NifError::from(CoreError::NotTracked)).encode(env)),
-        Some(presence) => Ok((error::ok(), encode::meta_term(env, &presence)?, presence.phx_ref).encode(env)),
+        Some(presence) => Ok((error::ok(), encode::meta(env, &presence), presence.phx_ref).encode(env)),
     }
 }
 
@@ -184,12 +195,19 @@ fn table_update<'a>(
     key: Binary,
     meta: Term<'a>,
     expected_ref: Option<u64>,
-) -> Result<Term<'a>, NifError> {
-    let meta = table.encode_meta(meta)?;
+) -> NifResult<Result<Term<'a>, NifError>> {
+    let meta = match table.encode_meta(meta)? {
+        Ok(meta) => meta,
+        Err(e) => return Ok(Err(e)),
+    };
     let (update, dispatcher) = {
         let mut state = table.lock();
-        let update = state.registry.update(pid, &topic, &key, meta, expected_ref)?;
+        let update = state.registry.update(pid, &topic, &key, meta, expected_ref);
         (update, state.dispatcher)
+    };
+    let update = match update {
+        Ok(update) => update,
+        Err(e) => return Ok(Err(e.into())),
     };
     let phx_ref = match update {
         Update::Unchanged(phx_ref) => phx_ref,
@@ -200,7 +218,7 @@ fn table_update<'a>(
             change.phx_ref
         }
     };
-    Ok(ref_term(env, phx_ref))
+    Ok(Ok(ref_term(env, phx_ref)))
 }
 
 /// `{users, connections}` on `topic`, from counters.
@@ -210,34 +228,34 @@ fn table_counts(table: ResourceArc<Table>, topic: Binary) -> (usize, usize) {
     (counts.users, counts.connections)
 }
 
-/// The grouped presences of a topic, or `:too_large` when the topic is
-/// large enough that the list belongs on a dirty scheduler.
+/// The grouped presences of a topic, or `:too_large`
+/// when the topic is large enough that the list belongs on a dirty scheduler.
 #[rustler::nif]
-fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> NifResult<Term<'a>> {
+fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
     let snapshot = table.lock().registry.snapshot(&topic);
     match snapshot {
-        None => Ok(rustler::types::map::map_new(env)),
-        Some(s) if s.len() > INLINE_LIST_LIMIT => Ok(error::too_large().encode(env)),
+        None => rustler::types::map::map_new(env),
+        Some(s) if s.len() > INLINE_LIST_LIMIT => error::too_large().encode(env),
         Some(s) => encode::grouped(env, s.iter()),
     }
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
-fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> NifResult<Term<'a>> {
+fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
     let snapshot = table.lock().registry.snapshot(&topic);
     match snapshot {
-        None => Ok(rustler::types::map::map_new(env)),
+        None => rustler::types::map::map_new(env),
         Some(s) => encode::grouped(env, s.iter()),
     }
 }
 
-/// `%{metas: [...]}` of one key, or `[]` when the key is not present, as
-/// Phoenix.Presence.get_by_key/2 returns.
+/// The presences under one key, grouped like a list, or `[]` when there
+/// are none, as Phoenix.Presence.get_by_key/2 distinguishes them.
 #[rustler::nif]
-fn table_get_by_key<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary, key: Binary) -> NifResult<Term<'a>> {
+fn table_get_by_key<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary, key: Binary) -> Term<'a> {
     let presences = table.lock().registry.get_by_key(&topic, &key);
     if presences.is_empty() {
-        return Ok(Vec::<Term>::new().encode(env));
+        return Vec::<Term>::new().encode(env);
     }
     encode::grouped(env, presences.iter())
 }
@@ -255,14 +273,14 @@ fn table_take_diffs<'a>(env: Env<'a>, table: ResourceArc<Table>, max_topics: usi
     let diffs = diffs
         .iter()
         .map(|diff| {
-            Ok((
+            (
                 encode::bytes_term(env, &diff.topic),
-                encode::grouped(env, diff.joins.iter())?,
-                encode::grouped(env, diff.leaves.iter())?,
+                encode::grouped(env, diff.joins.iter()),
+                encode::grouped(env, diff.leaves.iter()),
             )
-                .encode(env))
+                .encode(env)
         })
-        .collect::<NifResult<Vec<_>>>()?;
+        .collect();
     Ok((diffs, still_pending))
 }
 

@@ -1,0 +1,182 @@
+//! Presences written as Erlang's external term format, ready for
+//! `binary_to_term/1`: `%{key => %{metas: [%{phx_ref: ref, ...meta}]}}`.
+//!
+//! Metas are stored as the bytes `term_to_binary/1` made of them, so a list
+//! or diff is assembled by splicing those bytes, never by decoding and
+//! re-encoding terms one by one. The receiving side decodes the whole thing
+//! in one `binary_to_term/1`, which yields to other processes as it goes.
+//! The NIF and the sidecar share this code.
+
+use std::collections::HashMap;
+
+use crate::phx_ref::encode_ref;
+use crate::registry::Presence;
+
+const VERSION: u8 = 131;
+const MAP_EXT: u8 = 116;
+const BINARY_EXT: u8 = 109;
+const LIST_EXT: u8 = 108;
+const NIL_EXT: u8 = 106;
+const SMALL_ATOM_UTF8_EXT: u8 = 119;
+
+/// Why stored bytes could not be spliced into a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtfError {
+    /// The bytes are not `term_to_binary/1` of a map.
+    NotAMap,
+}
+
+impl std::fmt::Display for EtfError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("meta is not the external term format of a map")
+    }
+}
+
+impl std::error::Error for EtfError {}
+
+/// Checks that `meta` is `term_to_binary/1` of a map (uncompressed), the
+/// only shape [`write_grouped`] can splice.
+pub fn check_meta(meta: &[u8]) -> Result<(), EtfError> {
+    match meta {
+        [VERSION, MAP_EXT, _, _, _, _, ..] => Ok(()),
+        _ => Err(EtfError::NotAMap),
+    }
+}
+
+/// Writes `presences` grouped by key, each key's metas in owner order (as
+/// Phoenix.Tracker lists them), as one external-format term.
+pub fn write_grouped<'p, O, M>(
+    out: &mut Vec<u8>,
+    presences: impl Iterator<Item = &'p Presence<O, M>>,
+) -> Result<(), EtfError>
+where
+    O: Ord + 'p,
+    M: AsRef<[u8]> + 'p,
+{
+    let mut by_key: HashMap<&[u8], Vec<&Presence<O, M>>> = HashMap::new();
+    let mut bytes = 0;
+    for presence in presences {
+        bytes += presence.meta.as_ref().len() + presence.key.len() + 64;
+        by_key.entry(&presence.key).or_default().push(presence);
+    }
+    out.reserve(bytes + 16);
+    out.push(VERSION);
+    write_map_header(out, by_key.len());
+    for (key, mut entries) in by_key {
+        entries.sort_by(|a, b| a.owner.cmp(&b.owner));
+        write_binary(out, key);
+        write_map_header(out, 1);
+        write_atom(out, "metas");
+        out.push(LIST_EXT);
+        out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+        for presence in entries {
+            write_meta(out, presence)?;
+        }
+        out.push(NIL_EXT);
+    }
+    Ok(())
+}
+
+/// Writes one meta with its refs, as an update function receives it.
+pub fn write_meta_term<O, M: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    presence: &Presence<O, M>,
+) -> Result<(), EtfError> {
+    out.push(VERSION);
+    write_meta(out, presence)
+}
+
+/// Writes an empty map: what listing an empty topic returns.
+pub fn write_empty(out: &mut Vec<u8>) {
+    out.push(VERSION);
+    write_map_header(out, 0);
+}
+
+fn write_meta<O, M: AsRef<[u8]>>(out: &mut Vec<u8>, presence: &Presence<O, M>) -> Result<(), EtfError> {
+    let meta = presence.meta.as_ref();
+    check_meta(meta)?;
+    let arity = u32::from_be_bytes([meta[2], meta[3], meta[4], meta[5]]) as usize;
+    write_map_header(out, arity + 1 + usize::from(presence.prev_ref.is_some()));
+    out.extend_from_slice(&meta[6..]);
+    write_atom(out, "phx_ref");
+    write_binary(out, &encode_ref(presence.phx_ref));
+    if let Some(prev) = presence.prev_ref {
+        write_atom(out, "phx_ref_prev");
+        write_binary(out, &encode_ref(prev));
+    }
+    Ok(())
+}
+
+fn write_map_header(out: &mut Vec<u8>, arity: usize) {
+    out.push(MAP_EXT);
+    out.extend_from_slice(&(arity as u32).to_be_bytes());
+}
+
+fn write_binary(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(BINARY_EXT);
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn write_atom(out: &mut Vec<u8>, name: &str) {
+    out.push(SMALL_ATOM_UTF8_EXT);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// `term_to_binary(%{a: 1})`
+    const META_A1: &[u8] = &[131, 116, 0, 0, 0, 1, 100, 0, 1, 97, 97, 1];
+
+    fn presence(owner: u32, key: &str, prev_ref: Option<u64>) -> Presence<u32, Vec<u8>> {
+        Presence {
+            owner,
+            key: Arc::from(key.as_bytes()),
+            meta: META_A1.to_vec(),
+            phx_ref: 1,
+            prev_ref,
+        }
+    }
+
+    #[test]
+    fn splices_the_meta_and_adds_refs() {
+        let mut out = Vec::new();
+        write_grouped(&mut out, [presence(1, "k", Some(0))].iter()).unwrap();
+        let mut expected = vec![131, 116, 0, 0, 0, 1, 109, 0, 0, 0, 1, b'k', 116, 0, 0, 0, 1];
+        expected.extend_from_slice(&[119, 5]);
+        expected.extend_from_slice(b"metas");
+        expected.extend_from_slice(&[108, 0, 0, 0, 1, 116, 0, 0, 0, 3, 100, 0, 1, 97, 97, 1]);
+        expected.extend_from_slice(&[119, 7]);
+        expected.extend_from_slice(b"phx_ref");
+        expected.extend_from_slice(&[109, 0, 0, 0, 11]);
+        expected.extend_from_slice(&encode_ref(1));
+        expected.extend_from_slice(&[119, 12]);
+        expected.extend_from_slice(b"phx_ref_prev");
+        expected.extend_from_slice(&[109, 0, 0, 0, 11]);
+        expected.extend_from_slice(&encode_ref(0));
+        expected.push(106);
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn groups_by_key_in_owner_order() {
+        let mut out = Vec::new();
+        let presences = [presence(9, "k", None), presence(2, "k", None)];
+        write_grouped(&mut out, presences.iter()).unwrap();
+        // One key, two metas.
+        assert_eq!(&out[..6], &[131, 116, 0, 0, 0, 1]);
+        let list_at = out.iter().position(|b| *b == 108).unwrap();
+        assert_eq!(&out[list_at + 1..list_at + 5], &[0, 0, 0, 2]);
+    }
+
+    #[test]
+    fn refuses_bytes_that_are_not_a_map() {
+        let mut bad = presence(1, "k", None);
+        bad.meta = vec![131, 97, 1];
+        assert_eq!(write_grouped(&mut Vec::new(), [bad].iter()), Err(EtfError::NotAMap));
+    }
+}
