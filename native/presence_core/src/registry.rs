@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 
@@ -65,25 +65,29 @@ pub struct Counts {
 }
 
 /// The refs under one key in one topic. Most keys have one connection, so
-/// that case needs no allocation.
+/// that case needs no allocation; a key shared by many (one user with many
+/// tabs, or a topic keyed by a constant) stays O(1) to change.
 #[derive(Debug)]
 enum KeyRefs {
     One(Ref),
-    Many(Vec<Ref>),
+    Many(HashSet<Ref>),
 }
 
 impl KeyRefs {
-    fn as_slice(&self) -> &[Ref] {
-        match self {
-            KeyRefs::One(r) => std::slice::from_ref(r),
-            KeyRefs::Many(v) => v,
-        }
+    fn iter(&self) -> impl Iterator<Item = &Ref> {
+        let (one, many) = match self {
+            KeyRefs::One(r) => (Some(r), None),
+            KeyRefs::Many(set) => (None, Some(set.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
     }
 
     fn add(&mut self, phx_ref: Ref) {
         match self {
-            KeyRefs::One(first) => *self = KeyRefs::Many(vec![*first, phx_ref]),
-            KeyRefs::Many(v) => v.push(phx_ref),
+            KeyRefs::One(first) => *self = KeyRefs::Many(HashSet::from([*first, phx_ref])),
+            KeyRefs::Many(set) => {
+                set.insert(phx_ref);
+            }
         }
     }
 
@@ -91,16 +95,13 @@ impl KeyRefs {
     fn remove(&mut self, phx_ref: Ref) -> bool {
         match self {
             KeyRefs::One(r) => *r == phx_ref,
-            KeyRefs::Many(v) => {
-                v.retain(|r| *r != phx_ref);
-                match v[..] {
-                    [] => true,
-                    [only] => {
-                        *self = KeyRefs::One(only);
-                        false
-                    }
-                    _ => false,
+            KeyRefs::Many(set) => {
+                set.remove(&phx_ref);
+                if set.len() == 1 {
+                    let only = *set.iter().next().expect("one left");
+                    *self = KeyRefs::One(only);
                 }
+                false
             }
         }
     }
@@ -108,10 +109,9 @@ impl KeyRefs {
     fn replace(&mut self, old: Ref, new: Ref) {
         match self {
             KeyRefs::One(r) => *r = new,
-            KeyRefs::Many(v) => {
-                if let Some(r) = v.iter_mut().find(|r| **r == old) {
-                    *r = new
-                }
+            KeyRefs::Many(set) => {
+                set.remove(&old);
+                set.insert(new);
             }
         }
     }
@@ -399,8 +399,7 @@ where
         let Some(refs) = topic.keys.get(key) else {
             return Vec::new();
         };
-        refs.as_slice()
-            .iter()
+        refs.iter()
             .filter_map(|r| topic.entries.get(*topic.position.get(r)? as usize))
             .cloned()
             .collect()
