@@ -94,7 +94,11 @@ defmodule Drab.Presence.ModelProperTest do
     Process.exit(old, :kill)
     receive do: ({:DOWN, ^monitor, _, _, _} -> :ok)
     # The table's own monitor fires independently of ours: wait for it.
-    wait_for_owners(state.table, owners_with_presences(state.model) - if(has_presence?(state.model, o), do: 1, else: 0))
+    wait_for_owners(
+      state.table,
+      owners_with_presences(state.model) - if(has_presence?(state.model, o), do: 1, else: 0)
+    )
+
     model = Map.reject(state.model, fn {{owner, _, _}, _} -> owner == o end)
     check!(%{state | model: model, owners: Map.put(state.owners, o, spawn_owner())})
   end
@@ -108,8 +112,16 @@ defmodule Drab.Presence.ModelProperTest do
     views =
       Enum.reduce(diffs, state.views, fn {topic, joins, leaves}, views ->
         view = views[topic]
-        left = for {_key, %{metas: metas}} <- leaves, meta <- metas, into: MapSet.new(), do: meta.phx_ref
-        joined = for {key, %{metas: metas}} <- joins, meta <- metas, into: %{}, do: {meta.phx_ref, {key, meta}}
+
+        left =
+          for {_key, %{metas: metas}} <- leaves, meta <- metas, into: MapSet.new(), do: meta.phx_ref
+
+        joined =
+          for {key, %{metas: metas}} <- joins,
+              meta <- metas,
+              into: %{},
+              do: {meta.phx_ref, {key, meta}}
+
         true = MapSet.subset?(left, MapSet.new(Map.keys(view)))
         Map.put(views, topic, view |> Map.drop(MapSet.to_list(left)) |> Map.merge(joined))
       end)

@@ -15,7 +15,8 @@ defmodule Drab.Presence.ScaleTest do
     |> Enum.chunk_every(div(@presences, 4))
     |> Enum.map(fn chunk ->
       Task.async(fn ->
-        for {pid, i} <- chunk, do: {:ok, _} = Drab.Presence.track(pid, topic, rem(i, 1_000), %{i: i})
+        for {pid, i} <- chunk,
+            do: {:ok, _} = Drab.Presence.track(pid, topic, rem(i, 1_000), %{i: i})
       end)
     end)
     |> Enum.each(&Task.await(&1, 60_000))
@@ -32,7 +33,10 @@ defmodule Drab.Presence.ScaleTest do
     metas = Enum.flat_map(listed, fn {_key, %{metas: metas}} -> metas end)
     assert length(metas) == @presences
     assert metas |> Enum.map(& &1.i) |> Enum.sort() == Enum.to_list(0..(@presences - 1))
-    assert Enum.all?(listed, fn {key, %{metas: metas}} -> Enum.all?(metas, &(to_string(rem(&1.i, 1_000)) == key)) end)
+
+    assert Enum.all?(listed, fn {key, %{metas: metas}} ->
+             Enum.all?(metas, &(to_string(rem(&1.i, 1_000)) == key))
+           end)
 
     # Half of them leave at once.
     {leaving, _staying} = Enum.split(pids, div(@presences, 2))
