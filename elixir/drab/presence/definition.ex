@@ -158,7 +158,11 @@ defmodule Drab.Presence.Definition do
       @spec unsubscribe(Drab.Presence.topic()) :: :ok
       def unsubscribe(topic), do: Table.unsubscribe(__MODULE__, topic)
 
-      @doc "Sizes of the table: presences, owners (processes), topics, pending topics."
+      @doc """
+      Sizes of the table: `presences`, `owners` (processes), `topics`,
+      `pending_topics` (diffs not sent yet), and `nif_heap_bytes`, what the
+      NIF holds on the Rust heap (for all presence modules together).
+      """
       @spec stats() :: %{atom() => non_neg_integer()}
       def stats, do: Table.stats(__MODULE__)
 

@@ -70,7 +70,7 @@ pub struct Counts {
 #[derive(Debug)]
 enum KeyRefs {
     One(Ref),
-    Many(HashSet<Ref>),
+    Many(Box<HashSet<Ref>>),
 }
 
 impl KeyRefs {
@@ -84,7 +84,7 @@ impl KeyRefs {
 
     fn add(&mut self, phx_ref: Ref) {
         match self {
-            KeyRefs::One(first) => *self = KeyRefs::Many(HashSet::from([*first, phx_ref])),
+            KeyRefs::One(first) => *self = KeyRefs::Many(Box::new(HashSet::from([*first, phx_ref]))),
             KeyRefs::Many(set) => {
                 set.insert(phx_ref);
             }
@@ -144,17 +144,66 @@ impl<O, M> Default for Topic<O, M> {
 }
 
 /// Where one presence of an owner lives, to find it without a topic scan.
+/// Its key is the entry's: keeping it here too would cost 16 bytes a presence.
 #[derive(Debug)]
 struct Handle {
     topic: Bytes,
-    key: Bytes,
     phx_ref: Ref,
+}
+
+/// An owner's handles. Most owners (channel processes) are present on one
+/// topic, so that case lives inline.
+#[derive(Debug)]
+enum Handles {
+    One(Handle),
+    Many(Vec<Handle>),
+}
+
+impl Handles {
+    fn as_slice(&self) -> &[Handle] {
+        match self {
+            Handles::One(h) => std::slice::from_ref(h),
+            Handles::Many(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Handle] {
+        match self {
+            Handles::One(h) => std::slice::from_mut(h),
+            Handles::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, handle: Handle) {
+        match std::mem::replace(self, Handles::Many(Vec::new())) {
+            Handles::One(first) => *self = Handles::Many(vec![first, handle]),
+            Handles::Many(mut v) => {
+                v.push(handle);
+                *self = Handles::Many(v);
+            }
+        }
+    }
+
+    /// Removes the handle at `index`; `None` means it was the last one and
+    /// the owner should go.
+    fn remove(&mut self, index: usize) -> Option<Handle> {
+        match self {
+            Handles::One(_) => None,
+            Handles::Many(v) => {
+                let removed = v.swap_remove(index);
+                if v.len() == 1 {
+                    *self = Handles::One(v.pop().expect("one left"));
+                }
+                Some(removed)
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Owner<W> {
     watch: W,
-    handles: Vec<Handle>,
+    handles: Handles,
 }
 
 /// The presence table.
@@ -202,20 +251,13 @@ where
         meta: M,
         watch: impl FnOnce() -> Option<W>,
     ) -> Result<Change, CoreError> {
-        if let Some(existing) = self.owners.get(&owner) {
-            if existing.handles.iter().any(|h| &*h.topic == topic && &*h.key == key) {
-                return Err(CoreError::AlreadyTracked);
+        let new_watch = match self.owners.get(&owner) {
+            Some(existing) if self.find_handle(existing, topic, key).is_some() => {
+                return Err(CoreError::AlreadyTracked)
             }
-        } else {
-            let watch = watch().ok_or(CoreError::OwnerGone)?;
-            self.owners.insert(
-                owner,
-                Owner {
-                    watch,
-                    handles: Vec::new(),
-                },
-            );
-        }
+            Some(_) => None,
+            None => Some(watch().ok_or(CoreError::OwnerGone)?),
+        };
 
         let topic_name = self.intern_topic(topic);
         let phx_ref = self.refs.next();
@@ -226,22 +268,29 @@ where
         };
         let presence = Presence {
             owner,
-            key: key.clone(),
+            key,
             meta,
             phx_ref,
             prev_ref: None,
         };
         insert_presence(topic_entry, presence.clone());
         self.presences += 1;
-        self.owners
-            .get_mut(&owner)
-            .expect("ensured above")
-            .handles
-            .push(Handle {
-                topic: topic_name.clone(),
-                key,
-                phx_ref,
-            });
+        let handle = Handle {
+            topic: topic_name.clone(),
+            phx_ref,
+        };
+        match new_watch {
+            Some(watch) => {
+                self.owners.insert(
+                    owner,
+                    Owner {
+                        watch,
+                        handles: Handles::One(handle),
+                    },
+                );
+            }
+            None => self.owners.get_mut(&owner).expect("checked above").handles.push(handle),
+        }
         let wake = self.record(&topic_name, |pending| {
             pending.joins.insert(phx_ref, presence);
         });
@@ -250,29 +299,27 @@ where
 
     /// Removes the presence of `owner` under `key` on `topic`, if any.
     pub fn untrack(&mut self, owner: O, topic: &[u8], key: &[u8]) -> RemovedOwner<W> {
-        let Some(owner_entry) = self.owners.get_mut(&owner) else {
-            return RemovedOwner {
-                removed: 0,
-                wake: false,
-                released_watch: None,
-            };
+        let nothing = RemovedOwner {
+            removed: 0,
+            wake: false,
+            released_watch: None,
         };
-        let Some(index) = owner_entry
-            .handles
-            .iter()
-            .position(|h| &*h.topic == topic && &*h.key == key)
-        else {
-            return RemovedOwner {
-                removed: 0,
-                wake: false,
-                released_watch: None,
-            };
+        let Some(owner_entry) = self.owners.get(&owner) else {
+            return nothing;
         };
-        let handle = owner_entry.handles.swap_remove(index);
-        let released_watch = if owner_entry.handles.is_empty() {
-            self.owners.remove(&owner).map(|o| o.watch)
-        } else {
-            None
+        let Some(index) = self.find_handle(owner_entry, topic, key) else {
+            return nothing;
+        };
+        let owner_entry = self.owners.get_mut(&owner).expect("found above");
+        let (handle, released_watch) = match owner_entry.handles.remove(index) {
+            Some(handle) => (handle, None),
+            None => {
+                let last = self.owners.remove(&owner).expect("found above");
+                let Handles::One(handle) = last.handles else {
+                    unreachable!("only a single handle is left for removal")
+                };
+                (handle, Some(last.watch))
+            }
         };
         let wake = self.remove_presence(&handle.topic, handle.phx_ref);
         RemovedOwner {
@@ -292,11 +339,11 @@ where
             };
         };
         let mut wake = false;
-        for handle in &owner_entry.handles {
+        for handle in owner_entry.handles.as_slice() {
             wake |= self.remove_presence(&handle.topic, handle.phx_ref);
         }
         RemovedOwner {
-            removed: owner_entry.handles.len(),
+            removed: owner_entry.handles.as_slice().len(),
             wake,
             released_watch: Some(owner_entry.watch),
         }
@@ -359,6 +406,7 @@ where
         let owner_entry = self.owners.get_mut(&owner).expect("handle found above");
         let handle = owner_entry
             .handles
+            .as_mut_slice()
             .iter_mut()
             .find(|h| h.phx_ref == old_ref)
             .expect("handle found above");
@@ -460,11 +508,20 @@ where
     }
 
     fn handle(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<&Handle> {
-        self.owners
-            .get(&owner)?
-            .handles
-            .iter()
-            .find(|h| &*h.topic == topic && &*h.key == key)
+        let owner_entry = self.owners.get(&owner)?;
+        let index = self.find_handle(owner_entry, topic, key)?;
+        owner_entry.handles.as_slice().get(index)
+    }
+
+    /// The index of `owner_entry`'s handle for `key` on `topic`.
+    fn find_handle(&self, owner_entry: &Owner<W>, topic: &[u8], key: &[u8]) -> Option<usize> {
+        owner_entry.handles.as_slice().iter().position(|h| {
+            &*h.topic == topic && {
+                let t = &self.topics[&h.topic];
+                let index = t.position[&h.phx_ref] as usize;
+                &*t.entries.get(index).expect("positions are in bounds").key == key
+            }
+        })
     }
 
     fn intern_topic(&mut self, topic: &[u8]) -> Bytes {

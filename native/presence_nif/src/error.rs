@@ -18,6 +18,7 @@ rustler::atoms! {
     owners,
     topics,
     pending_topics,
+    nif_heap_bytes,
 }
 
 /// Every `{:error, reason}` a table NIF can return. The Elixir side lists

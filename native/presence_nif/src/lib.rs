@@ -4,10 +4,14 @@
 //! Errors cross as atoms (see `error.rs`); shaping them into Phoenix's
 //! return values happens once, in Elixir.
 
+mod alloc;
 mod encode;
 mod error;
 mod table;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
+
+#[global_allocator]
+static ALLOCATOR: alloc::CountingAllocator = alloc::CountingAllocator;
 
 rustler::init!("Elixir.Drab.Presence.Native");
