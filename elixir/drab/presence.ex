@@ -25,6 +25,25 @@ defmodule Drab.Presence do
   `stop/2` when it unsubscribes. A presence leaves by itself when its channel
   process exits, for any reason.
 
+  ## Examples
+
+      iex> browser = spawn(fn -> Process.sleep(:infinity) end)
+      iex> {:ok, phx_ref} = Drab.Presence.track(browser, "doc:lobby", 42, %{online_at: 1})
+      iex> Drab.Presence.list("doc:lobby")
+      %{"42" => %{metas: [%{online_at: 1, phx_ref: phx_ref}]}}
+      iex> Drab.Presence.track(browser, "doc:lobby", 42, %{})
+      {:error, {:already_tracked, browser, "doc:lobby", 42}}
+      iex> {:ok, _} = Drab.Presence.track(spawn(fn -> Process.sleep(:infinity) end), "doc:lobby", 42, %{})
+      iex> {Drab.Presence.count_users("doc:lobby"), Drab.Presence.count_connections("doc:lobby")}
+      {1, 2}
+      iex> {:ok, new_ref} = Drab.Presence.update(browser, "doc:lobby", 42, &Map.put(&1, :typing, true))
+      iex> %{metas: [%{typing: true, phx_ref: ^new_ref, phx_ref_prev: ^phx_ref} | _]} =
+      ...>   Drab.Presence.get_by_key("doc:lobby", 42)
+      iex> Drab.Presence.untrack(browser, "doc:lobby", 42)
+      :ok
+      iex> Drab.Presence.count_connections("doc:lobby")
+      1
+
   ## Configuration
 
       config :drab, :presence,

@@ -18,7 +18,7 @@ defmodule Drab.Presence.Broadcast do
   @type delivery ::
           {:phoenix_channel, pubsub :: atom()}
           | {:phoenix_pubsub, pubsub :: atom()}
-          | {:builtin, registry :: atom()}
+          | {:builtin, registry :: atom(), message :: module()}
 
   @doc false
   @spec delivery(module(), atom() | nil) :: delivery()
@@ -32,8 +32,13 @@ defmodule Drab.Presence.Broadcast do
       pubsub_server && Code.ensure_loaded?(Phoenix.PubSub) ->
         {:phoenix_pubsub, pubsub_server}
 
+      # Decided once: looking for a module that is not there on every
+      # broadcast would be a code server call each time.
+      Code.ensure_loaded?(Phoenix.Socket.Broadcast) ->
+        {:builtin, subscribers(presence_module), Phoenix.Socket.Broadcast}
+
       true ->
-        {:builtin, subscribers(presence_module)}
+        {:builtin, subscribers(presence_module), __MODULE__}
     end
   end
 
@@ -48,11 +53,11 @@ defmodule Drab.Presence.Broadcast do
   end
 
   def local_broadcast({:phoenix_pubsub, pubsub}, topic, payload) do
-    Phoenix.PubSub.local_broadcast(pubsub, topic, message(topic, payload))
+    Phoenix.PubSub.local_broadcast(pubsub, topic, message(__MODULE__, topic, payload))
   end
 
-  def local_broadcast({:builtin, registry}, topic, payload) do
-    message = message(topic, payload)
+  def local_broadcast({:builtin, registry, message_module}, topic, payload) do
+    message = message(message_module, topic, payload)
 
     Registry.dispatch(registry, topic, fn subscribers ->
       for {pid, _} <- subscribers, do: send(pid, message)
@@ -61,7 +66,7 @@ defmodule Drab.Presence.Broadcast do
 
   @doc false
   @spec subscribe(delivery(), String.t()) :: :ok | {:error, term()}
-  def subscribe({:builtin, registry}, topic) do
+  def subscribe({:builtin, registry, _message_module}, topic) do
     case Registry.register(registry, topic, nil) do
       {:ok, _} -> :ok
       {:error, _} = error -> error
@@ -72,14 +77,11 @@ defmodule Drab.Presence.Broadcast do
 
   @doc false
   @spec unsubscribe(delivery(), String.t()) :: :ok
-  def unsubscribe({:builtin, registry}, topic), do: Registry.unregister(registry, topic)
+  def unsubscribe({:builtin, registry, _message_module}, topic),
+    do: Registry.unregister(registry, topic)
+
   def unsubscribe({_phoenix, pubsub}, topic), do: Phoenix.PubSub.unsubscribe(pubsub, topic)
 
-  defp message(topic, payload) do
-    fields = [topic: topic, event: "presence_diff", payload: payload]
-
-    if Code.ensure_loaded?(Phoenix.Socket.Broadcast),
-      do: struct(Phoenix.Socket.Broadcast, fields),
-      else: struct(__MODULE__, fields)
-  end
+  defp message(module, topic, payload),
+    do: struct(module, topic: topic, event: "presence_diff", payload: payload)
 end

@@ -33,7 +33,6 @@ defmodule Drab.Presence.Options do
       default: :nif,
       doc: "where the table lives: `:nif`, in this VM"
     ],
-    name: [type: :atom, doc: false],
     # Drab's own keys, read by Drab.Presence.Config and passed over here.
     id: [type: :any, doc: false],
     module: [type: :atom, doc: false],

@@ -11,7 +11,7 @@ defmodule Drab.Presence.Server do
   @spec start_link(module(), keyword()) :: Supervisor.on_start()
   def start_link(module, opts) do
     opts = Options.validate!(opts)
-    Supervisor.start_link(__MODULE__, {module, opts}, name: Keyword.get(opts, :name, module))
+    Supervisor.start_link(__MODULE__, {module, opts}, name: module)
   end
 
   @impl true

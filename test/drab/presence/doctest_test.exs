@@ -1,0 +1,4 @@
+defmodule Drab.Presence.DoctestTest do
+  use ExUnit.Case, async: true
+  doctest Drab.Presence
+end
