@@ -14,7 +14,6 @@ defmodule Drab.Presence.Backend do
   @callback set_dispatcher(handle(), pid()) :: pending? :: boolean()
   @callback track(handle(), pid(), topic(), key(), map()) :: {:ok, binary()} | {:error, reason()}
   @callback untrack(handle(), pid(), topic(), key()) :: :ok
-  @callback untrack_owner(handle(), pid()) :: :ok
   @callback lookup(handle(), pid(), topic(), key()) ::
               {:ok, map(), non_neg_integer()} | {:error, :not_tracked}
   @callback update(handle(), pid(), topic(), key(), map(), non_neg_integer() | nil) ::

@@ -31,9 +31,6 @@ defmodule Drab.Presence.Native do
   @spec table_untrack(table(), pid(), binary(), binary()) :: :ok
   def table_untrack(_table, _pid, _topic, _key), do: err()
 
-  @spec table_untrack_owner(table(), pid()) :: :ok
-  def table_untrack_owner(_table, _pid), do: err()
-
   @spec table_lookup(table(), pid(), binary(), binary()) ::
           {:ok, map(), non_neg_integer()} | {:error, :not_tracked}
   def table_lookup(_table, _pid, _topic, _key), do: err()

@@ -29,13 +29,6 @@ defmodule Drab.Presence.Table do
     backend.untrack(table, pid, topic, key!(key))
   end
 
-  @spec untrack(module(), pid()) :: :ok
-  def untrack(module, pid) do
-    check_pid!(pid)
-    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
-    backend.untrack_owner(table, pid)
-  end
-
   @spec update(module(), pid(), term(), term(), map() | (map() -> map())) ::
           {:ok, binary()} | {:error, :nopresence}
   def update(module, pid, topic, key, meta_or_fun) do

@@ -158,16 +158,6 @@ fn table_untrack(env: Env, table: ResourceArc<Table>, pid: LocalPid, topic: Bina
     error::ok()
 }
 
-#[rustler::nif]
-fn table_untrack_owner(env: Env, table: ResourceArc<Table>, pid: LocalPid) -> rustler::Atom {
-    let (removed, dispatcher) = {
-        let mut state = table.lock();
-        (state.registry.untrack_owner(pid), state.dispatcher)
-    };
-    release(env, &table, removed, dispatcher);
-    error::ok()
-}
-
 /// The current meta (with `phx_ref`) and its raw ref, for update functions.
 #[rustler::nif]
 fn table_lookup<'a>(

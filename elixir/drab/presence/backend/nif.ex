@@ -18,9 +18,6 @@ defmodule Drab.Presence.Backend.NIF do
   defdelegate untrack(table, pid, topic, key), to: Native, as: :table_untrack
 
   @impl true
-  defdelegate untrack_owner(table, pid), to: Native, as: :table_untrack_owner
-
-  @impl true
   defdelegate lookup(table, pid, topic, key), to: Native, as: :table_lookup
 
   @impl true
