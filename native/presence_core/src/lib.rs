@@ -14,6 +14,7 @@ mod cow_chunks;
 mod error;
 pub mod etf;
 mod phx_ref;
+mod ref_hash;
 mod registry;
 
 pub use cow_chunks::{CowChunks, Snapshot, CHUNK_LEN};

@@ -1,10 +1,11 @@
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
 
 use crate::cow_chunks::{CowChunks, Snapshot};
 use crate::error::CoreError;
 use crate::phx_ref::RefGen;
+use crate::ref_hash::{RefMap, RefSet};
 
 /// A presence ref (rendered as `phx_ref` by [`crate::encode_ref`]).
 pub type Ref = u64;
@@ -70,7 +71,7 @@ pub struct Counts {
 #[derive(Debug)]
 enum KeyRefs {
     One(Ref),
-    Many(Box<HashSet<Ref>>),
+    Many(Box<RefSet>),
 }
 
 impl KeyRefs {
@@ -84,7 +85,7 @@ impl KeyRefs {
 
     fn add(&mut self, phx_ref: Ref) {
         match self {
-            KeyRefs::One(first) => *self = KeyRefs::Many(Box::new(HashSet::from([*first, phx_ref]))),
+            KeyRefs::One(first) => *self = KeyRefs::Many(Box::new(RefSet::from_iter([*first, phx_ref]))),
             KeyRefs::Many(set) => {
                 set.insert(phx_ref);
             }
@@ -119,14 +120,14 @@ impl KeyRefs {
 
 #[derive(Debug)]
 struct Pending<O, M> {
-    joins: HashMap<Ref, Presence<O, M>>,
-    leaves: HashMap<Ref, Presence<O, M>>,
+    joins: RefMap<Presence<O, M>>,
+    leaves: RefMap<Presence<O, M>>,
 }
 
 #[derive(Debug)]
 struct Topic<O, M> {
     entries: CowChunks<Presence<O, M>>,
-    position: HashMap<Ref, u32>,
+    position: RefMap<u32>,
     keys: HashMap<Bytes, KeyRefs>,
     /// `None` while subscribers are up to date, which is most of the time.
     pending: Option<Box<Pending<O, M>>>,
@@ -136,7 +137,7 @@ impl<O, M> Default for Topic<O, M> {
     fn default() -> Self {
         Self {
             entries: CowChunks::default(),
-            position: HashMap::new(),
+            position: RefMap::default(),
             keys: HashMap::new(),
             pending: None,
         }
@@ -564,8 +565,8 @@ where
             wake = self.dirty.is_empty();
             self.dirty.push(topic_name.clone());
             Box::new(Pending {
-                joins: HashMap::new(),
-                leaves: HashMap::new(),
+                joins: RefMap::default(),
+                leaves: RefMap::default(),
             })
         });
         change(pending);
