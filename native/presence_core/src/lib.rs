@@ -21,5 +21,5 @@ pub use cow_chunks::{CowChunks, Snapshot, CHUNK_LEN};
 pub use error::CoreError;
 pub use phx_ref::{encode_ref, RefGen};
 pub use registry::{
-    Bytes, Change, Counts, Presence, Ref, Registry, RemovedOwner, TopicDiff, Update,
+    Bytes, Change, Counts, Presence, Ref, Registry, Removed, TopicDiff, Update,
 };

@@ -47,9 +47,9 @@ pub enum Update {
     Unchanged(Ref),
 }
 
-/// What removing presences of an owner did.
+/// What an untrack, or an owner's exit, removed.
 #[derive(Debug)]
-pub struct RemovedOwner<W> {
+pub struct Removed<W> {
     pub removed: usize,
     pub wake: bool,
     /// The owner's watch handle, returned once its last presence is gone so
@@ -299,8 +299,8 @@ where
     }
 
     /// Removes the presence of `owner` under `key` on `topic`, if any.
-    pub fn untrack(&mut self, owner: O, topic: &[u8], key: &[u8]) -> RemovedOwner<W> {
-        let nothing = RemovedOwner {
+    pub fn untrack(&mut self, owner: O, topic: &[u8], key: &[u8]) -> Removed<W> {
+        let nothing = Removed {
             removed: 0,
             wake: false,
             released_watch: None,
@@ -323,7 +323,7 @@ where
             }
         };
         let wake = self.remove_presence(&handle.topic, handle.phx_ref);
-        RemovedOwner {
+        Removed {
             removed: 1,
             wake,
             released_watch,
@@ -331,9 +331,9 @@ where
     }
 
     /// Removes every presence of `owner`: `untrack(pid)`, or the owner exited.
-    pub fn untrack_owner(&mut self, owner: O) -> RemovedOwner<W> {
+    pub fn untrack_owner(&mut self, owner: O) -> Removed<W> {
         let Some(owner_entry) = self.owners.remove(&owner) else {
-            return RemovedOwner {
+            return Removed {
                 removed: 0,
                 wake: false,
                 released_watch: None,
@@ -343,7 +343,7 @@ where
         for handle in owner_entry.handles.as_slice() {
             wake |= self.remove_presence(&handle.topic, handle.phx_ref);
         }
-        RemovedOwner {
+        Removed {
             removed: owner_entry.handles.as_slice().len(),
             wake,
             released_watch: Some(owner_entry.watch),

@@ -9,7 +9,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use presence_core::{etf, CoreError, Registry, RemovedOwner, Update};
+use presence_core::{etf, CoreError, Registry, Removed, Update};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
 use crate::encode::{self, ref_term};
@@ -74,7 +74,7 @@ impl Table {
     }
 }
 
-fn wake_if_needed<W>(env: Env, removed: &RemovedOwner<W>, dispatcher: Option<LocalPid>) {
+fn wake_if_needed<W>(env: Env, removed: &Removed<W>, dispatcher: Option<LocalPid>) {
     if removed.wake {
         wake(env, dispatcher);
     }
@@ -141,7 +141,7 @@ fn table_track<'a>(
     Ok(Ok(ref_term(env, change.phx_ref)))
 }
 
-fn release<'a>(env: Env<'a>, table: &ResourceArc<Table>, removed: RemovedOwner<Monitor>, dispatcher: Option<LocalPid>) {
+fn release<'a>(env: Env<'a>, table: &ResourceArc<Table>, removed: Removed<Monitor>, dispatcher: Option<LocalPid>) {
     if let Some(monitor) = &removed.released_watch {
         env.demonitor(table, monitor);
     }
