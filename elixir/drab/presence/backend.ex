@@ -15,7 +15,7 @@ defmodule Drab.Presence.Backend do
   @callback track(handle(), pid(), topic(), key(), map()) :: {:ok, binary()} | {:error, reason()}
   @callback untrack(handle(), pid(), topic(), key()) :: :ok
   @callback lookup(handle(), pid(), topic(), key()) ::
-              {:ok, map(), non_neg_integer()} | {:error, :not_tracked}
+              {:ok, {map(), non_neg_integer()}} | {:error, :not_tracked}
   @callback update(handle(), pid(), topic(), key(), map(), non_neg_integer() | nil) ::
               {:ok, binary()} | {:error, reason()}
   @callback counts(handle(), topic()) ::

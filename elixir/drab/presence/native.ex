@@ -32,7 +32,7 @@ defmodule Drab.Presence.Native do
   def table_untrack(_table, _pid, _topic, _key), do: err()
 
   @spec table_lookup(table(), pid(), binary(), binary()) ::
-          {:ok, map(), non_neg_integer()} | {:error, :not_tracked}
+          {:ok, {map(), non_neg_integer()}} | {:error, :not_tracked}
   def table_lookup(_table, _pid, _topic, _key), do: err()
 
   @spec table_update(table(), pid(), binary(), binary(), map(), non_neg_integer() | nil) ::

@@ -54,7 +54,7 @@ defmodule Drab.Presence.Table do
       {:error, :not_tracked} ->
         {:error, :nopresence}
 
-      {:ok, old_meta, phx_ref} ->
+      {:ok, {old_meta, phx_ref}} ->
         new_meta = apply_update!(fun, old_meta, key)
 
         case write(runtime, module, pid, topic, key, new_meta, phx_ref) do

@@ -45,7 +45,7 @@ impl<T: Clone> CowChunks<T> {
 
     /// Appends `value` and returns its index.
     pub fn push(&mut self, value: T) -> usize {
-        let needs_chunk = self.chunks.last().map_or(true, |c| c.len() == CHUNK_LEN);
+        let needs_chunk = self.chunks.last().is_none_or(|c| c.len() == CHUNK_LEN);
         if needs_chunk {
             self.chunks.push(Arc::new(Vec::with_capacity(CHUNK_LEN)));
         }
@@ -77,8 +77,13 @@ impl<T: Clone> CowChunks<T> {
         if index >= self.len {
             return None;
         }
-        let last_chunk = self.chunks.last_mut().expect("len > 0 means a chunk exists");
-        let last = Arc::make_mut(last_chunk).pop().expect("chunks are never left empty");
+        let last_chunk = self
+            .chunks
+            .last_mut()
+            .expect("len > 0 means a chunk exists");
+        let last = Arc::make_mut(last_chunk)
+            .pop()
+            .expect("chunks are never left empty");
         if last_chunk.is_empty() {
             self.chunks.pop();
         }
@@ -135,7 +140,7 @@ mod tests {
         assert_eq!(v.swap_remove(1), Some(1));
         assert_eq!(v.get(1), Some(&(CHUNK_LEN * 2 + 2)));
         assert_eq!(v.len(), CHUNK_LEN * 2 + 2);
-        while v.len() > 0 {
+        while !v.is_empty() {
             v.swap_remove(0);
         }
         assert!(v.chunks.is_empty());
@@ -154,7 +159,10 @@ mod tests {
         v.push(7);
         let seen: Vec<_> = snap.iter().copied().collect();
         assert_eq!(seen, (0..1000).collect::<Vec<_>>());
-        assert_eq!(snap.range(998, 10).copied().collect::<Vec<_>>(), vec![998, 999]);
+        assert_eq!(
+            snap.range(998, 10).copied().collect::<Vec<_>>(),
+            vec![998, 999]
+        );
         assert_eq!(v.get(0), Some(&42));
     }
 }

@@ -92,7 +92,10 @@ pub fn write_empty(out: &mut Vec<u8>) {
     write_map_header(out, 0);
 }
 
-fn write_meta<O, M: AsRef<[u8]>>(out: &mut Vec<u8>, presence: &Presence<O, M>) -> Result<(), EtfError> {
+fn write_meta<O, M: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    presence: &Presence<O, M>,
+) -> Result<(), EtfError> {
     let meta = presence.meta.as_ref();
     check_meta(meta)?;
     let arity = u32::from_be_bytes([meta[2], meta[3], meta[4], meta[5]]) as usize;
@@ -177,6 +180,9 @@ mod tests {
     fn refuses_bytes_that_are_not_a_map() {
         let mut bad = presence(1, "k", None);
         bad.meta = vec![131, 97, 1];
-        assert_eq!(write_grouped(&mut Vec::new(), [bad].iter()), Err(EtfError::NotAMap));
+        assert_eq!(
+            write_grouped(&mut Vec::new(), [bad].iter()),
+            Err(EtfError::NotAMap)
+        );
     }
 }

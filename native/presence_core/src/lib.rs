@@ -20,6 +20,4 @@ mod registry;
 pub use cow_chunks::{CowChunks, Snapshot, CHUNK_LEN};
 pub use error::CoreError;
 pub use phx_ref::{encode_ref, RefGen};
-pub use registry::{
-    Bytes, Change, Counts, Presence, Ref, Registry, Removed, TopicDiff, Update,
-};
+pub use registry::{Bytes, Change, Counts, Presence, Ref, Registry, Removed, TopicDiff, Update};

@@ -16,7 +16,7 @@ impl RefGen {
         Self { next: seed }
     }
 
-    pub fn next(&mut self) -> Ref {
+    pub fn next_ref(&mut self) -> Ref {
         let r = self.next;
         self.next = self.next.wrapping_add(1);
         r
@@ -52,7 +52,7 @@ mod tests {
         let mut seen = HashSet::new();
         let mut gen = RefGen::new(u64::MAX - 500);
         for _ in 0..1000 {
-            assert!(seen.insert(encode_ref(gen.next())));
+            assert!(seen.insert(encode_ref(gen.next_ref())));
         }
         assert_eq!(&encode_ref(0), b"AAAAAAAAAAA");
         assert_eq!(&encode_ref(u64::MAX), b"__________8");

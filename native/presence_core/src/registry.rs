@@ -57,6 +57,17 @@ pub struct Removed<W> {
     pub released_watch: Option<W>,
 }
 
+impl<W> Removed<W> {
+    /// Nothing was removed.
+    pub fn nothing() -> Self {
+        Self {
+            removed: 0,
+            wake: false,
+            released_watch: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Counts {
     /// Distinct keys (Drab: users, or browsers).
@@ -85,7 +96,9 @@ impl KeyRefs {
 
     fn add(&mut self, phx_ref: Ref) {
         match self {
-            KeyRefs::One(first) => *self = KeyRefs::Many(Box::new(RefSet::from_iter([*first, phx_ref]))),
+            KeyRefs::One(first) => {
+                *self = KeyRefs::Many(Box::new(RefSet::from_iter([*first, phx_ref])))
+            }
             KeyRefs::Many(set) => {
                 set.insert(phx_ref);
             }
@@ -261,7 +274,7 @@ where
         };
 
         let topic_name = self.intern_topic(topic);
-        let phx_ref = self.refs.next();
+        let phx_ref = self.refs.next_ref();
         let topic_entry = self.topics.get_mut(&topic_name).expect("interned above");
         let key = match topic_entry.keys.get_key_value(key) {
             Some((existing, _)) => existing.clone(),
@@ -290,7 +303,12 @@ where
                     },
                 );
             }
-            None => self.owners.get_mut(&owner).expect("checked above").handles.push(handle),
+            None => self
+                .owners
+                .get_mut(&owner)
+                .expect("checked above")
+                .handles
+                .push(handle),
         }
         let wake = self.record(&topic_name, |pending| {
             pending.joins.insert(phx_ref, presence);
@@ -300,16 +318,11 @@ where
 
     /// Removes the presence of `owner` under `key` on `topic`, if any.
     pub fn untrack(&mut self, owner: O, topic: &[u8], key: &[u8]) -> Removed<W> {
-        let nothing = Removed {
-            removed: 0,
-            wake: false,
-            released_watch: None,
-        };
         let Some(owner_entry) = self.owners.get(&owner) else {
-            return nothing;
+            return Removed::nothing();
         };
         let Some(index) = self.find_handle(owner_entry, topic, key) else {
-            return nothing;
+            return Removed::nothing();
         };
         let owner_entry = self.owners.get_mut(&owner).expect("found above");
         let (handle, released_watch) = match owner_entry.handles.remove(index) {
@@ -333,11 +346,7 @@ where
     /// Removes every presence of `owner`: `untrack(pid)`, or the owner exited.
     pub fn untrack_owner(&mut self, owner: O) -> Removed<W> {
         let Some(owner_entry) = self.owners.remove(&owner) else {
-            return Removed {
-                removed: 0,
-                wake: false,
-                released_watch: None,
-            };
+            return Removed::nothing();
         };
         let mut wake = false;
         for handle in owner_entry.handles.as_slice() {
@@ -355,7 +364,9 @@ where
     pub fn lookup(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<&Presence<O, M>> {
         let handle = self.handle(owner, topic, key)?;
         let topic = self.topics.get(&*handle.topic)?;
-        topic.entries.get(*topic.position.get(&handle.phx_ref)? as usize)
+        topic
+            .entries
+            .get(*topic.position.get(&handle.phx_ref)? as usize)
     }
 
     /// What watches `owner`, while it has presences.
@@ -378,20 +389,37 @@ where
         expected_ref: Option<Ref>,
     ) -> Result<Update, CoreError> {
         let (topic_name, old_ref) = {
-            let handle = self.handle(owner, topic, key).ok_or(CoreError::NotTracked)?;
+            let handle = self
+                .handle(owner, topic, key)
+                .ok_or(CoreError::NotTracked)?;
             (handle.topic.clone(), handle.phx_ref)
         };
         if expected_ref.is_some_and(|expected| expected != old_ref) {
             return Err(CoreError::Stale);
         }
-        let topic_entry = self.topics.get_mut(&topic_name).expect("handles point at live topics");
-        let index = *topic_entry.position.get(&old_ref).expect("handles point at live refs") as usize;
-        if topic_entry.entries.get(index).expect("positions are in bounds").meta == meta {
+        let topic_entry = self
+            .topics
+            .get_mut(&topic_name)
+            .expect("handles point at live topics");
+        let index = *topic_entry
+            .position
+            .get(&old_ref)
+            .expect("handles point at live refs") as usize;
+        if topic_entry
+            .entries
+            .get(index)
+            .expect("positions are in bounds")
+            .meta
+            == meta
+        {
             return Ok(Update::Unchanged(old_ref));
         }
 
-        let new_ref = self.refs.next();
-        let slot = topic_entry.entries.get_mut(index).expect("positions are in bounds");
+        let new_ref = self.refs.next_ref();
+        let slot = topic_entry
+            .entries
+            .get_mut(index)
+            .expect("positions are in bounds");
         let before = slot.clone();
         slot.meta = meta;
         slot.phx_ref = new_ref;
@@ -425,10 +453,12 @@ where
 
     /// Users and connections on `topic`, from counters: O(1).
     pub fn counts(&self, topic: &[u8]) -> Counts {
-        self.topics.get(topic).map_or(Counts::default(), |t| Counts {
-            users: t.keys.len(),
-            connections: t.entries.len(),
-        })
+        self.topics
+            .get(topic)
+            .map_or(Counts::default(), |t| Counts {
+                users: t.keys.len(),
+                connections: t.entries.len(),
+            })
     }
 
     /// A consistent view of every presence on `topic`, taken in
@@ -500,12 +530,17 @@ where
     }
 
     pub fn topic_count(&self) -> usize {
-        self.topics.values().filter(|t| !t.entries.is_empty()).count()
+        self.topics
+            .values()
+            .filter(|t| !t.entries.is_empty())
+            .count()
     }
 
     /// The watch handles of every owner, e.g. to release them on shutdown.
     pub fn watches(&self) -> impl Iterator<Item = (&O, &W)> {
-        self.owners.iter().map(|(owner, entry)| (owner, &entry.watch))
+        self.owners
+            .iter()
+            .map(|(owner, entry)| (owner, &entry.watch))
     }
 
     fn handle(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<&Handle> {
@@ -537,9 +572,18 @@ where
     /// Removes the presence `phx_ref` from `topic_name`, records the leave,
     /// and returns whether the dispatcher must be woken.
     fn remove_presence(&mut self, topic_name: &Bytes, phx_ref: Ref) -> bool {
-        let topic = self.topics.get_mut(topic_name).expect("handles point at live topics");
-        let index = topic.position.remove(&phx_ref).expect("handles point at live refs") as usize;
-        let removed = topic.entries.swap_remove(index).expect("positions are in bounds");
+        let topic = self
+            .topics
+            .get_mut(topic_name)
+            .expect("handles point at live topics");
+        let index = topic
+            .position
+            .remove(&phx_ref)
+            .expect("handles point at live refs") as usize;
+        let removed = topic
+            .entries
+            .swap_remove(index)
+            .expect("positions are in bounds");
         if let Some(moved) = topic.entries.get(index) {
             topic.position.insert(moved.phx_ref, index as u32);
         }
@@ -559,7 +603,10 @@ where
     /// dirty. Returns true when this is the first dirty topic, i.e. the
     /// dispatcher is idle and must be woken.
     fn record(&mut self, topic_name: &Bytes, change: impl FnOnce(&mut Pending<O, M>)) -> bool {
-        let topic = self.topics.get_mut(topic_name).expect("recorded topics exist");
+        let topic = self
+            .topics
+            .get_mut(topic_name)
+            .expect("recorded topics exist");
         let mut wake = false;
         let pending = topic.pending.get_or_insert_with(|| {
             wake = self.dirty.is_empty();
@@ -579,7 +626,9 @@ fn insert_presence<O: Clone, M: Clone>(topic: &mut Topic<O, M>, presence: Presen
     match topic.keys.get_mut(&presence.key) {
         Some(refs) => refs.add(phx_ref),
         None => {
-            topic.keys.insert(presence.key.clone(), KeyRefs::One(phx_ref));
+            topic
+                .keys
+                .insert(presence.key.clone(), KeyRefs::One(phx_ref));
         }
     }
     let index = topic.entries.push(presence);
@@ -614,11 +663,29 @@ mod tests {
         r.track(2, b"t", b"alice", "b", watch).unwrap();
         r.track(3, b"t", b"bob", "c", watch).unwrap();
         r.track(3, b"other", b"bob", "c", watch).unwrap();
-        assert_eq!(r.counts(b"t"), Counts { users: 2, connections: 3 });
+        assert_eq!(
+            r.counts(b"t"),
+            Counts {
+                users: 2,
+                connections: 3
+            }
+        );
         r.untrack(1, b"t", b"alice");
-        assert_eq!(r.counts(b"t"), Counts { users: 2, connections: 2 });
+        assert_eq!(
+            r.counts(b"t"),
+            Counts {
+                users: 2,
+                connections: 2
+            }
+        );
         r.untrack_owner(2);
-        assert_eq!(r.counts(b"t"), Counts { users: 1, connections: 1 });
+        assert_eq!(
+            r.counts(b"t"),
+            Counts {
+                users: 1,
+                connections: 1
+            }
+        );
         assert_eq!(r.counts(b"none"), Counts::default());
         assert_eq!(r.len(), 2);
     }
@@ -627,14 +694,20 @@ mod tests {
     fn tracking_twice_is_refused_and_changes_nothing() {
         let mut r = reg();
         r.track(1, b"t", b"k", "a", watch).unwrap();
-        assert_eq!(r.track(1, b"t", b"k", "b", watch), Err(CoreError::AlreadyTracked));
+        assert_eq!(
+            r.track(1, b"t", b"k", "b", watch),
+            Err(CoreError::AlreadyTracked)
+        );
         assert_eq!(r.get_by_key(b"t", b"k").len(), 1);
     }
 
     #[test]
     fn an_owner_that_cannot_be_watched_is_not_tracked() {
         let mut r = reg();
-        assert_eq!(r.track(1, b"t", b"k", "a", || None), Err(CoreError::OwnerGone));
+        assert_eq!(
+            r.track(1, b"t", b"k", "a", || None),
+            Err(CoreError::OwnerGone)
+        );
         assert!(r.is_empty());
         assert_eq!(r.topic_count(), 0);
     }
@@ -648,7 +721,8 @@ mod tests {
             Some(7)
         })
         .unwrap();
-        r.track(1, b"b", b"k", "m", || panic!("watched already")).unwrap();
+        r.track(1, b"b", b"k", "m", || panic!("watched already"))
+            .unwrap();
         assert_eq!(created, 1);
         assert_eq!(r.untrack(1, b"a", b"k").released_watch, None);
         assert_eq!(r.untrack(1, b"b", b"k").released_watch, Some(7));
@@ -663,11 +737,25 @@ mod tests {
             panic!("meta changed")
         };
         assert_ne!(change.phx_ref, first);
-        let [p] = &r.get_by_key(b"t", b"k")[..] else { panic!() };
-        assert_eq!((p.meta, p.phx_ref, p.prev_ref), ("b", change.phx_ref, Some(first)));
-        assert_eq!(r.update(1, b"t", b"k", "b", None), Ok(Update::Unchanged(change.phx_ref)));
-        assert_eq!(r.update(1, b"t", b"k", "c", Some(first)), Err(CoreError::Stale));
-        assert_eq!(r.update(2, b"t", b"k", "c", None), Err(CoreError::NotTracked));
+        let [p] = &r.get_by_key(b"t", b"k")[..] else {
+            panic!()
+        };
+        assert_eq!(
+            (p.meta, p.phx_ref, p.prev_ref),
+            ("b", change.phx_ref, Some(first))
+        );
+        assert_eq!(
+            r.update(1, b"t", b"k", "b", None),
+            Ok(Update::Unchanged(change.phx_ref))
+        );
+        assert_eq!(
+            r.update(1, b"t", b"k", "c", Some(first)),
+            Err(CoreError::Stale)
+        );
+        assert_eq!(
+            r.update(2, b"t", b"k", "c", None),
+            Err(CoreError::NotTracked)
+        );
         let p = r.lookup(1, b"t", b"k").unwrap();
         assert_eq!((p.meta, p.prev_ref), ("b", Some(first)));
         assert!(r.lookup(1, b"t", b"other").is_none());
@@ -714,7 +802,8 @@ mod tests {
     fn take_diffs_respects_the_topic_budget() {
         let mut r = reg();
         for owner in 0..5u32 {
-            r.track(owner, owner.to_string().as_bytes(), b"k", "m", watch).unwrap();
+            r.track(owner, owner.to_string().as_bytes(), b"k", "m", watch)
+                .unwrap();
         }
         assert_eq!(r.take_diffs(2).len(), 2);
         assert_eq!(r.pending_topics(), 3);

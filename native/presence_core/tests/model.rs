@@ -4,6 +4,7 @@
 //! that applies every drained diff to the last list it saw ends up with
 //! exactly the current list.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use presence_core::{CoreError, Counts, Ref, Registry, Update};
@@ -68,9 +69,16 @@ fn apply_diffs(reg: &mut Reg, views: &mut [View], max_topics: usize) {
         let topic = TOPICS.iter().position(|t| *t == &*diff.topic).unwrap();
         let joined: BTreeSet<Ref> = diff.joins.iter().map(|p| p.phx_ref).collect();
         for leave in &diff.leaves {
-            assert!(!joined.contains(&leave.phx_ref), "a ref both joins and leaves");
+            assert!(
+                !joined.contains(&leave.phx_ref),
+                "a ref both joins and leaves"
+            );
             let seen = views[topic].remove(&leave.phx_ref);
-            assert_eq!(seen, Some((leave.key.to_vec(), leave.meta)), "leave of an unseen presence");
+            assert_eq!(
+                seen,
+                Some((leave.key.to_vec(), leave.meta)),
+                "leave of an unseen presence"
+            );
         }
         for join in diff.joins {
             let before = views[topic].insert(join.phx_ref, (join.key.to_vec(), join.meta));
@@ -92,10 +100,11 @@ proptest! {
             match op {
                 Op::Track(o, t, k, m) => {
                     let result = reg.track(o, TOPICS[t], KEYS[k], m, || Some(()));
-                    if model.contains_key(&(o, t, k)) {
-                        prop_assert_eq!(result, Err(CoreError::AlreadyTracked));
-                    } else {
-                        model.insert((o, t, k), (m, result.unwrap().phx_ref));
+                    match model.entry((o, t, k)) {
+                        Entry::Occupied(_) => prop_assert_eq!(result, Err(CoreError::AlreadyTracked)),
+                        Entry::Vacant(slot) => {
+                            slot.insert((m, result.unwrap().phx_ref));
+                        }
                     }
                 }
                 Op::Untrack(o, t, k) => {
@@ -127,13 +136,13 @@ proptest! {
                 Op::Drain(max_topics) => apply_diffs(&mut reg, &mut views, max_topics),
             }
 
-            for t in 0..TOPICS.len() {
+            for (t, topic) in TOPICS.iter().enumerate() {
                 let expected = modelled(&model, t);
                 prop_assert_eq!(&listed(&reg, t), &expected);
                 let users: BTreeSet<_> = expected.values().map(|(k, _)| k.clone()).collect();
-                prop_assert_eq!(reg.counts(TOPICS[t]), Counts { users: users.len(), connections: expected.len() });
+                prop_assert_eq!(reg.counts(topic), Counts { users: users.len(), connections: expected.len() });
                 for key in KEYS {
-                    let mut by_key: Vec<_> = reg.get_by_key(TOPICS[t], key).iter().map(|p| p.phx_ref).collect();
+                    let mut by_key: Vec<_> = reg.get_by_key(topic, key).iter().map(|p| p.phx_ref).collect();
                     by_key.sort();
                     let want: Vec<_> = expected.iter().filter(|(_, (k, _))| k == key).map(|(r, _)| *r).collect();
                     prop_assert_eq!(by_key, want);

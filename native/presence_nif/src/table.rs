@@ -9,7 +9,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use presence_core::{etf, CoreError, Registry, Removed, Update};
+use presence_core::{etf, Change, CoreError, Registry, Removed, Update};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
 use crate::encode::{self, ref_term};
@@ -39,17 +39,44 @@ impl Resource for Table {
     const IMPLEMENTS_DOWN: bool = true;
 
     fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, monitor: Monitor) {
-        let (removed, dispatcher) = {
-            let mut state = self.lock();
+        self.write(env, |registry| {
             // Only the monitor that watches the owner now may remove it: a
             // down message of an earlier, released monitor must not.
-            if state.registry.watch(&pid) != Some(&monitor) {
-                return;
+            if registry.watch(&pid) == Some(&monitor) {
+                registry.untrack_owner(pid)
+            } else {
+                Removed::nothing()
             }
-            let removed = state.registry.untrack_owner(pid);
-            (removed, state.dispatcher)
-        };
-        wake_if_needed(env, &removed, dispatcher);
+        });
+    }
+}
+
+/// What a write did that may call for the dispatcher.
+trait WakesDispatcher {
+    fn wakes_dispatcher(&self) -> bool;
+}
+
+impl WakesDispatcher for Change {
+    fn wakes_dispatcher(&self) -> bool {
+        self.wake
+    }
+}
+
+impl WakesDispatcher for Update {
+    fn wakes_dispatcher(&self) -> bool {
+        matches!(self, Update::Changed(change) if change.wake)
+    }
+}
+
+impl<W> WakesDispatcher for Removed<W> {
+    fn wakes_dispatcher(&self) -> bool {
+        self.wake
+    }
+}
+
+impl<T: WakesDispatcher, E> WakesDispatcher for Result<T, E> {
+    fn wakes_dispatcher(&self) -> bool {
+        self.as_ref().is_ok_and(T::wakes_dispatcher)
     }
 }
 
@@ -58,9 +85,33 @@ impl Table {
         // A panic while the lock was held cannot leave the registry half
         // written (core operations do not panic mid-change), so a poisoned
         // lock is safe to reuse.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Runs `change` under the lock, then, with the lock released, tells
+    /// the dispatcher if this change made the first pending diff.
+    fn write<T: WakesDispatcher>(
+        &self,
+        env: Env,
+        change: impl FnOnce(&mut Registry<LocalPid, Meta, Monitor>) -> T,
+    ) -> T {
+        let (result, dispatcher) = {
+            let mut state = self.lock();
+            (change(&mut state.registry), state.dispatcher)
+        };
+        if result.wakes_dispatcher() {
+            if let Some(pid) = dispatcher {
+                // A dead dispatcher is fine: its successor drains on start.
+                let _ = env.send(&pid, error::drab_presence_pending());
+            }
+        }
+        result
+    }
+
+    /// Encodes a meta with `term_to_binary/1`. A non-map is a caller bug
+    /// (Elixir checks first) and raises badarg; an oversized one is refused.
     fn encode_meta(&self, meta: Term) -> NifResult<Result<Meta, NifError>> {
         if !meta.is_map() {
             return Err(rustler::Error::BadArg);
@@ -71,19 +122,6 @@ impl Table {
         }
         etf::check_meta(&encoded).map_err(|_| rustler::Error::BadArg)?;
         Ok(Ok(Arc::from(encoded.as_slice())))
-    }
-}
-
-fn wake_if_needed<W>(env: Env, removed: &Removed<W>, dispatcher: Option<LocalPid>) {
-    if removed.wake {
-        wake(env, dispatcher);
-    }
-}
-
-fn wake(env: Env, dispatcher: Option<LocalPid>) {
-    if let Some(pid) = dispatcher {
-        // A dead dispatcher is fine: its successor drains on start.
-        let _ = env.send(&pid, error::drab_presence_pending());
     }
 }
 
@@ -120,41 +158,26 @@ fn table_track<'a>(
     key: Binary,
     meta: Term<'a>,
 ) -> NifResult<Result<Term<'a>, NifError>> {
-    let meta = match table.encode_meta(meta)? {
-        Ok(meta) => meta,
-        Err(e) => return Ok(Err(e)),
-    };
-    let (change, dispatcher) = {
-        let mut state = table.lock();
-        let change = state
-            .registry
-            .track(pid, &topic, &key, meta, || env.monitor(&table, &pid));
-        (change, state.dispatcher)
-    };
-    let change = match change {
-        Ok(change) => change,
-        Err(e) => return Ok(Err(e.into())),
-    };
-    if change.wake {
-        wake(env, dispatcher);
-    }
-    Ok(Ok(ref_term(env, change.phx_ref)))
-}
-
-fn release<'a>(env: Env<'a>, table: &ResourceArc<Table>, removed: Removed<Monitor>, dispatcher: Option<LocalPid>) {
-    if let Some(monitor) = &removed.released_watch {
-        env.demonitor(table, monitor);
-    }
-    wake_if_needed(env, &removed, dispatcher);
+    Ok(table.encode_meta(meta)?.and_then(|meta| {
+        let change = table.write(env, |registry| {
+            registry.track(pid, &topic, &key, meta, || env.monitor(&table, &pid))
+        })?;
+        Ok(ref_term(env, change.phx_ref))
+    }))
 }
 
 #[rustler::nif]
-fn table_untrack(env: Env, table: ResourceArc<Table>, pid: LocalPid, topic: Binary, key: Binary) -> rustler::Atom {
-    let (removed, dispatcher) = {
-        let mut state = table.lock();
-        (state.registry.untrack(pid, &topic, &key), state.dispatcher)
-    };
-    release(env, &table, removed, dispatcher);
+fn table_untrack(
+    env: Env,
+    table: ResourceArc<Table>,
+    pid: LocalPid,
+    topic: Binary,
+    key: Binary,
+) -> rustler::Atom {
+    let removed = table.write(env, |registry| registry.untrack(pid, &topic, &key));
+    if let Some(monitor) = &removed.released_watch {
+        env.demonitor(&table, monitor);
+    }
     error::ok()
 }
 
@@ -166,12 +189,10 @@ fn table_lookup<'a>(
     pid: LocalPid,
     topic: Binary,
     key: Binary,
-) -> NifResult<Term<'a>> {
+) -> Result<(Term<'a>, u64), NifError> {
     let found = table.lock().registry.lookup(pid, &topic, &key).cloned();
-    match found {
-        None => Ok((error::error(), NifError::from(CoreError::NotTracked)).encode(env)),
-        Some(presence) => Ok((error::ok(), encode::meta(env, &presence), presence.phx_ref).encode(env)),
-    }
+    let presence = found.ok_or(NifError::Core(CoreError::NotTracked))?;
+    Ok((encode::meta(env, &presence), presence.phx_ref))
 }
 
 /// Replaces a meta. `expected_ref` (or `nil`) guards a read-modify-write
@@ -186,29 +207,13 @@ fn table_update<'a>(
     meta: Term<'a>,
     expected_ref: Option<u64>,
 ) -> NifResult<Result<Term<'a>, NifError>> {
-    let meta = match table.encode_meta(meta)? {
-        Ok(meta) => meta,
-        Err(e) => return Ok(Err(e)),
-    };
-    let (update, dispatcher) = {
-        let mut state = table.lock();
-        let update = state.registry.update(pid, &topic, &key, meta, expected_ref);
-        (update, state.dispatcher)
-    };
-    let update = match update {
-        Ok(update) => update,
-        Err(e) => return Ok(Err(e.into())),
-    };
-    let phx_ref = match update {
-        Update::Unchanged(phx_ref) => phx_ref,
-        Update::Changed(change) => {
-            if change.wake {
-                wake(env, dispatcher);
-            }
-            change.phx_ref
-        }
-    };
-    Ok(Ok(ref_term(env, phx_ref)))
+    Ok(table.encode_meta(meta)?.and_then(|meta| {
+        let update = table.write(env, |registry| {
+            registry.update(pid, &topic, &key, meta, expected_ref)
+        })?;
+        let (Update::Unchanged(phx_ref) | Update::Changed(Change { phx_ref, .. })) = update;
+        Ok(ref_term(env, phx_ref))
+    }))
 }
 
 /// `{users, connections}` on `topic`, from counters.
@@ -242,7 +247,12 @@ fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) 
 /// The presences under one key, grouped like a list, or `[]` when there
 /// are none, as Phoenix.Presence.get_by_key/2 distinguishes them.
 #[rustler::nif]
-fn table_get_by_key<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary, key: Binary) -> Term<'a> {
+fn table_get_by_key<'a>(
+    env: Env<'a>,
+    table: ResourceArc<Table>,
+    topic: Binary,
+    key: Binary,
+) -> Term<'a> {
     let presences = table.lock().registry.get_by_key(&topic, &key);
     if presences.is_empty() {
         return Vec::<Term>::new().encode(env);
@@ -254,7 +264,11 @@ fn table_get_by_key<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary, 
 /// `{[{topic, joins, leaves}], topics_still_pending}`, joins and leaves
 /// grouped like `list`.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn table_take_diffs<'a>(env: Env<'a>, table: ResourceArc<Table>, max_topics: usize) -> NifResult<(Vec<Term<'a>>, usize)> {
+fn table_take_diffs<'a>(
+    env: Env<'a>,
+    table: ResourceArc<Table>,
+    max_topics: usize,
+) -> NifResult<(Vec<Term<'a>>, usize)> {
     let (diffs, still_pending) = {
         let mut state = table.lock();
         let diffs = state.registry.take_diffs(max_topics);
@@ -284,10 +298,22 @@ fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
         env,
         &[
             (error::presences().encode(env), registry.len().encode(env)),
-            (error::owners().encode(env), registry.owner_count().encode(env)),
-            (error::topics().encode(env), registry.topic_count().encode(env)),
-            (error::pending_topics().encode(env), registry.pending_topics().encode(env)),
-            (error::nif_heap_bytes().encode(env), crate::alloc::held_bytes().encode(env)),
+            (
+                error::owners().encode(env),
+                registry.owner_count().encode(env),
+            ),
+            (
+                error::topics().encode(env),
+                registry.topic_count().encode(env),
+            ),
+            (
+                error::pending_topics().encode(env),
+                registry.pending_topics().encode(env),
+            ),
+            (
+                error::nif_heap_bytes().encode(env),
+                crate::alloc::held_bytes().encode(env),
+            ),
         ],
     )
 }
