@@ -109,12 +109,12 @@ defmodule Bench.Harness do
   one herd process (spawned by it, so this process is linked to none of
   them). Killing the herd ends every one of them at once.
   """
-  def spawn_herd(n, member \\ &idle/0) do
+  def spawn_herd(n, member \\ fn _i -> idle() end) do
     parent = self()
 
     herd =
       spawn(fn ->
-        pids = for _ <- 1..n, do: spawn_link(member)
+        pids = for i <- 0..(n - 1), do: spawn_link(fn -> member.(i) end)
         send(parent, {:herd, self(), pids})
         receive do: (:never -> :ok)
       end)

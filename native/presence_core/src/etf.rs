@@ -53,28 +53,64 @@ where
     O: Ord + 'p,
     M: AsRef<[u8]> + 'p,
 {
-    let mut by_key: HashMap<&[u8], Vec<&Presence<O, M>>> = HashMap::new();
-    let mut bytes = 0;
-    for presence in presences {
-        bytes += presence.meta.as_ref().len() + presence.key.len() + 64;
-        by_key.entry(&presence.key).or_default().push(presence);
-    }
-    out.reserve(bytes + 16);
+    let groups = group_by_key(presences);
+    let bytes: usize = groups
+        .iter()
+        .map(|g| g.key().len() + 32 + g.0.iter().map(|p| meta_size(p)).sum::<usize>())
+        .sum();
+    out.reserve(bytes + 6);
     out.push(VERSION);
-    write_map_header(out, by_key.len());
-    for (key, mut entries) in by_key {
-        entries.sort_by(|a, b| a.owner.cmp(&b.owner));
-        write_binary(out, key);
+    write_map_header(out, groups.len());
+    for group in groups {
+        write_binary(out, group.key());
         write_map_header(out, 1);
         write_atom(out, "metas");
         out.push(LIST_EXT);
-        out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
-        for presence in entries {
+        out.extend_from_slice(&(group.0.len() as u32).to_be_bytes());
+        for presence in group.0 {
             write_meta(out, presence)?;
         }
         out.push(NIL_EXT);
     }
     Ok(())
+}
+
+/// The presences of one key, in owner order.
+struct KeyGroup<'p, O, M>(Vec<&'p Presence<O, M>>);
+
+impl<O, M> KeyGroup<'_, O, M> {
+    fn key(&self) -> &[u8] {
+        &self.0[0].key
+    }
+}
+
+fn group_by_key<'p, O: Ord, M>(
+    presences: impl Iterator<Item = &'p Presence<O, M>>,
+) -> Vec<KeyGroup<'p, O, M>> {
+    // Most keys have one presence: index them once, and only give a key its
+    // own vector when a second presence shows up.
+    let mut index: HashMap<&'p [u8], usize> = HashMap::new();
+    let mut groups: Vec<KeyGroup<'p, O, M>> = Vec::new();
+    for presence in presences {
+        match index.get(&*presence.key) {
+            Some(&i) => groups[i].0.push(presence),
+            None => {
+                index.insert(&presence.key, groups.len());
+                groups.push(KeyGroup(vec![presence]));
+            }
+        }
+    }
+    for group in &mut groups {
+        if group.0.len() > 1 {
+            group.0.sort_by(|a, b| a.owner.cmp(&b.owner));
+        }
+    }
+    groups
+}
+
+fn meta_size<O, M: AsRef<[u8]>>(presence: &Presence<O, M>) -> usize {
+    let refs = if presence.prev_ref.is_some() { 2 } else { 1 };
+    presence.meta.as_ref().len() + refs * 30
 }
 
 /// Writes one meta with its refs, as an update function receives it.

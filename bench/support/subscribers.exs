@@ -1,0 +1,132 @@
+defmodule Bench.View do
+  @moduledoc false
+  # What a subscriber knows of presences, rebuilt from presence_diff
+  # broadcasts as the phoenix.js client does: joins add metas, leaves remove
+  # them. Kept as a count of metas and an order-independent digest (a sum of
+  # hashes) of {topic, key, phx_ref}, so that a view costs three integers,
+  # 20k subscribers can each keep one, and comparing a view with list/1 is
+  # O(1) once the list is digested.
+  defstruct count: 0, digest: 0, diffs: 0
+
+  def new, do: %__MODULE__{}
+
+  def apply_diff(view, topic, %{joins: joins, leaves: leaves}) do
+    view = view |> add(topic, joins, 1) |> add(topic, leaves, -1)
+    %{view | diffs: view.diffs + 1}
+  end
+
+  @doc "The view that `list/1` of each topic gives."
+  def of_lists(adapter, topics) do
+    Enum.reduce(topics, new(), fn topic, view -> add(view, topic, adapter.list(topic), 1) end)
+  end
+
+  @doc "Same presences (diff counts aside)."
+  def same?(a, b), do: a.count == b.count and a.digest == b.digest
+
+  defp add(view, topic, presences, sign) do
+    Enum.reduce(presences, view, fn {key, %{metas: metas}}, view ->
+      Enum.reduce(metas, view, fn %{phx_ref: ref}, %{count: count, digest: digest} = view ->
+        %{view | count: count + sign, digest: digest + sign * :erlang.phash2({topic, key, ref})}
+      end)
+    end)
+  end
+end
+
+defmodule Bench.Subscriber do
+  @moduledoc false
+  # A process subscribed to some topics, as a channel or a dashboard would
+  # be, keeping a view of them from the diffs it receives.
+  alias Bench.{Harness, View}
+
+  def start(adapter, topics) do
+    parent = self()
+
+    pid =
+      spawn(fn ->
+        Enum.each(topics, fn topic -> :ok = adapter.subscribe(topic) end)
+        send(parent, {:subscribed, self()})
+        loop(View.new(), nil, nil)
+      end)
+
+    receive do
+      {:subscribed, ^pid} -> pid
+    after
+      60_000 -> Harness.fail!("subscriber did not subscribe")
+    end
+  end
+
+  def stop(pid), do: Process.exit(pid, :kill)
+
+  @doc """
+  Waits until the subscriber's view holds `count` metas. Returns the view
+  and the µs from `t0` until the subscriber processed the diff that made it
+  so: when the last diff reached it.
+  """
+  def await(pid, count, t0, timeout) do
+    ref = make_ref()
+    send(pid, {:await, self(), ref, count})
+
+    receive do
+      {^ref, view, reached_at} ->
+        {view, System.convert_time_unit(reached_at - t0, :native, :microsecond)}
+    after
+      timeout ->
+        Harness.fail!("subscriber view did not reach #{count} presences within #{timeout} ms")
+    end
+  end
+
+  defp loop(view, changed_at, waiter) do
+    receive do
+      %{event: "presence_diff", topic: topic, payload: payload} ->
+        view = View.apply_diff(view, topic, payload)
+        at = System.monotonic_time()
+        loop(view, at, reply(waiter, view, at))
+
+      {:await, from, ref, count} ->
+        loop(view, changed_at, reply({from, ref, count}, view, changed_at))
+    end
+  end
+
+  defp reply({from, ref, count}, %View{count: count} = view, at) do
+    send(from, {ref, view, at || System.monotonic_time()})
+    nil
+  end
+
+  defp reply(waiter, _view, _at), do: waiter
+end
+
+defmodule Bench.StormMember do
+  @moduledoc false
+  # One process of a join storm: it subscribes to the topic, waits for the
+  # start signal, tracks itself, and keeps a view of the topic from the diffs.
+  # It tells the coordinator when its view first holds all `n` presences.
+  alias Bench.View
+
+  def run(adapter, topic, key, n, coordinator) do
+    :ok = adapter.subscribe(topic)
+    send(coordinator, {:subscribed, self()})
+
+    receive do
+      :go -> {:ok, _} = adapter.track(self(), topic, key, %{online_at: 0})
+    end
+
+    loop(View.new(), n, coordinator)
+  end
+
+  defp loop(view, n, coordinator) do
+    receive do
+      %{event: "presence_diff", topic: topic, payload: payload} ->
+        before = view.count
+        view = View.apply_diff(view, topic, payload)
+
+        if view.count == n and before != n,
+          do: send(coordinator, {:converged, self(), System.monotonic_time()})
+
+        loop(view, n, coordinator)
+
+      {:report, from} ->
+        send(from, {:view, self(), view})
+        loop(view, n, coordinator)
+    end
+  end
+end
