@@ -11,6 +11,7 @@ use std::sync::Arc;
 /// Elements per chunk. Small enough that a copy-on-write costs a few
 /// microseconds, large enough that a snapshot of 1M elements is ~2k `Arc`s.
 pub const CHUNK_LEN: usize = 512;
+const _: () = assert!(CHUNK_LEN.is_power_of_two());
 
 #[derive(Debug)]
 pub struct CowChunks<T> {
@@ -47,7 +48,10 @@ impl<T: Clone> CowChunks<T> {
     pub fn push(&mut self, value: T) -> usize {
         let needs_chunk = self.chunks.last().is_none_or(|c| c.len() == CHUNK_LEN);
         if needs_chunk {
-            self.chunks.push(Arc::new(Vec::with_capacity(CHUNK_LEN)));
+            // Grown by doubling, not allocated whole: a topic of ten
+            // presences must not hold room for 512. CHUNK_LEN is a power of
+            // two, so a full chunk has no spare capacity either.
+            self.chunks.push(Arc::new(Vec::new()));
         }
         let last = self.chunks.last_mut().expect("a chunk was just ensured");
         Arc::make_mut(last).push(value);
@@ -145,6 +149,19 @@ mod tests {
         }
         assert!(v.chunks.is_empty());
         assert_eq!(v.swap_remove(0), None);
+    }
+
+    #[test]
+    fn small_vectors_hold_little_and_full_chunks_no_spare_room() {
+        let mut v = CowChunks::default();
+        for i in 0..3 {
+            v.push(i);
+        }
+        assert!(v.chunks[0].capacity() < 16);
+        for i in 3..CHUNK_LEN + 1 {
+            v.push(i);
+        }
+        assert_eq!(v.chunks[0].capacity(), CHUNK_LEN);
     }
 
     #[test]
