@@ -51,9 +51,14 @@ defmodule Drab.Presence.Native do
   @spec table_get_by_key(table(), binary(), binary()) :: map() | []
   def table_get_by_key(_table, _topic, _key), do: err()
 
-  @spec table_take_diffs(table(), pos_integer()) ::
-          {[{binary(), map(), map()}], non_neg_integer()}
+  @typedoc "Diffs taken from a table, handed out a part at a time (a NIF resource)."
+  @opaque diff_queue :: reference()
+
+  @spec table_take_diffs(table(), pos_integer()) :: {diff_queue(), non_neg_integer()}
   def table_take_diffs(_table, _max_topics), do: err()
+
+  @spec diff_queue_next(diff_queue()) :: {binary(), map(), map()} | :done
+  def diff_queue_next(_queue), do: err()
 
   @spec table_stats(table()) :: %{atom() => non_neg_integer()}
   def table_stats(_table), do: err()

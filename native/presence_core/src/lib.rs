@@ -16,6 +16,7 @@ pub mod etf;
 mod phx_ref;
 mod ref_hash;
 mod registry;
+mod sharded_map;
 
 pub use cow_chunks::{CowChunks, Snapshot, CHUNK_LEN};
 pub use error::CoreError;

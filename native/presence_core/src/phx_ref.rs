@@ -6,20 +6,34 @@ use crate::Ref;
 /// Hands out presence refs. Starting from a random seed keeps refs from two
 /// registries (two nodes, or one node before and after a restart) apart
 /// without any coordination.
+///
+/// Underneath, refs count up from zero: [`RefGen::seq`] recovers that count,
+/// so "handed out after X" is a comparison, with no wrap-around to mind.
 #[derive(Debug, Clone)]
 pub struct RefGen {
-    next: Ref,
+    seed: u64,
+    next_seq: u64,
 }
 
 impl RefGen {
     pub fn new(seed: u64) -> Self {
-        Self { next: seed }
+        Self { seed, next_seq: 0 }
     }
 
     pub fn next_ref(&mut self) -> Ref {
-        let r = self.next;
-        self.next = self.next.wrapping_add(1);
-        r
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.seed.wrapping_add(seq)
+    }
+
+    /// The position of `phx_ref` in the order refs were handed out.
+    pub fn seq(&self, phx_ref: Ref) -> u64 {
+        phx_ref.wrapping_sub(self.seed)
+    }
+
+    /// The seq the next ref will have: every ref handed out so far is below.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 }
 

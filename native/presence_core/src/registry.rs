@@ -5,7 +5,8 @@ use std::sync::Arc;
 use crate::cow_chunks::{CowChunks, Snapshot};
 use crate::error::CoreError;
 use crate::phx_ref::RefGen;
-use crate::ref_hash::{RefMap, RefSet};
+use crate::ref_hash::{RefSet, ShardedRefMap};
+use crate::sharded_map::ShardedMap;
 
 /// A presence ref (rendered as `phx_ref` by [`crate::encode_ref`]).
 pub type Ref = u64;
@@ -25,11 +26,63 @@ pub struct Presence<O, M> {
 }
 
 /// What one topic's subscribers have not been told yet.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Leaves were recorded as they happened; joins are the presences of the
+/// topic whose refs were handed out since the previous diff, found in a
+/// snapshot taken with the diff. Taking it is a move and a snapshot, under
+/// the lock; walking, encoding and dropping it happen after the lock is gone.
+#[derive(Debug)]
 pub struct TopicDiff<O, M> {
     pub topic: Bytes,
-    pub joins: Vec<Presence<O, M>>,
-    pub leaves: Vec<Presence<O, M>>,
+    leaves: Vec<Presence<O, M>>,
+    entries: Option<Snapshot<Presence<O, M>>>,
+    refs: RefGen,
+    joins_from_seq: u64,
+}
+
+impl<O, M> TopicDiff<O, M> {
+    pub fn joins(&self) -> impl Iterator<Item = &Presence<O, M>> {
+        self.entries
+            .iter()
+            .flat_map(|snapshot| snapshot.iter())
+            .filter(|p| self.refs.seq(p.phx_ref) >= self.joins_from_seq)
+    }
+
+    pub fn leaves(&self) -> impl ExactSizeIterator<Item = &Presence<O, M>> {
+        self.leaves.iter()
+    }
+
+    /// The diff cut into consecutive diffs of at most `max_presences`
+    /// presences each (joins plus leaves), so that no single broadcast
+    /// copies an unbounded payload into every subscriber. Applied in order,
+    /// the parts have the same effect as the whole: no ref is in both joins
+    /// and leaves, so the parts touch disjoint presences. A diff whose joins
+    /// and leaves all cancelled out has no parts.
+    #[allow(clippy::type_complexity)]
+    pub fn parts(&self, max_presences: usize) -> Vec<(Vec<&Presence<O, M>>, Vec<&Presence<O, M>>)> {
+        let max = max_presences.max(1);
+        let mut parts = Vec::new();
+        let mut joins = Vec::new();
+        let mut leaves = Vec::new();
+        for (is_join, presence) in self
+            .leaves()
+            .map(|p| (false, p))
+            .chain(self.joins().map(|p| (true, p)))
+        {
+            if joins.len() + leaves.len() == max {
+                parts.push((std::mem::take(&mut joins), std::mem::take(&mut leaves)));
+            }
+            if is_join {
+                joins.push(presence)
+            } else {
+                leaves.push(presence)
+            }
+        }
+        if !joins.is_empty() || !leaves.is_empty() {
+            parts.push((joins, leaves));
+        }
+        parts
+    }
 }
 
 /// The result of a write that changed the table.
@@ -132,27 +185,30 @@ impl KeyRefs {
 }
 
 #[derive(Debug)]
-struct Pending<O, M> {
-    joins: RefMap<Presence<O, M>>,
-    leaves: RefMap<Presence<O, M>>,
-}
-
-#[derive(Debug)]
 struct Topic<O, M> {
     entries: CowChunks<Presence<O, M>>,
-    position: RefMap<u32>,
-    keys: HashMap<Bytes, KeyRefs>,
-    /// `None` while subscribers are up to date, which is most of the time.
-    pending: Option<Box<Pending<O, M>>>,
+    position: ShardedRefMap<u32>,
+    keys: ShardedMap<Bytes, KeyRefs>,
+    /// Presences with a ref at or after this seq joined after the last
+    /// diff: their join is pending. A leave of one of them cancels that
+    /// join instead of being recorded.
+    joins_from_seq: u64,
+    /// Leaves of presences whose join subscribers have seen.
+    pending_leaves: Vec<Presence<O, M>>,
+    /// In `Registry::dirty`, waiting for `take_diffs`.
+    dirty: bool,
 }
 
-impl<O, M> Default for Topic<O, M> {
-    fn default() -> Self {
+impl<O, M> Topic<O, M> {
+    /// A topic created when refs up to `next_seq` are already handed out.
+    fn new(next_seq: u64) -> Self {
         Self {
             entries: CowChunks::default(),
-            position: RefMap::default(),
-            keys: HashMap::new(),
-            pending: None,
+            position: ShardedRefMap::default(),
+            keys: ShardedMap::default(),
+            joins_from_seq: next_seq,
+            pending_leaves: Vec::new(),
+            dirty: false,
         }
     }
 }
@@ -229,7 +285,7 @@ struct Owner<W> {
 #[derive(Debug)]
 pub struct Registry<O, M, W> {
     topics: HashMap<Bytes, Topic<O, M>>,
-    owners: HashMap<O, Owner<W>>,
+    owners: ShardedMap<O, Owner<W>>,
     /// Topics with a pending diff, in the order they first changed.
     dirty: Vec<Bytes>,
     refs: RefGen,
@@ -245,7 +301,7 @@ where
     pub fn new(ref_seed: u64) -> Self {
         Self {
             topics: HashMap::new(),
-            owners: HashMap::new(),
+            owners: ShardedMap::default(),
             dirty: Vec::new(),
             refs: RefGen::new(ref_seed),
             presences: 0,
@@ -287,7 +343,7 @@ where
             phx_ref,
             prev_ref: None,
         };
-        insert_presence(topic_entry, presence.clone());
+        insert_presence(topic_entry, presence);
         self.presences += 1;
         let handle = Handle {
             topic: topic_name.clone(),
@@ -310,9 +366,7 @@ where
                 .handles
                 .push(handle),
         }
-        let wake = self.record(&topic_name, |pending| {
-            pending.joins.insert(phx_ref, presence);
-        });
+        let wake = self.mark_dirty(&topic_name);
         Ok(Change { phx_ref, wake })
     }
 
@@ -441,10 +495,8 @@ where
             .expect("handle found above");
         handle.phx_ref = new_ref;
 
-        let wake = self.record(&topic_name, |pending| {
-            leave(pending, before);
-            pending.joins.insert(new_ref, after);
-        });
+        self.record_leave(&topic_name, before);
+        let wake = self.mark_dirty(&topic_name);
         Ok(Update::Changed(Change {
             phx_ref: new_ref,
             wake,
@@ -484,29 +536,30 @@ where
             .collect()
     }
 
-    /// Drains the pending diffs of up to `max_topics` topics, oldest first.
-    /// Diffs whose joins and leaves cancelled out are dropped.
+    /// Takes the pending diffs of up to `max_topics` topics, oldest first.
+    /// Under the lock this only moves the leaves and snapshots the topic;
+    /// finding the joins is left to the caller, off the lock.
     pub fn take_diffs(&mut self, max_topics: usize) -> Vec<TopicDiff<O, M>> {
         let take = max_topics.min(self.dirty.len());
+        let next_seq = self.refs.next_seq();
         let mut diffs = Vec::with_capacity(take);
         for topic_name in self.dirty.drain(..take) {
             let Some(topic) = self.topics.get_mut(&topic_name) else {
                 continue;
             };
-            let pending = topic.pending.take();
+            let diff = TopicDiff {
+                topic: topic_name.clone(),
+                leaves: std::mem::take(&mut topic.pending_leaves),
+                entries: (!topic.entries.is_empty()).then(|| topic.entries.snapshot()),
+                refs: self.refs.clone(),
+                joins_from_seq: topic.joins_from_seq,
+            };
+            topic.joins_from_seq = next_seq;
+            topic.dirty = false;
             if topic.entries.is_empty() {
                 self.topics.remove(&topic_name);
             }
-            if let Some(pending) = pending {
-                if pending.joins.is_empty() && pending.leaves.is_empty() {
-                    continue;
-                }
-                diffs.push(TopicDiff {
-                    topic: topic_name,
-                    joins: pending.joins.into_values().collect(),
-                    leaves: pending.leaves.into_values().collect(),
-                });
-            }
+            diffs.push(diff);
         }
         diffs
     }
@@ -554,7 +607,7 @@ where
         owner_entry.handles.as_slice().iter().position(|h| {
             &*h.topic == topic && {
                 let t = &self.topics[&h.topic];
-                let index = t.position[&h.phx_ref] as usize;
+                let index = *t.position.get(&h.phx_ref).expect("handles point at live refs") as usize;
                 &*t.entries.get(index).expect("positions are in bounds").key == key
             }
         })
@@ -565,7 +618,7 @@ where
             return name.clone();
         }
         let name = Bytes::from(topic);
-        self.topics.insert(name.clone(), Topic::default());
+        self.topics.insert(name.clone(), Topic::new(self.refs.next_seq()));
         name
     }
 
@@ -596,27 +649,29 @@ where
             topic.keys.remove(&removed.key);
         }
         self.presences -= 1;
-        self.record(topic_name, |pending| leave(pending, removed))
+        self.record_leave(topic_name, removed);
+        self.mark_dirty(topic_name)
     }
 
-    /// Applies `change` to the pending diff of `topic_name`, marking the topic
-    /// dirty. Returns true when this is the first dirty topic, i.e. the
-    /// dispatcher is idle and must be woken.
-    fn record(&mut self, topic_name: &Bytes, change: impl FnOnce(&mut Pending<O, M>)) -> bool {
-        let topic = self
-            .topics
-            .get_mut(topic_name)
-            .expect("recorded topics exist");
-        let mut wake = false;
-        let pending = topic.pending.get_or_insert_with(|| {
-            wake = self.dirty.is_empty();
-            self.dirty.push(topic_name.clone());
-            Box::new(Pending {
-                joins: RefMap::default(),
-                leaves: RefMap::default(),
-            })
-        });
-        change(pending);
+    /// A leave cancels a join that subscribers have not seen yet; any other
+    /// is recorded for the next diff.
+    fn record_leave(&mut self, topic_name: &Bytes, presence: Presence<O, M>) {
+        let topic = self.topics.get_mut(topic_name).expect("recorded topics exist");
+        if self.refs.seq(presence.phx_ref) < topic.joins_from_seq {
+            topic.pending_leaves.push(presence);
+        }
+    }
+
+    /// Marks `topic_name` as having a pending diff. Returns true when it is
+    /// the first dirty topic, i.e. the dispatcher is idle and must be woken.
+    fn mark_dirty(&mut self, topic_name: &Bytes) -> bool {
+        let topic = self.topics.get_mut(topic_name).expect("recorded topics exist");
+        if topic.dirty {
+            return false;
+        }
+        topic.dirty = true;
+        let wake = self.dirty.is_empty();
+        self.dirty.push(topic_name.clone());
         wake
     }
 }
@@ -633,13 +688,6 @@ fn insert_presence<O: Clone, M: Clone>(topic: &mut Topic<O, M>, presence: Presen
     }
     let index = topic.entries.push(presence);
     topic.position.insert(phx_ref, index as u32);
-}
-
-/// A leave cancels a join of the same ref that subscribers have not seen yet.
-fn leave<O, M>(pending: &mut Pending<O, M>, presence: Presence<O, M>) {
-    if pending.joins.remove(&presence.phx_ref).is_none() {
-        pending.leaves.insert(presence.phx_ref, presence);
-    }
 }
 
 #[cfg(test)]
@@ -770,7 +818,7 @@ mod tests {
         let diffs = r.take_diffs(usize::MAX);
         assert_eq!(diffs.len(), 2);
         assert_eq!(diffs[0].topic.as_ref(), b"t");
-        assert_eq!(diffs[0].joins.len(), 2);
+        assert_eq!(diffs[0].joins().count(), 2);
         assert!(r.take_diffs(usize::MAX).is_empty());
         assert!(r.untrack(1, b"t", b"a").wake);
     }
@@ -781,8 +829,10 @@ mod tests {
         r.track(1, b"t", b"a", "x", watch).unwrap();
         r.update(1, b"t", b"a", "y", None).unwrap();
         r.untrack_owner(1);
-        assert!(r.take_diffs(usize::MAX).is_empty());
+        let diffs = r.take_diffs(usize::MAX);
+        assert!(diffs.iter().all(|d| d.parts(usize::MAX).is_empty()));
         assert_eq!(r.topic_count(), 0);
+        assert_eq!(r.pending_topics(), 0);
     }
 
     #[test]
@@ -792,10 +842,34 @@ mod tests {
         r.take_diffs(usize::MAX);
         r.update(1, b"t", b"a", "y", None).unwrap();
         let diffs = r.take_diffs(usize::MAX);
-        assert_eq!(diffs[0].leaves[0].phx_ref, old);
-        assert_eq!(diffs[0].leaves[0].meta, "x");
-        assert_eq!(diffs[0].joins[0].meta, "y");
-        assert_eq!(diffs[0].joins[0].prev_ref, Some(old));
+        let leave = diffs[0].leaves().next().unwrap();
+        let join = diffs[0].joins().next().unwrap();
+        assert_eq!((leave.phx_ref, leave.meta), (old, "x"));
+        assert_eq!((join.meta, join.prev_ref), ("y", Some(old)));
+    }
+
+    #[test]
+    fn a_large_diff_comes_in_bounded_parts_that_cover_it_once() {
+        let mut r = reg();
+        for owner in 0..10u32 {
+            r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch).unwrap();
+        }
+        r.take_diffs(usize::MAX);
+        for owner in 0..3u32 {
+            r.untrack_owner(owner);
+        }
+        for owner in 10..14u32 {
+            r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch).unwrap();
+        }
+        let diffs = r.take_diffs(usize::MAX);
+        let parts = diffs[0].parts(3);
+        assert_eq!(parts.iter().map(|(j, l)| j.len() + l.len()).collect::<Vec<_>>(), vec![3, 3, 1]);
+        let mut joined: Vec<u32> = parts.iter().flat_map(|(j, _)| j.iter().map(|p| p.owner)).collect();
+        let mut left: Vec<u32> = parts.iter().flat_map(|(_, l)| l.iter().map(|p| p.owner)).collect();
+        joined.sort();
+        left.sort();
+        assert_eq!((joined, left), (vec![10, 11, 12, 13], vec![0, 1, 2]));
+        assert_eq!(diffs[0].parts(100).len(), 1);
     }
 
     #[test]

@@ -64,25 +64,24 @@ fn modelled(model: &Model, topic: usize) -> View {
         .collect()
 }
 
+/// Applies drained diffs as a subscriber would, in parts of at most two
+/// presences, as the NIF cuts large diffs.
 fn apply_diffs(reg: &mut Reg, views: &mut [View], max_topics: usize) {
     for diff in reg.take_diffs(max_topics) {
         let topic = TOPICS.iter().position(|t| *t == &*diff.topic).unwrap();
-        let joined: BTreeSet<Ref> = diff.joins.iter().map(|p| p.phx_ref).collect();
-        for leave in &diff.leaves {
-            assert!(
-                !joined.contains(&leave.phx_ref),
-                "a ref both joins and leaves"
-            );
-            let seen = views[topic].remove(&leave.phx_ref);
-            assert_eq!(
-                seen,
-                Some((leave.key.to_vec(), leave.meta)),
-                "leave of an unseen presence"
-            );
+        let joined: BTreeSet<Ref> = diff.joins().map(|p| p.phx_ref).collect();
+        for leave in diff.leaves() {
+            assert!(!joined.contains(&leave.phx_ref), "a ref both joins and leaves");
         }
-        for join in diff.joins {
-            let before = views[topic].insert(join.phx_ref, (join.key.to_vec(), join.meta));
-            assert_eq!(before, None, "a join of a presence already seen");
+        for (joins, leaves) in diff.parts(2) {
+            for leave in leaves {
+                let seen = views[topic].remove(&leave.phx_ref);
+                assert_eq!(seen, Some((leave.key.to_vec(), leave.meta)), "leave of an unseen presence");
+            }
+            for join in joins {
+                let before = views[topic].insert(join.phx_ref, (join.key.to_vec(), join.meta));
+                assert_eq!(before, None, "a join of a presence already seen");
+            }
         }
     }
 }

@@ -19,6 +19,7 @@ rustler::atoms! {
     topics,
     pending_topics,
     nif_heap_bytes,
+    done,
 }
 
 /// Every `{:error, reason}` a table NIF can return. The Elixir side lists

@@ -7,6 +7,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use presence_core::{etf, Change, CoreError, Registry, Removed, Update};
@@ -22,6 +23,12 @@ pub type Meta = Arc<[u8]>;
 /// Lists of up to this many presences are built on the calling scheduler
 /// (well under 1 ms); larger ones go to `table_list_dirty`.
 const INLINE_LIST_LIMIT: usize = 1_000;
+
+/// The most presences (joins plus leaves) one `presence_diff` carries.
+/// Sending a message copies it into the receiver on the sender's
+/// scheduler; 2,000 presences copy in well under a millisecond, where a
+/// 100k-join diff would hold a scheduler for tens.
+const MAX_PRESENCES_PER_DIFF: usize = 2_000;
 
 struct State {
     registry: Registry<LocalPid, Meta, Monitor>,
@@ -260,32 +267,66 @@ fn table_get_by_key<'a>(
     encode::grouped(env, presences.iter())
 }
 
-/// Drains pending diffs of up to `max_topics` topics as
-/// `{[{topic, joins, leaves}], topics_still_pending}`, joins and leaves
-/// grouped like `list`.
+/// Diffs taken from a table, waiting to be encoded and sent a part at a
+/// time: the dispatcher never holds more than one part's terms, so its
+/// garbage collections stay small however large the diff.
+pub struct DiffQueue {
+    parts: Mutex<VecDeque<DiffPart>>,
+}
+
+struct DiffPart {
+    topic: presence_core::Bytes,
+    joins: Vec<encode::Entry>,
+    leaves: Vec<encode::Entry>,
+}
+
+#[rustler::resource_impl]
+impl Resource for DiffQueue {}
+
+/// Takes the pending diffs of up to `max_topics` topics, cut into parts of
+/// at most `MAX_PRESENCES_PER_DIFF` presences, as
+/// `{queue, topics_still_pending}`; `diff_queue_next/1` hands out the parts.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn table_take_diffs<'a>(
-    env: Env<'a>,
-    table: ResourceArc<Table>,
-    max_topics: usize,
-) -> NifResult<(Vec<Term<'a>>, usize)> {
+fn table_take_diffs(table: ResourceArc<Table>, max_topics: usize) -> (ResourceArc<DiffQueue>, usize) {
     let (diffs, still_pending) = {
         let mut state = table.lock();
         let diffs = state.registry.take_diffs(max_topics);
         (diffs, state.registry.pending_topics())
     };
-    let diffs = diffs
-        .iter()
-        .map(|diff| {
-            (
-                encode::bytes_term(env, &diff.topic),
-                encode::grouped(env, diff.joins.iter()),
-                encode::grouped(env, diff.leaves.iter()),
-            )
-                .encode(env)
-        })
-        .collect();
-    Ok((diffs, still_pending))
+    let mut parts = VecDeque::new();
+    for diff in &diffs {
+        for (joins, leaves) in diff.parts(MAX_PRESENCES_PER_DIFF) {
+            parts.push_back(DiffPart {
+                topic: diff.topic.clone(),
+                joins: joins.into_iter().cloned().collect(),
+                leaves: leaves.into_iter().cloned().collect(),
+            });
+        }
+    }
+    let queue = DiffQueue {
+        parts: Mutex::new(parts),
+    };
+    (ResourceArc::new(queue), still_pending)
+}
+
+/// The next part of a taken diff as `{topic, joins, leaves}` (grouped like
+/// `list`), or `:done`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn diff_queue_next(env: Env, queue: ResourceArc<DiffQueue>) -> Term {
+    let part = queue
+        .parts
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .pop_front();
+    match part {
+        None => error::done().encode(env),
+        Some(part) => (
+            encode::bytes_term(env, &part.topic),
+            encode::grouped(env, part.joins.iter()),
+            encode::grouped(env, part.leaves.iter()),
+        )
+            .encode(env),
+    }
 }
 
 /// Sizes of the table, for stats and tests. `nif_heap_bytes` covers every

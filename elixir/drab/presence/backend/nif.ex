@@ -39,8 +39,18 @@ defmodule Drab.Presence.Backend.NIF do
   @impl true
   defdelegate get_by_key(table, topic, key), to: Native, as: :table_get_by_key
 
+  # The parts of taken diffs are decoded one at a time, as the dispatcher
+  # walks the stream, so it never holds a 100k-presence diff at once.
   @impl true
-  defdelegate take_diffs(table, max_topics), to: Native, as: :table_take_diffs
+  def take_diffs(table, max_topics) do
+    {queue, still_pending} = Native.table_take_diffs(table, max_topics)
+
+    parts =
+      Stream.repeatedly(fn -> Native.diff_queue_next(queue) end)
+      |> Stream.take_while(&(&1 != :done))
+
+    {parts, still_pending}
+  end
 
   @impl true
   defdelegate stats(table), to: Native, as: :table_stats
