@@ -85,7 +85,11 @@ defmodule Drab.Presence do
   broadcast with `%{joins: presences, leaves: presences}`, each passed
   through `fetch/2`. Changes to one topic within `:diff_window` milliseconds
   go out as one diff; a presence that joins and leaves within the window is
-  never sent; an update that leaves the meta as it was sends nothing.
+  never sent; an update that leaves the meta as it was sends nothing. A diff
+  carries at most 2,000 presences: a larger change (a mass disconnect) goes
+  out as several consecutive diffs, so that no single send copies megabytes
+  into every subscriber. Applied in order, as phoenix.js applies them, they
+  amount to the whole change.
 
   With a `:pubsub_server` and Phoenix on the code path, diffs go out exactly
   as Phoenix.Presence sends them, through `Phoenix.Channel.Server.local_broadcast/4`,
