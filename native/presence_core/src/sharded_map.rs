@@ -16,6 +16,8 @@ use std::hash::{BuildHasher, Hash};
 pub const SPLIT_AT: usize = 16_384;
 /// Shards of a split map: a power of two.
 pub const SHARDS: usize = 64;
+/// Capacity a shard keeps however empty it gets.
+const MIN_KEPT_CAPACITY: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct ShardedMap<K, V, S = RandomState> {
@@ -90,9 +92,16 @@ impl<K: Hash + Eq, V, S: BuildHasher + Clone> ShardedMap<K, V, S> {
         Q: Hash + Eq + ?Sized,
     {
         let shard = self.shard_of(key);
-        let removed = self.shards[shard].remove(key);
+        let map = &mut self.shards[shard];
+        let removed = map.remove(key);
         if removed.is_some() {
             self.len -= 1;
+            // Give memory back after a peak: shrinking when a quarter full
+            // costs one rehash of the (bounded) shard per halving, O(1)
+            // amortized, and never thrashes with growth.
+            if map.capacity() > MIN_KEPT_CAPACITY && map.len() < map.capacity() / 4 {
+                map.shrink_to(map.len() * 2);
+            }
         }
         removed
     }
@@ -136,5 +145,9 @@ mod tests {
         assert_eq!(map.iter().count(), (n / 2) as usize);
         assert!(map.iter().all(|(_, v)| *v % 2 == 0));
         assert!(map.shards.iter().all(|s| s.len() < SPLIT_AT));
+        for i in 0..n {
+            map.remove(&i);
+        }
+        assert!(map.shards.iter().all(|s| s.capacity() <= 2 * MIN_KEPT_CAPACITY));
     }
 }
