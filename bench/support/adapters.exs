@@ -13,8 +13,8 @@ defmodule Bench.Adapter do
   @callback subscribe(String.t()) :: :ok | {:error, term()}
   @doc "Presences held, over all topics."
   @callback presences() :: non_neg_integer()
-  @doc "Bytes held outside the BEAM's allocators (the NIF's Rust heap)."
-  @callback native_bytes() :: non_neg_integer()
+  @doc "Bytes held outside the BEAM's allocators (the NIF's Rust heap), or nil: none."
+  @callback native_bytes() :: non_neg_integer() | nil
   @doc "Waits until no diff is pending or on its way."
   @callback quiesce() :: :ok
 
@@ -100,7 +100,7 @@ defmodule Bench.Adapter.Phoenix do
 
   @impl true
   def start(_pubsub) do
-    {:ok, _} = P.start_link([])
+    {:ok, _} = Supervisor.start_link([P], strategy: :one_for_one)
     :ok
   end
 
@@ -129,7 +129,7 @@ defmodule Bench.Adapter.Phoenix do
   def presences, do: :ets.info(values_table(), :size)
 
   @impl true
-  def native_bytes, do: 0
+  def native_bytes, do: nil
 
   # Diffs leave the shard as one Task each (Phoenix.Presence's async_merge);
   # they are all out when the shard is idle and no task is left.

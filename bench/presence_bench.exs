@@ -1,0 +1,326 @@
+# Drab.Presence against Phoenix.Presence: the workloads of the benchmark
+# issue, at 1k, 10k and 100k presences on one topic, 10k over 1k topics, and
+# 1M on one topic (ours alone), plus join storms. Run it with `bench/run`
+# (or `bench/run --quick` to skip the 100k, 1M and 20k sizes).
+#
+# Phoenix.Presence is compared when phoenix and phoenix_pubsub are on the
+# code path (point ERL_LIBS at built copies); without them, Drab.Presence
+# runs alone and the Phoenix column stays empty.
+#
+# Options: --quick, --out DIR (default: bench/ for a full run with Phoenix,
+# bench/tmp/ otherwise, so that a partial run never replaces the committed
+# results).
+
+for file <- ~w(harness adapters subscribers workloads floors report) do
+  Code.require_file("support/#{file}.exs", __DIR__)
+end
+
+defmodule Bench.Main do
+  import Bench.Harness
+  alias Bench.{Adapter, Report, Shape, Workloads}
+
+  @k 1_000
+  @small_runs 3
+
+  def run(argv) do
+    {opts, _, invalid} = OptionParser.parse(argv, strict: [quick: :boolean, out: :string])
+    invalid == [] || raise ArgumentError, "unknown options: #{inspect(invalid)}"
+    quick? = Keyword.get(opts, :quick, false)
+    Process.put(:bench_role, "bench coordinator")
+    start_clock()
+
+    # The VM's own floor, before any presence system runs.
+    idle_tick = idle_tick()
+
+    phoenix? = start_systems()
+    adapters = if phoenix?, do: [Adapter.Drab, Adapter.Phoenix], else: [Adapter.Drab]
+    out = opts[:out] || if(phoenix? and not quick?, do: __DIR__, else: Path.join(__DIR__, "tmp"))
+
+    progress(
+      "#{System.schedulers_online()} schedulers; " <>
+        if(phoenix?,
+          do: "comparing Drab.Presence and Phoenix.Presence",
+          else: "Drab.Presence ALONE (Phoenix absent)"
+        ) <> if(quick?, do: " (--quick)", else: "")
+    )
+
+    warm_up(adapters)
+
+    progress(
+      "idle 1 ms ticker: late by #{Report.fmt(idle_tick.worst_us / 1_000)} ms at worst, " <>
+        "#{Report.fmt(idle_tick.p99_us / 1_000)} ms at the 99th percentile; stalls: " <>
+        if(idle_tick.stalls == [], do: "none over 5 ms", else: Enum.join(idle_tick.stalls, "; "))
+    )
+
+    floors = floors(quick?)
+
+    one_topic =
+      [shape("1k", @k), shape("10k", 10 * @k)] ++
+        if(quick?, do: [], else: [shape("100k", 100 * @k)])
+
+    spread = %Shape{label: "10k / 1k topics", n: 10 * @k, topics: @k}
+    alone = if quick?, do: [], else: [shape("1M", 1_000 * @k)]
+
+    report = %{Report.new() | floors: floors, idle: idle_tick}
+    Report.print_header()
+
+    report =
+      Enum.reduce(one_topic ++ [spread], report, fn shape, report ->
+        run_shape(report, adapters, shape)
+      end)
+
+    report = Enum.reduce(alone, report, &run_shape(&2, [Adapter.Drab], &1))
+
+    storms =
+      [{"1k subscribers", @k, adapters}, {"5k subscribers", 5 * @k, adapters}] ++
+        if(quick?, do: [], else: [{"20k subscribers", 20 * @k, [Adapter.Drab]}])
+
+    report = Enum.reduce(storms, report, fn storm, report -> run_storm(report, storm) end)
+
+    write_outputs(report, out, %{
+      phoenix?: phoenix?,
+      quick?: quick?,
+      argv: argv,
+      idle_tick: idle_tick,
+      sizes: for(s <- one_topic ++ alone, do: {s.label, s.n})
+    })
+
+    if report.errors != [] do
+      progress("#{length(report.errors)} run(s) failed; see above")
+      System.halt(1)
+    end
+  end
+
+  defp shape(label, n), do: %Shape{label: label, n: n}
+
+  # Phoenix.PubSub and both presence modules, when Phoenix is loadable.
+  defp start_systems do
+    phoenix? = Code.ensure_loaded?(Phoenix.Presence) and Code.ensure_loaded?(Phoenix.PubSub)
+
+    if phoenix? do
+      {:ok, _} = Application.ensure_all_started(:phoenix_pubsub)
+
+      {:ok, _} =
+        Supervisor.start_link([{Phoenix.PubSub, name: Bench.PubSub}], strategy: :one_for_one)
+
+      :ok = Adapter.Drab.start(Bench.PubSub)
+      :ok = Adapter.Phoenix.start(Bench.PubSub)
+    else
+      IO.puts("""
+
+      *** Phoenix is not on the code path: Phoenix.PubSub / Phoenix.Presence are
+      *** absent, so Drab.Presence runs ALONE and there is nothing to compare it
+      *** with. Point ERL_LIBS at built phoenix and phoenix_pubsub to compare.
+      """)
+
+      :ok = Adapter.Drab.start(nil)
+    end
+
+    phoenix?
+  end
+
+  defp warm_up(adapters) do
+    progress("warm-up (unreported)")
+    for adapter <- adapters, do: Workloads.lifecycle(adapter, shape("warm-up", @k), runs: 2)
+  end
+
+  defp floors(quick?) do
+    progress("BEAM floors (no presence system involved)")
+    big = if quick?, do: 10 * @k, else: 100 * @k
+
+    floors =
+      Bench.Floors.run(big, [@k, 10 * @k] ++ if(quick?, do: [], else: [big]), [
+        @k,
+        5 * @k,
+        20 * @k
+      ])
+
+    Report.print_floors(floors)
+    floors
+  end
+
+  # The ticker with nothing else running, over as long as a 100k reads.
+  defp idle_tick do
+    settle()
+    watch = start_watch()
+    Process.sleep(3_000)
+    stop_watch(watch)
+  end
+
+  defp run_shape(report, adapters, %Shape{} = shape) do
+    big? = shape.n >= 100 * @k
+    runs = if big?, do: 1, else: @small_runs
+
+    report =
+      Enum.reduce(adapters, report, fn adapter, report ->
+        report
+        |> guarded(shape.label, adapter, "track/reads/untrack", fn ->
+          # At 1k the rise in memory is within the noise of the VM's own.
+          Workloads.lifecycle(adapter, shape, runs: runs, ticker: big?, memory: shape.n >= 10 * @k)
+        end)
+        |> guarded(shape.label, adapter, "mass disconnect", fn ->
+          Workloads.mass_disconnect(adapter, shape)
+        end)
+      end)
+
+    IO.puts("  #{shape.label}:")
+    Report.print_size(report, shape.label)
+    report
+  end
+
+  defp run_storm(report, {label, n, adapters}) do
+    report =
+      Enum.reduce(adapters, report, fn adapter, report ->
+        # Every member must learn of every other: N² presences delivered,
+        # as N² one-join diffs (Phoenix) or N diffs of ~N joins each (ours).
+        guarded(report, label, adapter, "join storm", fn ->
+          Workloads.join_storm(adapter, n, 600_000)
+        end)
+      end)
+
+    IO.puts("  join storm, #{label}:")
+    Report.print_size(report, label)
+    report
+  end
+
+  # Runs one workload; a failed check, a timeout or a crash is reported as
+  # an error for that cell, and the run goes on from a clean state.
+  defp guarded(report, size, adapter, workload, fun) do
+    system = system(adapter)
+    progress("#{size} #{adapter.name()}: #{workload}")
+
+    try do
+      figures = fun.()
+      Report.put(report, size, system, figures)
+    rescue
+      exception -> failed(report, size, adapter, workload, Exception.message(exception))
+    catch
+      kind, reason -> failed(report, size, adapter, workload, Exception.format(kind, reason))
+    end
+  end
+
+  defp failed(report, size, adapter, workload, message) do
+    progress("FAILED #{size} #{adapter.name()} #{workload}: #{message}")
+    kill_all_herds()
+    Report.error(report, size, adapter.name(), workload, message)
+  end
+
+  defp system(Adapter.Drab), do: :drab
+  defp system(Adapter.Phoenix), do: :phoenix
+
+  defp write_outputs(report, out, run) do
+    File.mkdir_p!(out)
+    tmp = Path.join(__DIR__, "tmp")
+    svg = Path.join(out, "latency.svg")
+    md = Path.join(out, "RESULTS.md")
+
+    case Report.plot(report, run.sizes, svg, tmp) do
+      :ok -> progress("wrote #{Path.relative_to_cwd(svg)}")
+      {:skipped, reason} -> progress("no plot: #{reason}")
+    end
+
+    Report.write_markdown(report, md, environment(run))
+    progress("wrote #{Path.relative_to_cwd(md)}")
+  end
+
+  defp environment(run) do
+    phoenix_vsn = fn app ->
+      case Application.load(app) do
+        result when result in [:ok, {:error, {:already_loaded, app}}] ->
+          to_string(Application.spec(app, :vsn))
+
+        _ ->
+          "absent"
+      end
+    end
+
+    mem_kb =
+      case Regex.run(~r/MemTotal:\s+(\d+) kB/, File.read!("/proc/meminfo")) do
+        [_, kb] -> String.to_integer(kb)
+        nil -> 0
+      end
+
+    cpu =
+      case Regex.run(~r/model name\s*:\s*(.+)/, File.read!("/proc/cpuinfo")) do
+        [_, model] -> model
+        nil -> "unknown"
+      end
+
+    %{
+      command: Enum.join(["bench/run" | run.argv], " "),
+      date: Calendar.strftime(DateTime.utc_now(), "%Y-%m-%d %H:%M UTC"),
+      runtime: "the whole run took #{round(elapsed_s())} s",
+      callers: Workloads.callers(),
+      small_runs: @small_runs,
+      idle_tick:
+        "With nothing running (3 s), it was late by " <>
+          "#{Report.fmt(run.idle_tick.worst_us / 1_000)} ms at worst and " <>
+          "#{Report.fmt(run.idle_tick.p99_us / 1_000)} ms at the 99th percentile.",
+      delivery:
+        if(run.phoenix?,
+          do:
+            "Both systems deliver diffs through the same `Phoenix.PubSub` server " <>
+              "(Drab.Presence with `pubsub_server:`, as in a Phoenix app). Subscribers " <>
+              "are plain processes, so every diff is copied into each of them (a " <>
+              "channel subscribes with a fastlane instead, and is sent the diff " <>
+              "encoded once).",
+          else:
+            "Drab.Presence delivers diffs through its built-in registry. Subscribers " <>
+              "are plain processes, so every diff is copied into each of them."
+        ),
+      phoenix_note:
+        if(run.phoenix?,
+          do: "",
+          else: "**Phoenix was not on the code path: Drab.Presence ran alone.**"
+        ),
+      machine: [
+        {"CPU", "#{cpu}, nproc #{:erlang.system_info(:logical_processors_available)}"},
+        {"schedulers", "#{System.schedulers_online()} online"},
+        {"memory", "#{Float.round(mem_kb / 1_048_576, 1)} GiB"},
+        {"OS", os()},
+        {"Elixir", System.version()},
+        {"Erlang/OTP",
+         "#{:erlang.system_info(:otp_release)} (erts #{:erlang.system_info(:version)})"},
+        {"rustc", command(["rustc", "--version"])},
+        {"phoenix", phoenix_vsn.(:phoenix)},
+        {"phoenix_pubsub", phoenix_vsn.(:phoenix_pubsub)},
+        {"drab_presence", "#{Application.spec(:drab_presence, :vsn)} (#{revision()})"}
+      ]
+    }
+  end
+
+  # The commit the library was built from, and whether its code differed.
+  defp revision do
+    commit = command(["git", "rev-parse", "--short", "HEAD"])
+
+    case command(["git", "status", "--porcelain", "--", "elixir", "native", "mix.exs"]) do
+      "" -> "commit #{commit}"
+      "unknown" -> "commit #{commit}"
+      _changed -> "commit #{commit}, with uncommitted changes to elixir/ or native/"
+    end
+  end
+
+  defp os do
+    case File.read("/etc/os-release") do
+      {:ok, text} ->
+        case Regex.run(~r/PRETTY_NAME="([^"]+)"/, text) do
+          [_, name] -> name
+          nil -> "unknown"
+        end
+
+      _ ->
+        "unknown"
+    end
+  end
+
+  defp command([cmd | args]) do
+    with path when path != nil <- System.find_executable(cmd),
+         {out, 0} <- System.cmd(path, args, stderr_to_stdout: true) do
+      String.trim(out)
+    else
+      _ -> "unknown"
+    end
+  end
+end
+
+Bench.Main.run(System.argv())

@@ -1,0 +1,436 @@
+defmodule Bench.Report do
+  @moduledoc false
+  # The figures of a run: kept as {size, metric} => %{system => value}, and
+  # printed as a table (console and markdown), a targets table, and a plot.
+  # Every metric is lower-is-better, so the ratio is Phoenix ÷ Drab: how many
+  # times Drab.Presence is better (below 1: worse).
+
+  # {key, workload, what is measured}
+  @metrics [
+    {:track_us, "1. track", "µs per track, until every track has returned"},
+    {:track_diff_ms, "1. track", "ms until the last diff reached a subscriber"},
+    {:untrack_us, "2. untrack", "µs per untrack, until every untrack has returned"},
+    {:untrack_diff_ms, "2. untrack", "ms until the last diff reached a subscriber"},
+    {:disconnect_empty_ms, "3. mass disconnect", "ms until list/1 is empty"},
+    {:disconnect_diff_ms, "3. mass disconnect", "ms until the last leave diff was delivered"},
+    {:list_us, "4. reads", "list/1, µs (median)"},
+    {:count_users_us, "4. reads", "count_users/1, µs (median)"},
+    {:count_connections_us, "4. reads", "count_connections/1, µs (median)"},
+    {:memory_beam_b, "5. memory", "bytes per presence, BEAM (:erlang.memory(:total))"},
+    {:memory_nif_b, "5. memory", "bytes per presence, NIF heap (stats().nif_heap_bytes)"},
+    {:memory_b, "5. memory", "bytes per presence, sum"},
+    {:storm_diffs, "6. join storm", "presence_diff messages delivered"},
+    {:storm_converge_ms, "6. join storm", "ms until every subscriber's view equals list/1"},
+    {:track_tick_ms, "7. scheduler", "1 ms ticker during track: worst lateness, ms"},
+    {:reads_tick_ms, "7. scheduler", "1 ms ticker during reads: worst lateness, ms"}
+  ]
+
+  @details [
+    {:track_reductions, "1. track", "reductions per track (all processes; NIF work not counted)"},
+    {:track_diffs, "1. track", "presence_diff messages the subscriber received"},
+    {:disconnect_list_timeouts, "3. mass disconnect",
+     "list/1 calls that exited with a timeout (5 s) while polling"},
+    {:track_tick_p99_ms, "7. scheduler", "1 ms ticker during track: 99th-percentile lateness, ms"},
+    {:reads_tick_p99_ms, "7. scheduler", "1 ms ticker during reads: 99th-percentile lateness, ms"}
+  ]
+
+  @systems [:drab, :phoenix]
+
+  def new, do: %{sizes: [], values: %{}, errors: [], floors: [], stalls: [], idle: nil}
+
+  @doc "Adds a workload's figures; `*_stalls` entries are descriptions, kept apart."
+  def put(report, size, system, figures) do
+    {stalls, numbers} =
+      Enum.split_with(figures, fn {metric, _} -> String.ends_with?("#{metric}", "_stalls") end)
+
+    values =
+      Enum.reduce(numbers, report.values, fn {metric, value}, values ->
+        Map.update(values, {size, metric}, %{system => value}, &Map.put(&1, system, value))
+      end)
+
+    stalls =
+      for {metric, descriptions} <- stalls,
+          do: {size, system, "#{metric}" |> String.trim_trailing("_stalls"), descriptions}
+
+    sizes = if size in report.sizes, do: report.sizes, else: report.sizes ++ [size]
+    %{report | values: values, sizes: sizes, stalls: report.stalls ++ stalls}
+  end
+
+  def error(report, size, system, workload, message) do
+    %{report | errors: report.errors ++ [{size, system, workload, message}]}
+  end
+
+  def get(report, size, metric, system), do: get_in(report.values, [{size, metric}, system])
+
+  @doc "The table rows: {workload, what, size, drab, phoenix, ratio}, as strings."
+  def rows(report, metrics \\ @metrics) do
+    for {metric, workload, what} <- metrics,
+        size <- report.sizes,
+        Map.has_key?(report.values, {size, metric}) do
+      drab = get(report, size, metric, :drab)
+      phoenix = get(report, size, metric, :phoenix)
+      [workload, what, size, fmt(drab), fmt(phoenix), ratio(phoenix, drab)]
+    end
+  end
+
+  @doc "Prints the rows of one size to the console."
+  def print_size(report, size) do
+    for metrics <- [@metrics, @details],
+        [workload, what, ^size, drab, phoenix, ratio] <- rows(report, metrics) do
+      IO.puts(
+        "    #{String.pad_trailing("#{workload}: #{what}", 92)} " <>
+          "#{String.pad_leading(drab, 11)} #{String.pad_leading(phoenix, 11)}  #{ratio}"
+      )
+    end
+
+    for {^size, system, phase, descriptions} <- report.stalls, descriptions != [] do
+      IO.puts(
+        "      longest stalls, #{system_name(system)}, #{phase}: #{Enum.join(descriptions, "; ")}"
+      )
+    end
+  end
+
+  def print_floors(floors) do
+    for [what, n, value] <- floor_rows(floors) do
+      IO.puts("    #{String.pad_trailing(what, 70)} N = #{String.pad_trailing(n, 7)} #{value}")
+    end
+  end
+
+  defp floor_rows(floors) do
+    for {what, n, value, unit} <- floors, do: [what, fmt(n), "#{fmt(value)} #{unit}"]
+  end
+
+  def print_header do
+    IO.puts(
+      "    #{String.pad_trailing("", 92)} #{String.pad_leading("Drab", 11)} " <>
+        "#{String.pad_leading("Phoenix", 11)}  Phoenix ÷ Drab"
+    )
+  end
+
+  # --- targets -------------------------------------------------------------
+
+  # {what, size, metric, Phoenix as the issue measured it, target, limit}
+  @targets [
+    {"track, µs per track", "1k", :track_us, "", "≤ 2", 2},
+    {"track, µs per track", "10k", :track_us, "~20", "≤ 2", 2},
+    {"track, µs per track", "100k", :track_us, "~40", "≤ 2", 2},
+    {"track, µs per track", "1M", :track_us, "", "≤ 2", 2},
+    {"track, µs per track", "10k / 1k topics", :track_us, "", "≤ 2", 2},
+    {"untrack, µs per untrack", "100k", :untrack_us, "~38", "≤ 2", 2},
+    {"mass disconnect, ms until list/1 is empty", "100k", :disconnect_empty_ms, "~3,800", "≤ 200",
+     200},
+    {"list/1, µs", "10k", :list_us, "~7,000", "≤ 1,000", 1_000},
+    {"list/1, µs", "100k", :list_us, "~300,000", "≤ 20,000", 20_000},
+    {"count_users/1, µs (Phoenix: Drab's way)", "10k", :count_users_us, "~7,500", "≤ 1", 1},
+    {"count_users/1, µs (Phoenix: Drab's way)", "100k", :count_users_us, "~300,000", "≤ 1", 1},
+    {"memory per presence, bytes (ours: BEAM + NIF)", "100k", :memory_b, "~1,100", "≤ 300", 300},
+    {"join storm, presence_diff messages delivered", "5k subscribers", :storm_diffs, "25,000,000",
+     "≤ 250,000", 250_000},
+    {"join storm, ms until every view equals list/1", "5k subscribers", :storm_converge_ms,
+     "~18,000", "≤ 500", 500},
+    {"scheduler: worst 1 ms-ticker lateness during 100k reads (list, counts), ms", "100k",
+     :reads_tick_ms, "", "≤ 2", {:tick, 2}}
+  ]
+
+  @doc "The targets table rows: {what, N, issue's Phoenix, Phoenix here, ours, target, verdict}."
+  def targets(report) do
+    for {what, size, metric, issue, target, limit} <- @targets do
+      drab = get(report, size, metric, :drab)
+      phoenix = get(report, size, metric, :phoenix)
+
+      verdict = verdict(drab, limit, report.idle)
+
+      [what, size, issue, fmt(phoenix), fmt(drab), target, verdict]
+    end
+  end
+
+  defp verdict(nil, _limit, _idle), do: "not run"
+  defp verdict(value, {:tick, limit}, _idle) when value <= limit, do: "met"
+
+  # A ticker late by more than the target with nothing running cannot show
+  # whether a workload meets it.
+  defp verdict(value, {:tick, _limit}, %{worst_us: idle_us}) when value <= idle_us / 1_000,
+    do: "not measurable here: an idle VM's ticker is #{fmt(idle_us / 1_000)} ms late at worst"
+
+  defp verdict(value, {:tick, limit}, idle), do: verdict(value, limit, idle)
+  defp verdict(value, limit, _idle) when value <= limit, do: "met"
+  defp verdict(_value, _limit, _idle), do: "**missed**"
+
+  # --- formatting ------------------------------------------------------------
+
+  def fmt(nil), do: "—"
+  def fmt(v) when is_integer(v), do: thousands(v)
+  def fmt(v) when abs(v) >= 100, do: thousands(round(v))
+  def fmt(v) when abs(v) >= 10, do: :erlang.float_to_binary(v / 1, decimals: 1)
+  def fmt(v) when abs(v) >= 1, do: :erlang.float_to_binary(v / 1, decimals: 2)
+  def fmt(v), do: :erlang.float_to_binary(v / 1, decimals: 3)
+
+  defp thousands(i) when i < 0, do: "-" <> thousands(-i)
+
+  defp thousands(i) do
+    i
+    |> Integer.to_string()
+    |> String.reverse()
+    |> String.graphemes()
+    |> Enum.chunk_every(3)
+    |> Enum.join(",")
+    |> String.reverse()
+  end
+
+  defp ratio(nil, _), do: ""
+  defp ratio(_, nil), do: ""
+  defp ratio(phoenix, drab) when drab <= 0 or phoenix <= 0, do: ""
+
+  defp ratio(phoenix, drab) do
+    r = phoenix / drab
+    if r >= 100, do: "×#{thousands(round(r))}", else: "×#{fmt(r)}"
+  end
+
+  # --- markdown --------------------------------------------------------------
+
+  @analysis_start "<!-- analysis: hand-written, kept by bench/run -->"
+  @analysis_end "<!-- /analysis -->"
+
+  @doc """
+  Writes the results as markdown. A hand-written analysis section of an
+  earlier RESULTS.md (between the analysis markers) is kept.
+  """
+  def write_markdown(report, path, env) do
+    analysis =
+      with {:ok, old} <- File.read(path),
+           [_, rest] <- String.split(old, @analysis_start, parts: 2),
+           [section, _] <- String.split(rest, @analysis_end, parts: 2) do
+        @analysis_start <> section <> @analysis_end
+      else
+        _ -> @analysis_start <> "\n\n(No analysis yet.)\n\n" <> @analysis_end
+      end
+
+    File.write!(path, markdown(report, env, analysis))
+  end
+
+  defp markdown(report, env, analysis) do
+    """
+    # Benchmarks: Drab.Presence vs Phoenix.Presence
+
+    Written by `#{env.command}` on #{env.date}; #{env.runtime}. Do not edit by
+    hand, except the analysis section at the end, which `bench/run` keeps.
+
+    ## Machine and versions
+
+    | | |
+    |---|---|
+    #{Enum.map_join(env.machine, "\n", fn {k, v} -> "| #{k} | #{v} |" end)}
+
+    #{env.phoenix_note}
+
+    ## How it is measured
+
+    * Sizes: 1k, 10k and 100k presences on one topic; 10k over 1k topics (10
+      per topic; reads are of one of them); 1M on one topic, Drab.Presence
+      alone; join storms of 1k, 5k and (Drab.Presence alone) 20k processes.
+    * Every presence is a distinct live process; #{env.callers} caller processes
+      make the `track`/`untrack` calls, as channel processes would. Each key is
+      a distinct user (so users = connections). Metas are `%{online_at: ...}`.
+    * Every run starts on fresh topics with freshly spawned processes, and is
+      torn down (processes killed, the system back to zero presences) before the
+      next. Every run checks its outcome (counts, `list/1`, and the subscriber's
+      view rebuilt from the diffs, which must equal `list/1`), so a broken run
+      reports an error, never a fast time.
+    * Track and untrack at 1k and 10k are the median of #{env.small_runs} runs;
+      larger sizes run once. Callers are spawned with a heap big enough for
+      their share of the entries, so that no GC of the harness's own data is
+      timed. Reads are the median of 11 calls (5 when a call takes over 50 ms)
+      after a warm-up call, from a fresh process; calls under 100 µs are timed
+      in batches of thousands and divided. The run starts with an unreported
+      warm-up of both systems.
+    * Time to the last diff is measured at a subscriber process, from the start
+      of the workload to its receipt of the diff that completes its view.
+      **Drab.Presence gathers a topic's changes for `diff_window` (default
+      50 ms) and sends one diff per window (in parts of at most 2,000
+      presences), so its times to the last diff include that window.**
+      Phoenix.Presence sends one diff per operation, from the tracker (through
+      one Task each).
+    * Phoenix's `count_users/1` and `count_connections/1` are Drab 0.10.5's:
+      `Enum.count(list(topic))` and the sum of `length(metas)` over `list(topic)`.
+    * Memory (from 10k up; at 1k the rise is within the VM's own noise): the
+      tracked processes are spawned before the baseline; the figure is the rise
+      of `:erlang.memory(:total)` after a GC of every process, once all diffs
+      are out, divided by N. It includes what tracking adds to the tracked
+      processes (a monitor, or Phoenix's link), and leaves out the harness's
+      coordinator and subscriber. For Drab.Presence the NIF's own (Rust) heap,
+      outside the BEAM's allocators, is added from `stats().nif_heap_bytes`.
+    * Join storm: N processes subscribe to one topic, then each tracks itself.
+      Each keeps a view from the diffs it receives: a count of presences, and
+      for one member in 100 also a digest of every `{key, phx_ref}`, so that
+      the members' own work stays well below that of delivering the diffs. The
+      time is until the last member's view holds all N, and every view is then
+      checked against `list/1`.
+    * Scheduler: a process asks to wake at every millisecond (absolute timers)
+      and records how late it wakes, during the 100k (and 1M) track and
+      reads; `:erlang.system_monitor/2` meanwhile names every process that ran
+      or garbage-collected for over 5 ms without yielding. #{env.idle_tick}
+    * The BEAM floors table times, in the same run and with no presence
+      system, what the workloads cannot avoid: processes exiting, a monitor,
+      building a listed map, copying a diff into a subscriber.
+    * #{env.delivery}
+
+    ## Results
+
+    Lower is better everywhere; the last column is Phoenix ÷ Drab, how many
+    times lower our figure is.
+
+    | Workload | Measure | N | Drab.Presence | Phoenix.Presence | Phoenix ÷ Drab |
+    |---|---|---|--:|--:|--:|
+    #{table(rows(report))}
+
+    #{errors(report)}
+
+    ### Details
+
+    | Workload | Measure | N | Drab.Presence | Phoenix.Presence | Phoenix ÷ Drab |
+    |---|---|---|--:|--:|--:|
+    #{table(rows(report, @details))}
+
+    ### Longest stalls while the ticker ran
+
+    Processes that ran without yielding (`long_schedule`) or spent in one GC
+    (`long_gc`) over 5 ms, from `:erlang.system_monitor/2`: what can make the
+    ticker late. The three longest per phase.
+
+    #{stall_rows(report)}
+
+    ### BEAM floors on this machine
+
+    The same run, with no presence system involved: what the BEAM itself
+    takes for work the workloads cannot avoid.
+
+    | What | N | |
+    |---|--:|--:|
+    #{table(floor_rows(report.floors))}
+
+    ## Targets (from the issue)
+
+    The issue's Phoenix figures were measured elsewhere; "Phoenix (here)" is
+    this run, on this machine.
+
+    | Target | N | Phoenix (issue) | Phoenix (here) | Drab.Presence | target | |
+    |---|---|--:|--:|--:|--:|---|
+    #{table(targets(report))}
+
+    ## Latency of reads
+
+    ![list/1, count_users/1 and count_connections/1 latency against N, log-log](latency.svg)
+
+    #{analysis}
+    """
+  end
+
+  defp stall_rows(%{stalls: []}), do: "(The ticker runs at 100k and 1M only; none in this run.)"
+
+  defp stall_rows(%{stalls: stalls}) do
+    Enum.map_join(stalls, "\n", fn {size, system, phase, descriptions} ->
+      seen = if descriptions == [], do: "none over 5 ms", else: Enum.join(descriptions, "; ")
+      "* #{size}, #{system_name(system)}, #{phase}: #{seen}"
+    end)
+  end
+
+  defp system_name(:drab), do: "Drab.Presence"
+  defp system_name(:phoenix), do: "Phoenix.Presence"
+
+  defp table(rows), do: Enum.map_join(rows, "\n", &("| " <> Enum.join(&1, " | ") <> " |"))
+
+  defp errors(%{errors: []}), do: ""
+
+  defp errors(%{errors: errors}) do
+    "**Runs that failed** (no figure reported):\n\n" <>
+      Enum.map_join(errors, "\n", fn {size, system, workload, message} ->
+        "* #{workload}, #{size}, #{system}: #{message}"
+      end)
+  end
+
+  # --- plot ------------------------------------------------------------------
+
+  @doc """
+  Draws list/1 and count latency against N, both systems, log-log, as SVG
+  with gnuplot. Returns :ok, or {:skipped, reason}.
+  """
+  def plot(report, sizes, svg_path, tmp_dir) do
+    series =
+      for {metric, label} <- [
+            list_us: "list/1",
+            count_users_us: "count\\_users/1",
+            count_connections_us: "count\\_connections/1"
+          ],
+          system <- @systems do
+        points =
+          for {label_n, n} <- sizes,
+              v = get(report, label_n, metric, system),
+              v != nil,
+              do: {n, v}
+
+        {"#{if system == :drab, do: "Drab.Presence", else: "Phoenix.Presence"} #{label}", points,
+         system, metric}
+      end
+      |> Enum.reject(fn {_, points, _, _} -> points == [] end)
+
+    gnuplot = System.find_executable("gnuplot")
+
+    cond do
+      gnuplot == nil ->
+        {:skipped, "gnuplot not found"}
+
+      series == [] ->
+        {:skipped, "no read latencies"}
+
+      true ->
+        File.mkdir_p!(tmp_dir)
+        data = Path.join(tmp_dir, "latency.dat")
+
+        File.write!(
+          data,
+          Enum.map_join(series, "\n\n\n", fn {title, points, _, _} ->
+            "# #{title}\n" <> Enum.map_join(points, "\n", fn {n, v} -> "#{n} #{v}" end)
+          end) <> "\n"
+        )
+
+        plots =
+          series
+          |> Enum.with_index()
+          |> Enum.map_join(", \\\n  ", fn {{title, _, system, metric}, i} ->
+            dash = if system == :drab, do: 1, else: 2
+
+            color =
+              %{list_us: "#1f77b4", count_users_us: "#d62728", count_connections_us: "#2ca02c"}[
+                metric
+              ]
+
+            "'#{data}' index #{i} using 1:2 with linespoints dt #{dash} lw 2 " <>
+              "pt #{if system == :drab, do: 7, else: 5} lc rgb '#{color}' title '#{title}'"
+          end)
+
+        script = """
+        set terminal svg size 900,600 dynamic font 'sans,12'
+        set output '#{svg_path}'
+        set logscale xy
+        set format x '10^{%T}'
+        set format y '10^{%T}'
+        set xrange [600:1.6e6]
+        set yrange [0.05:2e7]
+        set xlabel 'presences on the topic (N)'
+        set ylabel 'latency per call (µs)'
+        set title 'Read latency against topic size (log-log; lower is better)'
+        set key top left box opaque
+        set grid
+        plot #{plots}
+        """
+
+        script_path = Path.join(tmp_dir, "latency.gp")
+        File.write!(script_path, script)
+
+        case System.cmd(gnuplot, [script_path], stderr_to_stdout: true) do
+          {_, 0} -> :ok
+          {out, status} -> {:skipped, "gnuplot failed (#{status}): #{out}"}
+        end
+    end
+  end
+end
