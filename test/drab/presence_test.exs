@@ -396,15 +396,6 @@ defmodule Drab.PresenceTest do
     end
   end
 
-  @doc false
-  def wait_until(fun, tries \\ 100) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
-    end
-  end
-
   defp collect_diffs(topic) do
     receive do
       %{event: "presence_diff", topic: ^topic, payload: payload} -> [payload | collect_diffs(topic)]

@@ -31,6 +31,16 @@ defmodule Drab.PresenceCase do
     }
   end
 
+  @doc "Polls `fun` every 10 ms until it returns true; fails the test after `tries`."
+  @spec wait_until((() -> boolean()), pos_integer()) :: :ok
+  def wait_until(fun, tries \\ 500) do
+    cond do
+      fun.() -> :ok
+      tries == 0 -> ExUnit.Assertions.flunk("condition never became true")
+      true -> Process.sleep(10) && wait_until(fun, tries - 1)
+    end
+  end
+
   @doc "Waits for the next presence_diff on `topic` and returns its payload."
   defmacro assert_diff(topic, timeout \\ 1_000) do
     quote do

@@ -74,12 +74,4 @@ defmodule Drab.Presence.ScaleTest do
         tick(now, max(worst, now - last))
     end
   end
-
-  defp wait_until(fun, tries \\ 500) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
-    end
-  end
 end
