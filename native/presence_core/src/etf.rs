@@ -122,12 +122,6 @@ pub fn write_meta_term<O, M: AsRef<[u8]>>(
     write_meta(out, presence)
 }
 
-/// Writes an empty map: what listing an empty topic returns.
-pub fn write_empty(out: &mut Vec<u8>) {
-    out.push(VERSION);
-    write_map_header(out, 0);
-}
-
 fn write_meta<O, M: AsRef<[u8]>>(
     out: &mut Vec<u8>,
     presence: &Presence<O, M>,

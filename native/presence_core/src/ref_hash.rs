@@ -27,5 +27,6 @@ impl Hasher for RefHasher {
     }
 }
 
-pub type ShardedRefMap<V> = crate::sharded_map::ShardedMap<crate::Ref, V, BuildHasherDefault<RefHasher>>;
+pub type ShardedRefMap<V> =
+    crate::sharded_map::ShardedMap<crate::Ref, V, BuildHasherDefault<RefHasher>>;
 pub type RefSet = HashSet<crate::Ref, BuildHasherDefault<RefHasher>>;

@@ -607,7 +607,10 @@ where
         owner_entry.handles.as_slice().iter().position(|h| {
             &*h.topic == topic && {
                 let t = &self.topics[&h.topic];
-                let index = *t.position.get(&h.phx_ref).expect("handles point at live refs") as usize;
+                let index = *t
+                    .position
+                    .get(&h.phx_ref)
+                    .expect("handles point at live refs") as usize;
                 &*t.entries.get(index).expect("positions are in bounds").key == key
             }
         })
@@ -618,7 +621,8 @@ where
             return name.clone();
         }
         let name = Bytes::from(topic);
-        self.topics.insert(name.clone(), Topic::new(self.refs.next_seq()));
+        self.topics
+            .insert(name.clone(), Topic::new(self.refs.next_seq()));
         name
     }
 
@@ -656,7 +660,10 @@ where
     /// A leave cancels a join that subscribers have not seen yet; any other
     /// is recorded for the next diff.
     fn record_leave(&mut self, topic_name: &Bytes, presence: Presence<O, M>) {
-        let topic = self.topics.get_mut(topic_name).expect("recorded topics exist");
+        let topic = self
+            .topics
+            .get_mut(topic_name)
+            .expect("recorded topics exist");
         if self.refs.seq(presence.phx_ref) < topic.joins_from_seq {
             topic.pending_leaves.push(presence);
         }
@@ -665,7 +672,10 @@ where
     /// Marks `topic_name` as having a pending diff. Returns true when it is
     /// the first dirty topic, i.e. the dispatcher is idle and must be woken.
     fn mark_dirty(&mut self, topic_name: &Bytes) -> bool {
-        let topic = self.topics.get_mut(topic_name).expect("recorded topics exist");
+        let topic = self
+            .topics
+            .get_mut(topic_name)
+            .expect("recorded topics exist");
         if topic.dirty {
             return false;
         }
@@ -852,20 +862,34 @@ mod tests {
     fn a_large_diff_comes_in_bounded_parts_that_cover_it_once() {
         let mut r = reg();
         for owner in 0..10u32 {
-            r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch).unwrap();
+            r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch)
+                .unwrap();
         }
         r.take_diffs(usize::MAX);
         for owner in 0..3u32 {
             r.untrack_owner(owner);
         }
         for owner in 10..14u32 {
-            r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch).unwrap();
+            r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch)
+                .unwrap();
         }
         let diffs = r.take_diffs(usize::MAX);
         let parts = diffs[0].parts(3);
-        assert_eq!(parts.iter().map(|(j, l)| j.len() + l.len()).collect::<Vec<_>>(), vec![3, 3, 1]);
-        let mut joined: Vec<u32> = parts.iter().flat_map(|(j, _)| j.iter().map(|p| p.owner)).collect();
-        let mut left: Vec<u32> = parts.iter().flat_map(|(_, l)| l.iter().map(|p| p.owner)).collect();
+        assert_eq!(
+            parts
+                .iter()
+                .map(|(j, l)| j.len() + l.len())
+                .collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
+        let mut joined: Vec<u32> = parts
+            .iter()
+            .flat_map(|(j, _)| j.iter().map(|p| p.owner))
+            .collect();
+        let mut left: Vec<u32> = parts
+            .iter()
+            .flat_map(|(_, l)| l.iter().map(|p| p.owner))
+            .collect();
         joined.sort();
         left.sort();
         assert_eq!((joined, left), (vec![10, 11, 12, 13], vec![0, 1, 2]));

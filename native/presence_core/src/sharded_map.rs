@@ -112,7 +112,9 @@ impl<K: Hash + Eq, V, S: BuildHasher + Clone> ShardedMap<K, V, S> {
 
     fn split(&mut self) {
         let single = std::mem::take(&mut self.shards).pop().expect("one shard");
-        self.shards = (0..SHARDS).map(|_| HashMap::with_hasher(self.hasher.clone())).collect();
+        self.shards = (0..SHARDS)
+            .map(|_| HashMap::with_hasher(self.hasher.clone()))
+            .collect();
         for (key, value) in single {
             let shard = self.shard_of(&key);
             self.shards[shard].insert(key, value);
@@ -148,6 +150,9 @@ mod tests {
         for i in 0..n {
             map.remove(&i);
         }
-        assert!(map.shards.iter().all(|s| s.capacity() <= 2 * MIN_KEPT_CAPACITY));
+        assert!(map
+            .shards
+            .iter()
+            .all(|s| s.capacity() <= 2 * MIN_KEPT_CAPACITY));
     }
 }

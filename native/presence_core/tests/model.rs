@@ -71,12 +71,19 @@ fn apply_diffs(reg: &mut Reg, views: &mut [View], max_topics: usize) {
         let topic = TOPICS.iter().position(|t| *t == &*diff.topic).unwrap();
         let joined: BTreeSet<Ref> = diff.joins().map(|p| p.phx_ref).collect();
         for leave in diff.leaves() {
-            assert!(!joined.contains(&leave.phx_ref), "a ref both joins and leaves");
+            assert!(
+                !joined.contains(&leave.phx_ref),
+                "a ref both joins and leaves"
+            );
         }
         for (joins, leaves) in diff.parts(2) {
             for leave in leaves {
                 let seen = views[topic].remove(&leave.phx_ref);
-                assert_eq!(seen, Some((leave.key.to_vec(), leave.meta)), "leave of an unseen presence");
+                assert_eq!(
+                    seen,
+                    Some((leave.key.to_vec(), leave.meta)),
+                    "leave of an unseen presence"
+                );
             }
             for join in joins {
                 let before = views[topic].insert(join.phx_ref, (join.key.to_vec(), join.meta));

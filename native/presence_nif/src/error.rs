@@ -1,26 +1,7 @@
 use presence_core::CoreError;
 use rustler::{Atom, Encoder, Env, Term};
 
-rustler::atoms! {
-    ok,
-    error,
-    already_tracked,
-    not_tracked,
-    noproc,
-    stale,
-    meta_too_large,
-    too_large,
-    metas,
-    phx_ref,
-    phx_ref_prev,
-    drab_presence_pending,
-    presences,
-    owners,
-    topics,
-    pending_topics,
-    nif_heap_bytes,
-    done,
-}
+use crate::atoms::{already_tracked, meta_too_large, noproc, not_tracked, stale};
 
 /// Every `{:error, reason}` a table NIF can return. The Elixir side lists
 /// the same reasons in `Drab.Presence.Native.reason()`.

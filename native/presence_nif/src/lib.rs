@@ -1,10 +1,11 @@
 //! Rustler bindings of `presence_core` for `Drab.Presence.Native`.
 //!
 //! One file per area; NIF names carry the file's prefix (`table_*`).
-//! Errors cross as atoms (see `error.rs`); shaping them into Phoenix's
+//! Errors cross as atoms (see `error.rs`, `atoms.rs`); shaping them into Phoenix's
 //! return values happens once, in Elixir.
 
 mod alloc;
+mod atoms;
 mod encode;
 mod error;
 mod table;

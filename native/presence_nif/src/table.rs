@@ -6,15 +6,16 @@
 //! are never held up by a reader.
 
 use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use presence_core::{etf, Change, CoreError, Registry, Removed, Update};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
+use crate::atoms;
 use crate::encode::{self, ref_term};
-use crate::error::{self, NifError};
+use crate::error::NifError;
 
 /// A meta as `term_to_binary/1` encodes it: compact, and compared by bytes
 /// to detect no-op updates.
@@ -87,14 +88,18 @@ impl<T: WakesDispatcher, E> WakesDispatcher for Result<T, E> {
     }
 }
 
+/// Locks `mutex`, poisoned or not. A panic while one of our locks was held
+/// cannot leave its data half written (core operations do not panic
+/// mid-change, and a diff queue only pops), so the data is safe to reuse.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Table {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while the lock was held cannot leave the registry half
-        // written (core operations do not panic mid-change), so a poisoned
-        // lock is safe to reuse.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     /// Runs `change` under the lock, then, with the lock released, tells
@@ -111,7 +116,7 @@ impl Table {
         if result.wakes_dispatcher() {
             if let Some(pid) = dispatcher {
                 // A dead dispatcher is fine: its successor drains on start.
-                let _ = env.send(&pid, error::drab_presence_pending());
+                let _ = env.send(&pid, atoms::drab_presence_pending());
             }
         }
         result
@@ -185,7 +190,7 @@ fn table_untrack(
     if let Some(monitor) = &removed.released_watch {
         env.demonitor(&table, monitor);
     }
-    error::ok()
+    atoms::ok()
 }
 
 /// The current meta (with `phx_ref`) and its raw ref, for update functions.
@@ -234,19 +239,21 @@ fn table_counts(table: ResourceArc<Table>, topic: Binary) -> (usize, usize) {
 /// when the topic is large enough that the list belongs on a dirty scheduler.
 #[rustler::nif]
 fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    let snapshot = table.lock().registry.snapshot(&topic);
-    match snapshot {
-        None => rustler::types::map::map_new(env),
-        Some(s) if s.len() > INLINE_LIST_LIMIT => error::too_large().encode(env),
-        Some(s) => encode::grouped(env, s.iter()),
-    }
+    list(env, &table, &topic, INLINE_LIST_LIMIT)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    let snapshot = table.lock().registry.snapshot(&topic);
+    list(env, &table, &topic, usize::MAX)
+}
+
+/// Lists `topic` from a snapshot (the lock is held only to take it), or
+/// answers `:too_large` past `max_presences`.
+fn list<'a>(env: Env<'a>, table: &Table, topic: &[u8], max_presences: usize) -> Term<'a> {
+    let snapshot = table.lock().registry.snapshot(topic);
     match snapshot {
         None => rustler::types::map::map_new(env),
+        Some(s) if s.len() > max_presences => atoms::too_large().encode(env),
         Some(s) => encode::grouped(env, s.iter()),
     }
 }
@@ -287,7 +294,10 @@ impl Resource for DiffQueue {}
 /// at most `MAX_PRESENCES_PER_DIFF` presences, as
 /// `{queue, topics_still_pending}`; `diff_queue_next/1` hands out the parts.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn table_take_diffs(table: ResourceArc<Table>, max_topics: usize) -> (ResourceArc<DiffQueue>, usize) {
+fn table_take_diffs(
+    table: ResourceArc<Table>,
+    max_topics: usize,
+) -> (ResourceArc<DiffQueue>, usize) {
     let (diffs, still_pending) = {
         let mut state = table.lock();
         let diffs = state.registry.take_diffs(max_topics);
@@ -313,13 +323,9 @@ fn table_take_diffs(table: ResourceArc<Table>, max_topics: usize) -> (ResourceAr
 /// `list`), or `:done`.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn diff_queue_next(env: Env, queue: ResourceArc<DiffQueue>) -> Term {
-    let part = queue
-        .parts
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .pop_front();
+    let part = lock(&queue.parts).pop_front();
     match part {
-        None => error::done().encode(env),
+        None => atoms::done().encode(env),
         Some(part) => (
             encode::bytes_term(env, &part.topic),
             encode::grouped(env, part.joins.iter()),
@@ -338,21 +344,21 @@ fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
     Term::map_from_pairs(
         env,
         &[
-            (error::presences().encode(env), registry.len().encode(env)),
+            (atoms::presences().encode(env), registry.len().encode(env)),
             (
-                error::owners().encode(env),
+                atoms::owners().encode(env),
                 registry.owner_count().encode(env),
             ),
             (
-                error::topics().encode(env),
+                atoms::topics().encode(env),
                 registry.topic_count().encode(env),
             ),
             (
-                error::pending_topics().encode(env),
+                atoms::pending_topics().encode(env),
                 registry.pending_topics().encode(env),
             ),
             (
-                error::nif_heap_bytes().encode(env),
+                atoms::nif_heap_bytes().encode(env),
                 crate::alloc::held_bytes().encode(env),
             ),
         ],

@@ -1,0 +1,22 @@
+//! Every atom the NIFs return or send.
+
+rustler::atoms! {
+    ok,
+    already_tracked,
+    not_tracked,
+    noproc,
+    stale,
+    meta_too_large,
+    // table_list: the topic belongs on a dirty scheduler.
+    too_large,
+    // diff_queue_next: no part left.
+    done,
+    // Sent to the dispatcher on the first pending diff.
+    drab_presence_pending,
+    // table_stats keys.
+    presences,
+    owners,
+    topics,
+    pending_topics,
+    nif_heap_bytes,
+}
