@@ -8,28 +8,49 @@
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use presence_core::{etf, Change, CoreError, Registry, Removed, Update};
+use presence_core::{etf, Change, CoreError, PartLimits, Registry, Removed, Snapshot, Update};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
 use crate::atoms;
-use crate::encode::{self, ref_term};
+use crate::encode::{self, ref_term, Entry};
 use crate::error::NifError;
+use crate::size;
 
 /// A meta as `term_to_binary/1` encodes it: compact, and compared by bytes
 /// to detect no-op updates.
 pub type Meta = Arc<[u8]>;
 
-/// Lists of up to this many presences are built on the calling scheduler
-/// (well under 1 ms); larger ones go to `table_list_dirty`.
-const INLINE_LIST_LIMIT: usize = 1_000;
+/// Listings of up to this many presences, and this many bytes, are built
+/// on the calling scheduler (about a quarter of a millisecond); larger ones
+/// go to a dirty scheduler. Bytes decide as much as presences: a thousand
+/// 60 KB metas are 60 MB to decode.
+const INLINE_LIST_PRESENCES: usize = 1_000;
+const INLINE_LIST_BYTES: usize = 64 * 1024;
 
-/// The most presences (joins plus leaves) one `presence_diff` carries.
-/// Sending a message copies it into the receiver on the sender's
-/// scheduler; 2,000 presences copy in well under a millisecond, where a
-/// 100k-join diff would hold a scheduler for tens.
-const MAX_PRESENCES_PER_DIFF: usize = 2_000;
+/// Bytes of listing decoded in about one timeslice (1 ms), to charge the
+/// caller's reductions in proportion to the work a list does inline.
+const BYTES_PER_TIMESLICE: usize = 256 * 1024;
+
+/// `get_by_key/2` of a key with more presences than this goes to a dirty
+/// scheduler without collecting them under the lock.
+const INLINE_KEY_PRESENCES: usize = 64;
+
+/// What one `presence_diff` carries at most. Sending a message copies it
+/// into every receiver on the sender's scheduler: 2,000 presences or 1 MB
+/// copy in well under a millisecond, where a 100k-join diff would hold a
+/// scheduler for tens.
+const PART_LIMITS: PartLimits = PartLimits {
+    presences: 2_000,
+    weight: 1024 * 1024,
+};
+
+/// Presences of an exited owner removed per hold of the lock: an owner with
+/// 40k presences must not keep every other writer waiting for its whole
+/// removal.
+const DEPART_CHUNK: usize = 256;
 
 struct State {
     registry: Registry<LocalPid, Meta, Monitor>,
@@ -39,7 +60,27 @@ struct State {
 
 pub struct Table {
     state: Mutex<State>,
-    max_meta_bytes: usize,
+    /// Diff parts taken from the registry and not yet acknowledged as
+    /// broadcast. Only the dispatcher takes this lock (never with `state`
+    /// held), so writers never wait on a delivery.
+    outbox: Mutex<Outbox>,
+    max_meta_bytes: AtomicUsize,
+}
+
+/// Parts leave the outbox only when the dispatcher acknowledges them after
+/// handing them to the broadcast: one that dies mid-delivery leaves them to
+/// its successor, which sends them again (at least once).
+#[derive(Default)]
+struct Outbox {
+    parts: VecDeque<DiffPart>,
+    next_id: u64,
+}
+
+struct DiffPart {
+    id: u64,
+    topic: presence_core::Bytes,
+    joins: Vec<Entry>,
+    leaves: Vec<Entry>,
 }
 
 #[rustler::resource_impl]
@@ -47,15 +88,22 @@ impl Resource for Table {
     const IMPLEMENTS_DOWN: bool = true;
 
     fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, monitor: Monitor) {
-        self.write(env, |registry| {
+        let departure = {
+            let mut state = self.lock();
             // Only the monitor that watches the owner now may remove it: a
             // down message of an earlier, released monitor must not.
-            if registry.watch(&pid) == Some(&monitor) {
-                registry.untrack_owner(pid)
-            } else {
-                Removed::nothing()
+            if state.registry.watch(&pid) != Some(&monitor) {
+                return;
             }
-        });
+            state.registry.depart(pid).map(|(_monitor, departure)| departure)
+        };
+        if let Some(mut departure) = departure {
+            while !departure.is_done() {
+                self.write(env, |registry| {
+                    registry.remove_departed(&mut departure, DEPART_CHUNK)
+                });
+            }
+        }
     }
 }
 
@@ -123,13 +171,18 @@ impl Table {
     }
 
     /// Encodes a meta with `term_to_binary/1`. A non-map is a caller bug
-    /// (Elixir checks first) and raises badarg; an oversized one is refused.
+    /// (Elixir checks first) and raises badarg; an oversized one is refused,
+    /// before it is encoded when its size shows without encoding.
     fn encode_meta(&self, meta: Term) -> NifResult<Result<Meta, NifError>> {
         if !meta.is_map() {
             return Err(rustler::Error::BadArg);
         }
+        let max_meta_bytes = self.max_meta_bytes.load(Ordering::Relaxed);
+        if size::exceeds(meta, max_meta_bytes) {
+            return Ok(Err(NifError::MetaTooLarge));
+        }
         let encoded = meta.to_binary();
-        if encoded.len() > self.max_meta_bytes {
+        if encoded.len() > max_meta_bytes {
             return Ok(Err(NifError::MetaTooLarge));
         }
         etf::check_meta(&encoded).map_err(|_| rustler::Error::BadArg)?;
@@ -148,17 +201,28 @@ fn table_new(max_meta_bytes: usize) -> ResourceArc<Table> {
             registry: Registry::new(random_seed()),
             dispatcher: None,
         }),
-        max_meta_bytes,
+        outbox: Mutex::new(Outbox::default()),
+        max_meta_bytes: AtomicUsize::new(max_meta_bytes),
     })
 }
 
+/// Applies options that may change while the table lives (a restart of
+/// its presence module with new ones).
+#[rustler::nif]
+fn table_configure(table: ResourceArc<Table>, max_meta_bytes: usize) -> rustler::Atom {
+    table.max_meta_bytes.store(max_meta_bytes, Ordering::Relaxed);
+    atoms::ok()
+}
+
 /// Makes `pid` the process told about pending diffs. Returns whether diffs
-/// are already pending, so a restarted dispatcher drains them at once.
+/// are pending or unacknowledged, so a restarted dispatcher sends them at
+/// once.
 #[rustler::nif]
 fn table_set_dispatcher(table: ResourceArc<Table>, pid: LocalPid) -> bool {
+    let queued = !lock(&table.outbox).parts.is_empty();
     let mut state = table.lock();
     state.dispatcher = Some(pid);
-    state.registry.pending_topics() > 0
+    queued || state.registry.pending_topics() > 0
 }
 
 #[rustler::nif]
@@ -235,31 +299,30 @@ fn table_counts(table: ResourceArc<Table>, topic: Binary) -> (usize, usize) {
     (counts.users, counts.connections)
 }
 
-/// The grouped presences of a topic, or `:too_large`
-/// when the topic is large enough that the list belongs on a dirty scheduler.
+/// The grouped presences of a topic, or `:too_large` when the listing is
+/// large enough to belong on a dirty scheduler (`table_list_dirty`).
 #[rustler::nif]
 fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    list(env, &table, &topic, INLINE_LIST_LIMIT)
+    let snapshot = table.lock().registry.snapshot(&topic);
+    match snapshot {
+        None => rustler::types::map::map_new(env),
+        Some(s) if s.len() > INLINE_LIST_PRESENCES => atoms::too_large().encode(env),
+        Some(s) => inline_grouped(env, || s.iter()),
+    }
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    list(env, &table, &topic, usize::MAX)
-}
-
-/// Lists `topic` from a snapshot (the lock is held only to take it), or
-/// answers `:too_large` past `max_presences`.
-fn list<'a>(env: Env<'a>, table: &Table, topic: &[u8], max_presences: usize) -> Term<'a> {
-    let snapshot = table.lock().registry.snapshot(topic);
+    let snapshot = table.lock().registry.snapshot(&topic);
     match snapshot {
         None => rustler::types::map::map_new(env),
-        Some(s) if s.len() > max_presences => atoms::too_large().encode(env),
         Some(s) => encode::grouped(env, s.iter()),
     }
 }
 
 /// The presences under one key, grouped like a list, or `[]` when there
-/// are none, as Phoenix.Presence.get_by_key/2 distinguishes them.
+/// are none, as Phoenix.Presence.get_by_key/2 distinguishes them; or
+/// `:too_large` for `table_get_by_key_dirty`.
 #[rustler::nif]
 fn table_get_by_key<'a>(
     env: Env<'a>,
@@ -267,72 +330,110 @@ fn table_get_by_key<'a>(
     topic: Binary,
     key: Binary,
 ) -> Term<'a> {
-    let presences = table.lock().registry.get_by_key(&topic, &key);
+    let presences = {
+        let state = table.lock();
+        if state.registry.key_len(&topic, &key) > INLINE_KEY_PRESENCES {
+            return atoms::too_large().encode(env);
+        }
+        state.registry.get_by_key(&topic, &key)
+    };
     if presences.is_empty() {
         return Vec::<Term>::new().encode(env);
     }
-    encode::grouped(env, presences.iter())
+    inline_grouped(env, || presences.iter())
 }
 
-/// Diffs taken from a table, waiting to be encoded and sent a part at a
-/// time: the dispatcher never holds more than one part's terms, so its
-/// garbage collections stay small however large the diff.
-pub struct DiffQueue {
-    parts: Mutex<VecDeque<DiffPart>>,
-}
-
-struct DiffPart {
-    topic: presence_core::Bytes,
-    joins: Vec<encode::Entry>,
-    leaves: Vec<encode::Entry>,
-}
-
-#[rustler::resource_impl]
-impl Resource for DiffQueue {}
-
-/// Takes the pending diffs of up to `max_topics` topics, cut into parts of
-/// at most `MAX_PRESENCES_PER_DIFF` presences, as
-/// `{queue, topics_still_pending}`; `diff_queue_next/1` hands out the parts.
+/// A key's presences found in a snapshot of its topic, off the lock.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn table_take_diffs(
+fn table_get_by_key_dirty<'a>(
+    env: Env<'a>,
     table: ResourceArc<Table>,
-    max_topics: usize,
-) -> (ResourceArc<DiffQueue>, usize) {
-    let (diffs, still_pending) = {
-        let mut state = table.lock();
-        let diffs = state.registry.take_diffs(max_topics);
-        (diffs, state.registry.pending_topics())
-    };
-    let mut parts = VecDeque::new();
-    for diff in &diffs {
-        for (joins, leaves) in diff.parts(MAX_PRESENCES_PER_DIFF) {
-            parts.push_back(DiffPart {
-                topic: diff.topic.clone(),
-                joins: joins.into_iter().cloned().collect(),
-                leaves: leaves.into_iter().cloned().collect(),
-            });
+    topic: Binary,
+    key: Binary,
+) -> Term<'a> {
+    let snapshot: Option<Snapshot<Entry>> = table.lock().registry.snapshot(&topic);
+    let mut presences = snapshot
+        .iter()
+        .flat_map(|s| s.iter())
+        .filter(|p| *p.key == *key)
+        .peekable();
+    if presences.peek().is_none() {
+        return Vec::<Term>::new().encode(env);
+    }
+    encode::grouped(env, presences)
+}
+
+/// Encodes `presences` on this (normal) scheduler when they are small
+/// enough, charging the caller for the work; else answers `:too_large`.
+fn inline_grouped<'a, 'p, I>(env: Env<'a>, presences: impl Fn() -> I) -> Term<'a>
+where
+    I: Iterator<Item = &'p Entry>,
+{
+    let bytes: usize = presences().map(encode::listed_size).sum();
+    if bytes > INLINE_LIST_BYTES {
+        return atoms::too_large().encode(env);
+    }
+    let percent = (bytes * 100).div_ceil(BYTES_PER_TIMESLICE).clamp(1, 100);
+    rustler::schedule::consume_timeslice(env, percent as i32);
+    encode::grouped(env, presences())
+}
+
+/// Takes the pending diffs of up to `max_topics` topics into the outbox,
+/// cut into parts of at most `PART_LIMITS`, unless parts from an earlier
+/// take still wait there: those go first, so that subscribers see every
+/// topic's diffs in order. Returns `{parts_queued, topics_still_pending}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn table_take_diffs(table: ResourceArc<Table>, max_topics: usize) -> (usize, usize) {
+    let mut outbox = lock(&table.outbox);
+    if outbox.parts.is_empty() {
+        let diffs = table.lock().registry.take_diffs(max_topics);
+        for diff in &diffs {
+            for (joins, leaves) in diff.parts(PART_LIMITS, encode::listed_size) {
+                let id = outbox.next_id;
+                outbox.next_id += 1;
+                outbox.parts.push_back(DiffPart {
+                    id,
+                    topic: diff.topic.clone(),
+                    joins: joins.into_iter().cloned().collect(),
+                    leaves: leaves.into_iter().cloned().collect(),
+                });
+            }
         }
     }
-    let queue = DiffQueue {
-        parts: Mutex::new(parts),
-    };
-    (ResourceArc::new(queue), still_pending)
+    let queued = outbox.parts.len();
+    drop(outbox);
+    (queued, table.lock().registry.pending_topics())
 }
 
-/// The next part of a taken diff as `{topic, joins, leaves}` (grouped like
-/// `list`), or `:done`.
+/// The oldest unacknowledged part as `{id, topic, joins, leaves}` (grouped
+/// like `list`), or `:none`. It stays in the outbox until
+/// `table_ack_part/2`.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn diff_queue_next(env: Env, queue: ResourceArc<DiffQueue>) -> Term {
-    let part = lock(&queue.parts).pop_front();
-    match part {
-        None => atoms::done().encode(env),
+fn table_next_part(env: Env, table: ResourceArc<Table>) -> Term {
+    let outbox = lock(&table.outbox);
+    match outbox.parts.front() {
+        None => atoms::none().encode(env),
         Some(part) => (
+            part.id,
             encode::bytes_term(env, &part.topic),
             encode::grouped(env, part.joins.iter()),
             encode::grouped(env, part.leaves.iter()),
         )
             .encode(env),
     }
+}
+
+/// Drops part `id` from the outbox: it was handed to the broadcast.
+#[rustler::nif]
+fn table_ack_part(table: ResourceArc<Table>, id: u64) -> rustler::Atom {
+    let mut outbox = lock(&table.outbox);
+    if outbox.parts.front().is_some_and(|part| part.id == id) {
+        outbox.parts.pop_front();
+        if outbox.parts.is_empty() && outbox.parts.capacity() > 64 {
+            outbox.parts.shrink_to_fit();
+        }
+    }
+    atoms::ok()
 }
 
 /// Sizes of the table, for stats and tests. `nif_heap_bytes` covers every
@@ -356,6 +457,14 @@ fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
             (
                 atoms::pending_topics().encode(env),
                 registry.pending_topics().encode(env),
+            ),
+            (
+                atoms::queued_parts().encode(env),
+                lock(&table.outbox).parts.len().encode(env),
+            ),
+            (
+                atoms::max_meta_bytes().encode(env),
+                table.max_meta_bytes.load(Ordering::Relaxed).encode(env),
             ),
             (
                 atoms::nif_heap_bytes().encode(env),
