@@ -21,11 +21,59 @@ defmodule Drab.Presence.Server do
 
   @impl true
   def init({module, opts}) do
+    subscribers = Broadcast.subscribers(module)
+
     children = [
-      {Registry, keys: :duplicate, name: Broadcast.subscribers(module)},
+      %{
+        id: subscribers,
+        start: {__MODULE__, :start_subscribers, [subscribers]},
+        type: :supervisor
+      },
       {Dispatcher, {module, opts}}
     ]
 
     Supervisor.init(children, strategy: :one_for_one, max_restarts: 10, max_seconds: 5)
+  end
+
+  @doc false
+  # A killed Registry keeps its name for a moment while its partitions shut
+  # down, and a restart in that moment fails with :already_started: with no
+  # delay between restarts, the supervisor would spend its whole restart
+  # budget in that moment and give up. Wait for the old one instead.
+  @spec start_subscribers(atom(), non_neg_integer()) :: Supervisor.on_start()
+  def start_subscribers(name, tries \\ 10) do
+    case Registry.start_link(keys: :duplicate, name: name) do
+      {:error, reason} = error when tries > 0 ->
+        case holder_of_name(reason) do
+          nil ->
+            error
+
+          old ->
+            await_exit(old, 100)
+            start_subscribers(name, tries - 1)
+        end
+
+      started ->
+        started
+    end
+  end
+
+  # The registry, or one of its partitions, whose name is still taken:
+  # `{:already_started, pid}`, possibly inside a failed child's reason.
+  defp holder_of_name({:already_started, pid}) when is_pid(pid), do: pid
+
+  defp holder_of_name(reason) when is_tuple(reason),
+    do: reason |> Tuple.to_list() |> Enum.find_value(&holder_of_name/1)
+
+  defp holder_of_name(_reason), do: nil
+
+  defp await_exit(pid, timeout) do
+    ref = Process.monitor(pid)
+
+    receive do
+      {:DOWN, ^ref, _, _, _} -> :ok
+    after
+      timeout -> Process.demonitor(ref, [:flush])
+    end
   end
 end
