@@ -86,8 +86,9 @@ defmodule Drab.Presence.Definition do
 
       A function runs in the caller, on the current meta (with its
       `phx_ref`), and its result is written only if nobody changed the
-      presence meanwhile; otherwise it runs again on the newer meta. After 8
-      such tries, `update/4` gives up with `{:error, :contended}` and the
+      presence meanwhile; otherwise it runs again on the newer meta. If it
+      keeps losing to other writers for a second (a slow function racing a
+      frequent writer), `update/4` gives up with `{:error, :contended}` and the
       presence keeps the other writer's meta. A function that raises, throws
       or exits raises `ArgumentError` and leaves the presence unchanged.
       """

@@ -4,10 +4,14 @@ defmodule Drab.Presence.Table do
   # caller and go straight to the backend: no GenServer on the read or write
   # path. Bad input raises ArgumentError here, before the table is touched.
 
+  import Bitwise, only: [<<<: 2]
+
   alias Drab.Presence.Runtime
 
-  # Reads and writes an update function gets before `{:error, :contended}`.
-  @update_tries 8
+  # How long an update function keeps retrying against concurrent writers
+  # before `{:error, :contended}`, and how many tries go without a pause.
+  @update_patience_ms 1_000
+  @update_eager_tries 3
 
   @spec track(module(), pid(), term(), term(), map()) ::
           {:ok, binary()} | {:error, {:already_tracked, pid(), binary(), term()}}
@@ -42,7 +46,8 @@ defmodule Drab.Presence.Table do
 
     case meta_or_fun do
       fun when is_function(fun, 1) ->
-        update_with(runtime, module, pid, topic, key, fun, @update_tries)
+        deadline = System.monotonic_time(:millisecond) + @update_patience_ms
+        update_with(runtime, module, pid, topic, key, fun, {1, deadline})
 
       meta ->
         check_meta!(meta)
@@ -50,12 +55,12 @@ defmodule Drab.Presence.Table do
     end
   end
 
-  # Read, apply, write back only if nobody updated in between; else retry,
-  # a bounded number of times: a slow function racing a frequent writer
-  # gets a clear answer instead of retrying forever.
-  defp update_with(_runtime, _module, _pid, _topic, _key, _fun, 0), do: {:error, :contended}
-
-  defp update_with(%Runtime{} = runtime, module, pid, topic, key, fun, tries) do
+  # Read, apply, write back only if nobody updated in between; else retry.
+  # Retries pause a little (random, growing) after the first few, so that
+  # many updaters of one presence spread out instead of colliding again;
+  # and they stop after a while, so that a slow function racing a frequent
+  # writer gets a clear answer instead of retrying forever.
+  defp update_with(%Runtime{} = runtime, module, pid, topic, key, fun, {try, deadline}) do
     %Runtime{backend: backend, table: table} = runtime
 
     case backend.lookup(table, pid, topic, key) do
@@ -66,8 +71,18 @@ defmodule Drab.Presence.Table do
         new_meta = apply_update!(fun, old_meta, key)
 
         case write(runtime, module, pid, topic, key, new_meta, phx_ref) do
-          {:error, :stale} -> update_with(runtime, module, pid, topic, key, fun, tries - 1)
-          result -> result
+          {:error, :stale} ->
+            if System.monotonic_time(:millisecond) >= deadline do
+              {:error, :contended}
+            else
+              if try >= @update_eager_tries,
+                do: Process.sleep(:rand.uniform(1 <<< min(try - @update_eager_tries, 5)))
+
+              update_with(runtime, module, pid, topic, key, fun, {try + 1, deadline})
+            end
+
+          result ->
+            result
         end
     end
   end

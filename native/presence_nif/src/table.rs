@@ -9,10 +9,14 @@ use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use presence_core::{etf, Change, CoreError, PartLimits, Registry, Removed, Snapshot, Update};
-use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
+use rustler::{
+    Binary, Encoder, Env, LocalPid, Monitor, NifResult, OwnedEnv, Resource, ResourceArc, Term,
+};
 
 use crate::atoms;
 use crate::encode::{self, ref_term, Entry};
@@ -47,9 +51,10 @@ const PART_LIMITS: PartLimits = PartLimits {
     weight: 1024 * 1024,
 };
 
-/// Presences of an exited owner removed per hold of the lock: an owner with
-/// 40k presences must not keep every other writer waiting for its whole
-/// removal.
+/// Presences of an exited owner removed per hold of the lock. An owner with
+/// more is removed by a thread of its own, a chunk at a time: a `down`
+/// callback cannot yield, and removing 40k presences in one would hold its
+/// scheduler for tens of milliseconds.
 const DEPART_CHUNK: usize = 256;
 
 struct State {
@@ -58,13 +63,33 @@ struct State {
     dispatcher: Option<LocalPid>,
 }
 
-pub struct Table {
+/// A presence table: the resource handed to Elixir. Its contents live
+/// behind an `Arc` so that a thread removing a large exited owner can hold
+/// them without holding the resource.
+pub struct Table(Arc<Shared>);
+
+pub struct Shared {
     state: Mutex<State>,
     /// Diff parts taken from the registry and not yet acknowledged as
     /// broadcast. Only the dispatcher takes this lock (never with `state`
     /// held), so writers never wait on a delivery.
     outbox: Mutex<Outbox>,
     max_meta_bytes: AtomicUsize,
+}
+
+// A panic in a NIF (caught by rustler) may unwind while a lock is held.
+// parking_lot does not poison, so the next caller sees the data as the
+// panic left it: core operations check before they change anything, and
+// the outbox only pushes and pops whole parts, so that is a consistent
+// state.
+impl std::panic::RefUnwindSafe for Shared {}
+
+impl std::ops::Deref for Table {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 /// Parts leave the outbox only when the dispatcher acknowledges them after
@@ -95,13 +120,33 @@ impl Resource for Table {
             if state.registry.watch(&pid) != Some(&monitor) {
                 return;
             }
-            state.registry.depart(pid).map(|(_monitor, departure)| departure)
+            state
+                .registry
+                .depart(pid)
+                .map(|(_monitor, departure)| departure)
         };
-        if let Some(mut departure) = departure {
-            while !departure.is_done() {
-                self.write(env, |registry| {
-                    registry.remove_departed(&mut departure, DEPART_CHUNK)
-                });
+        let Some(departure) = departure else { return };
+        if departure.remaining() <= DEPART_CHUNK {
+            let mut departure = departure;
+            self.write(env, |registry| {
+                registry.remove_departed(&mut departure, DEPART_CHUNK)
+            });
+            return;
+        }
+        // Through a slot, so that a thread that cannot be spawned hands the
+        // departure back instead of dropping it with its closure.
+        let slot = Arc::new(Mutex::new(Some(departure)));
+        let (shared, for_thread) = (Arc::clone(&self.0), Arc::clone(&slot));
+        let spawned = std::thread::Builder::new()
+            .name("presence-departure".into())
+            .spawn(move || {
+                if let Some(departure) = for_thread.lock().take() {
+                    shared.remove_departure(departure);
+                }
+            });
+        if spawned.is_err() {
+            if let Some(departure) = slot.lock().take() {
+                self.remove_departure(departure);
             }
         }
     }
@@ -136,18 +181,21 @@ impl<T: WakesDispatcher, E> WakesDispatcher for Result<T, E> {
     }
 }
 
-/// Locks `mutex`, poisoned or not. A panic while one of our locks was held
-/// cannot leave its data half written (core operations do not panic
-/// mid-change, and a diff queue only pops), so the data is safe to reuse.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Tells the dispatcher about the first pending diff, if `change` made it.
+/// Called with the lock released.
+fn wake_if_needed(env: Env, change: &impl WakesDispatcher, dispatcher: Option<LocalPid>) {
+    if let (true, Some(pid)) = (change.wakes_dispatcher(), dispatcher) {
+        // A dead dispatcher is fine: its successor drains on start.
+        let _ = env.send(&pid, atoms::drab_presence_pending());
+    }
 }
 
-impl Table {
+impl Shared {
+    /// The registry lock. parking_lot's: it can be handed over fairly, and
+    /// a panic under it (caught by rustler) leaves no poison behind; core
+    /// operations do not panic mid-change, so the data is safe to reuse.
     fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+        self.state.lock()
     }
 
     /// Runs `change` under the lock, then, with the lock released, tells
@@ -161,13 +209,25 @@ impl Table {
             let mut state = self.lock();
             (change(&mut state.registry), state.dispatcher)
         };
-        if result.wakes_dispatcher() {
-            if let Some(pid) = dispatcher {
-                // A dead dispatcher is fine: its successor drains on start.
-                let _ = env.send(&pid, atoms::drab_presence_pending());
+        wake_if_needed(env, &result, dispatcher);
+        result
+    }
+
+    /// Removes a departed owner's presences a chunk at a time, handing the
+    /// lock to waiting writers between chunks. Runs off the schedulers (in
+    /// its own thread), so it wakes the dispatcher from a process-less env.
+    fn remove_departure(&self, mut departure: presence_core::Departure) {
+        while !departure.is_done() {
+            let mut state = self.lock();
+            let removed = state.registry.remove_departed(&mut departure, DEPART_CHUNK);
+            let dispatcher = state.dispatcher;
+            // Taking the lock straight back would keep every other writer
+            // waiting for the whole departure.
+            MutexGuard::unlock_fair(state);
+            if let (true, Some(pid)) = (removed.wakes_dispatcher(), dispatcher) {
+                let _ = OwnedEnv::new().send_and_clear(&pid, |_env| atoms::drab_presence_pending());
             }
         }
-        result
     }
 
     /// Encodes a meta with `term_to_binary/1`. A non-map is a caller bug
@@ -196,21 +256,23 @@ fn random_seed() -> u64 {
 
 #[rustler::nif]
 fn table_new(max_meta_bytes: usize) -> ResourceArc<Table> {
-    ResourceArc::new(Table {
+    ResourceArc::new(Table(Arc::new(Shared {
         state: Mutex::new(State {
             registry: Registry::new(random_seed()),
             dispatcher: None,
         }),
         outbox: Mutex::new(Outbox::default()),
         max_meta_bytes: AtomicUsize::new(max_meta_bytes),
-    })
+    })))
 }
 
 /// Applies options that may change while the table lives (a restart of
 /// its presence module with new ones).
 #[rustler::nif]
 fn table_configure(table: ResourceArc<Table>, max_meta_bytes: usize) -> rustler::Atom {
-    table.max_meta_bytes.store(max_meta_bytes, Ordering::Relaxed);
+    table
+        .max_meta_bytes
+        .store(max_meta_bytes, Ordering::Relaxed);
     atoms::ok()
 }
 
@@ -219,7 +281,7 @@ fn table_configure(table: ResourceArc<Table>, max_meta_bytes: usize) -> rustler:
 /// once.
 #[rustler::nif]
 fn table_set_dispatcher(table: ResourceArc<Table>, pid: LocalPid) -> bool {
-    let queued = !lock(&table.outbox).parts.is_empty();
+    let queued = !table.outbox.lock().parts.is_empty();
     let mut state = table.lock();
     state.dispatcher = Some(pid);
     queued || state.registry.pending_topics() > 0
@@ -384,7 +446,7 @@ where
 /// topic's diffs in order. Returns `{parts_queued, topics_still_pending}`.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn table_take_diffs(table: ResourceArc<Table>, max_topics: usize) -> (usize, usize) {
-    let mut outbox = lock(&table.outbox);
+    let mut outbox = table.outbox.lock();
     if outbox.parts.is_empty() {
         let diffs = table.lock().registry.take_diffs(max_topics);
         for diff in &diffs {
@@ -410,7 +472,7 @@ fn table_take_diffs(table: ResourceArc<Table>, max_topics: usize) -> (usize, usi
 /// `table_ack_part/2`.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn table_next_part(env: Env, table: ResourceArc<Table>) -> Term {
-    let outbox = lock(&table.outbox);
+    let outbox = table.outbox.lock();
     match outbox.parts.front() {
         None => atoms::none().encode(env),
         Some(part) => (
@@ -426,7 +488,7 @@ fn table_next_part(env: Env, table: ResourceArc<Table>) -> Term {
 /// Drops part `id` from the outbox: it was handed to the broadcast.
 #[rustler::nif]
 fn table_ack_part(table: ResourceArc<Table>, id: u64) -> rustler::Atom {
-    let mut outbox = lock(&table.outbox);
+    let mut outbox = table.outbox.lock();
     if outbox.parts.front().is_some_and(|part| part.id == id) {
         outbox.parts.pop_front();
         if outbox.parts.is_empty() && outbox.parts.capacity() > 64 {
@@ -460,7 +522,7 @@ fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
             ),
             (
                 atoms::queued_parts().encode(env),
-                lock(&table.outbox).parts.len().encode(env),
+                table.outbox.lock().parts.len().encode(env),
             ),
             (
                 atoms::max_meta_bytes().encode(env),
