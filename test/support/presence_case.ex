@@ -51,6 +51,27 @@ defmodule Drab.PresenceCase do
     end
   end
 
+  @doc """
+  Runs `script` in a new `elixir` OS process with only this app's ebin added
+  to Elixir's own code path: no module of the suite is loaded there, and no
+  atom it made exists. Returns `{output, exit_status}`, stderr included.
+  Killed after `timeout_s` seconds where coreutils' `timeout` exists.
+  """
+  @spec run_clean_vm(Path.t(), [String.t()], pos_integer()) :: {String.t(), non_neg_integer()}
+  def run_clean_vm(script, args \\ [], timeout_s \\ 60) do
+    elixir = System.find_executable("elixir") || raise "elixir is not on the PATH"
+    ebin = :drab_presence |> :code.lib_dir(:ebin) |> List.to_string()
+    argv = ["-pa", ebin, script | args]
+
+    case System.find_executable("timeout") do
+      nil ->
+        System.cmd(elixir, argv, stderr_to_stdout: true)
+
+      timeout ->
+        System.cmd(timeout, ["-k", "5", "#{timeout_s}", elixir | argv], stderr_to_stdout: true)
+    end
+  end
+
   @doc "Metas of a listed or diffed presence map, without the refs, sorted."
   @spec bare(map()) :: %{String.t() => [map()]}
   def bare(presences) do
