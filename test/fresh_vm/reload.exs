@@ -5,9 +5,13 @@
 #   elixir reload.exs purge_load          (:code.purge + :code.load_file) twice
 #   elixir reload.exs delete_purge_load   :code.delete + :code.purge + :code.load_file
 #
-# Afterwards the running Drab.Presence must still track, list and send diffs,
-# whether the reload itself succeeded or was refused. Prints "reload: ok" and
-# exits 0 then; exits 1 on a failure.
+# After purge_load the old code stays current, the reload is refused, and the
+# running Drab.Presence must still track, list and send diffs: prints
+# "reload: ok". delete_purge_load removes the code itself, which no NIF can
+# survive (rustler has no upgrade callback, and a second library instance
+# could not reach the running table): the new load must be refused, with the
+# clear message, and the module left unloaded rather than half working:
+# prints "reload: refused". Exits 1 on a failure.
 
 # This run is about reloading, not about a VM that never made the :metas
 # atom (test/fresh_vm/list.exs covers that): make it here.
@@ -69,6 +73,15 @@ reloaded =
   end
 
 IO.puts("reload: #{inspect(reloaded)}; loaded now: #{inspect(:code.is_loaded(native))}")
+
+if System.argv() == ["delete_purge_load"] do
+  unless match?({:delete, true, :purge, _, :load_file, {:error, :on_load_failure}}, reloaded) and
+           :code.is_loaded(native) == false,
+         do: Reload.fail("a NIF load after delete + purge was not refused")
+
+  IO.puts("reload: refused")
+  System.halt(0)
+end
 
 {:ok, _} =
   Reload.attempt("track after the reload", fn ->

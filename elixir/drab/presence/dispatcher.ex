@@ -6,7 +6,10 @@ defmodule Drab.Presence.Dispatcher do
   # diff appears after a quiet spell; the dispatcher then waits one diff
   # window and moves every pending topic's diff into the table's outbox, cut
   # into parts. Changes inside the window coalesce in the table, so a join
-  # storm costs one diff per topic per window, not one per join.
+  # storm costs one diff per topic per window, not one per join. While
+  # changes keep coming, diffs are taken once per window, counted from the
+  # previous take: a cycle lasts the window, or the delivery if that takes
+  # longer, never the two added up.
   #
   # Delivery is at least once: a part stays in the outbox until it has been
   # handed to the broadcast. A dispatcher killed or stopped mid-delivery
@@ -46,29 +49,43 @@ defmodule Drab.Presence.Dispatcher do
       module: module,
       runtime: runtime,
       window: Keyword.fetch!(opts, :diff_window),
-      scheduled?: false
+      scheduled?: false,
+      # Taking diffs until a take finds nothing: wakes are redundant then.
+      busy?: false,
+      next_take_at: now()
     }
 
     # Diffs left by a predecessor (pending or unacknowledged) go out now.
     pending? = runtime.backend.set_dispatcher(runtime.table, self())
-    {:ok, if(pending?, do: schedule(state, 0), else: state)}
+    {:ok, if(pending?, do: schedule(%{state | busy?: true}, 0), else: state)}
   end
 
   @impl true
-  def handle_info(:drab_presence_pending, state), do: {:noreply, schedule(state, state.window)}
+  def handle_info(:drab_presence_pending, %{busy?: true} = state), do: {:noreply, state}
+
+  def handle_info(:drab_presence_pending, state) do
+    {:noreply, schedule(%{state | busy?: true, next_take_at: now() + state.window}, state.window)}
+  end
 
   def handle_info(:flush, state) do
     state = %{state | scheduled?: false}
 
-    case deliver_parts(state, @parts_per_step) do
-      :more ->
-        {:noreply, schedule(state, 0)}
+    with :empty <- deliver_parts(state, @parts_per_step),
+         now = now(),
+         true <- now >= state.next_take_at || {:wait, state.next_take_at - now} do
+      %Runtime{backend: backend, table: table} = state.runtime
+      # Taken when due: the window is counted from this take.
+      state = %{state | next_take_at: now + state.window}
 
-      :empty ->
-        %Runtime{backend: backend, table: table} = state.runtime
-        {queued, still_pending} = backend.take_diffs(table, @topics_per_step)
-        more? = queued > 0 or still_pending > 0
-        {:noreply, if(more?, do: schedule(state, 0), else: state)}
+      case backend.take_diffs(table, @topics_per_step) do
+        {0, 0} -> {:noreply, %{state | busy?: false}}
+        {queued, _} when queued > 0 -> {:noreply, schedule(state, 0)}
+        # Only part of the pending topics fit in one take.
+        {0, _still_pending} -> {:noreply, schedule(%{state | next_take_at: now}, 0)}
+      end
+    else
+      :more -> {:noreply, schedule(state, 0)}
+      {:wait, delay} -> {:noreply, schedule(state, delay)}
     end
   end
 
@@ -88,6 +105,8 @@ defmodule Drab.Presence.Dispatcher do
     Process.send_after(self(), :flush, delay)
     %{state | scheduled?: true}
   end
+
+  defp now, do: System.monotonic_time(:millisecond)
 
   defp deliver_parts(_state, 0), do: :more
 

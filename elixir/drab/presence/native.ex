@@ -79,11 +79,19 @@ defmodule Drab.Presence.Native do
   def table_configure(_table, _max_meta_bytes), do: err()
 
   @spec table_take_diffs(table(), pos_integer()) ::
-          {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()}
+          {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()} | :too_large
   def table_take_diffs(_table, _max_topics), do: err()
 
-  @spec table_next_part(table()) :: {non_neg_integer(), binary(), map(), map()} | :none
+  @spec table_take_diffs_dirty(table(), pos_integer()) ::
+          {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()}
+  def table_take_diffs_dirty(_table, _max_topics), do: err()
+
+  @spec table_next_part(table()) ::
+          {non_neg_integer(), binary(), map(), map()} | :none | :too_large
   def table_next_part(_table), do: err()
+
+  @spec table_next_part_dirty(table()) :: {non_neg_integer(), binary(), map(), map()} | :none
+  def table_next_part_dirty(_table), do: err()
 
   @spec table_ack_part(table(), non_neg_integer()) :: :ok
   def table_ack_part(_table, _id), do: err()

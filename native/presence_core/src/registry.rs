@@ -289,6 +289,17 @@ where
             .map(|t| t.snapshot())
     }
 
+    /// Notes that `topic` is being listed (or a key of it read): a client
+    /// may sync from what it shows, so every presence on it now must have
+    /// its leave sent, even one whose join has not been sent yet. Call it
+    /// with the snapshot or lookup, under the same lock. O(1).
+    pub fn observe(&mut self, topic: &[u8]) {
+        let next_seq = self.refs.next_seq();
+        if let Some(entry) = self.topics.get_mut(topic) {
+            entry.observed_before_seq = next_seq;
+        }
+    }
+
     /// How many presences `key` has on `topic`: O(1).
     pub fn key_len(&self, topic: &[u8], key: &[u8]) -> usize {
         self.topics.get(topic).map_or(0, |t| t.key_len(key))
@@ -301,17 +312,37 @@ where
             .map_or_else(Vec::new, |t| t.by_key(key))
     }
 
-    /// Takes the pending diffs of up to `max_topics` topics, oldest first.
-    /// Under the lock this only moves the leaves and snapshots the topic;
-    /// finding the joins is left to the caller, off the lock.
-    pub fn take_diffs(&mut self, max_topics: usize) -> Vec<TopicDiff<O, M>> {
-        let take = max_topics.min(self.dirty.len());
+    /// The work of taking the oldest pending diff: presences its joins are
+    /// looked for among, and its leaves.
+    pub fn next_diff_work(&self) -> usize {
+        self.dirty
+            .front()
+            .and_then(|name| self.topics.get(&**name))
+            .map_or(0, Topic::diff_work)
+    }
+
+    /// Takes the pending diffs of up to `max_topics` topics, oldest first,
+    /// stopping before `max_work` (see [`Registry::next_diff_work`]) is
+    /// passed, though always taking one. Under the lock this only moves the
+    /// leaves and snapshots the topic; finding the joins is left to the
+    /// caller, off the lock.
+    pub fn take_diffs(&mut self, max_topics: usize, max_work: usize) -> Vec<TopicDiff<O, M>> {
         let next_seq = self.refs.next_seq();
-        let mut diffs = Vec::with_capacity(take);
-        for topic_name in self.dirty.drain(..take) {
-            let Some(topic) = self.topics.get_mut(&topic_name) else {
+        let mut diffs = Vec::new();
+        let mut work = 0;
+        while diffs.len() < max_topics {
+            let Some(topic_name) = self.dirty.front() else {
+                break;
+            };
+            let Some(topic) = self.topics.get_mut(&**topic_name) else {
+                self.dirty.pop_front();
                 continue;
             };
+            work += topic.diff_work();
+            if work > max_work && !diffs.is_empty() {
+                break;
+            }
+            let topic_name = self.dirty.pop_front().expect("front checked above");
             let diff = TopicDiff {
                 topic: topic_name.clone(),
                 leaves: std::mem::take(&mut topic.pending_leaves),
@@ -551,11 +582,11 @@ mod tests {
         assert!(r.track(1, b"t", b"a", "x", watch).unwrap().wake);
         assert!(!r.track(2, b"t", b"b", "x", watch).unwrap().wake);
         assert!(!r.track(3, b"u", b"c", "x", watch).unwrap().wake);
-        let diffs = r.take_diffs(usize::MAX);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
         assert_eq!(diffs.len(), 2);
         assert_eq!(diffs[0].topic.as_ref(), b"t");
         assert_eq!(diffs[0].joins().count(), 2);
-        assert!(r.take_diffs(usize::MAX).is_empty());
+        assert!(r.take_diffs(usize::MAX, usize::MAX).is_empty());
         assert!(r.untrack(1, b"t", b"a").wake);
     }
 
@@ -565,7 +596,7 @@ mod tests {
         r.track(1, b"t", b"a", "x", watch).unwrap();
         r.update(1, b"t", b"a", "y", None).unwrap();
         r.untrack_owner(1);
-        let diffs = r.take_diffs(usize::MAX);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
         assert!(diffs
             .iter()
             .all(|d| d.parts(PartLimits::UNLIMITED, |_| 1).is_empty()));
@@ -574,12 +605,32 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_join_is_not_cancelled_by_its_leave() {
+        let mut r = reg();
+        r.track(1, b"t", b"a", "x", watch).unwrap();
+        let listed_ref = r.track(2, b"t", b"b", "x", watch).unwrap().phx_ref;
+        r.observe(b"t");
+        let unlisted = r.track(3, b"t", b"c", "x", watch).unwrap().phx_ref;
+        r.untrack_owner(2);
+        r.untrack_owner(3);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        let leaves: Vec<Ref> = diffs[0].leaves().map(|p| p.phx_ref).collect();
+        assert_eq!(
+            leaves,
+            vec![listed_ref],
+            "the listed one leaves, the other cancels"
+        );
+        assert!(!diffs[0].joins().any(|p| p.phx_ref == unlisted));
+        assert_eq!(diffs[0].joins().count(), 1);
+    }
+
+    #[test]
     fn update_after_a_sent_join_is_a_leave_and_a_join() {
         let mut r = reg();
         let old = r.track(1, b"t", b"a", "x", watch).unwrap().phx_ref;
-        r.take_diffs(usize::MAX);
+        r.take_diffs(usize::MAX, usize::MAX);
         r.update(1, b"t", b"a", "y", None).unwrap();
-        let diffs = r.take_diffs(usize::MAX);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
         let leave = diffs[0].leaves().next().unwrap();
         let join = diffs[0].joins().next().unwrap();
         assert_eq!((leave.phx_ref, leave.meta), (old, "x"));
@@ -593,7 +644,7 @@ mod tests {
             r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch)
                 .unwrap();
         }
-        r.take_diffs(usize::MAX);
+        r.take_diffs(usize::MAX, usize::MAX);
         for owner in 0..3u32 {
             r.untrack_owner(owner);
         }
@@ -601,7 +652,7 @@ mod tests {
             r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch)
                 .unwrap();
         }
-        let diffs = r.take_diffs(usize::MAX);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
         let parts = diffs[0].parts(limit(3), |_| 1);
         assert_eq!(
             parts
@@ -625,15 +676,30 @@ mod tests {
     }
 
     #[test]
+    fn take_diffs_respects_the_work_budget_but_takes_one() {
+        let mut r = reg();
+        for owner in 0..10u32 {
+            r.track(owner, b"big", owner.to_string().as_bytes(), "m", watch)
+                .unwrap();
+        }
+        r.track(10, b"small", b"k", "m", watch).unwrap();
+        assert_eq!(r.next_diff_work(), 10);
+        assert_eq!(r.take_diffs(10, 5).len(), 1, "one, however large");
+        assert_eq!(r.next_diff_work(), 1);
+        assert_eq!(r.take_diffs(10, 5).len(), 1);
+        assert_eq!(r.next_diff_work(), 0);
+    }
+
+    #[test]
     fn take_diffs_respects_the_topic_budget() {
         let mut r = reg();
         for owner in 0..5u32 {
             r.track(owner, owner.to_string().as_bytes(), b"k", "m", watch)
                 .unwrap();
         }
-        assert_eq!(r.take_diffs(2).len(), 2);
+        assert_eq!(r.take_diffs(2, usize::MAX).len(), 2);
         assert_eq!(r.pending_topics(), 3);
-        assert_eq!(r.take_diffs(10).len(), 3);
+        assert_eq!(r.take_diffs(10, usize::MAX).len(), 3);
     }
 
     #[test]
@@ -643,12 +709,12 @@ mod tests {
             r.track(owner, b"t", owner.to_string().as_bytes(), 0, watch)
                 .unwrap();
         }
-        r.take_diffs(usize::MAX);
+        r.take_diffs(usize::MAX, usize::MAX);
         for owner in 0..3_000u32 {
             r.update(owner, b"t", owner.to_string().as_bytes(), 1, None)
                 .unwrap();
         }
-        let diffs = r.take_diffs(usize::MAX);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
         let parts = diffs[0].parts(limit(2_000), |_| 1);
         assert_eq!(parts.len(), 3);
         for (joins, leaves) in &parts {
@@ -667,11 +733,11 @@ mod tests {
         for owner in 0..4u32 {
             r.track(owner, b"t", b"same", 0, watch).unwrap();
         }
-        r.take_diffs(usize::MAX);
+        r.take_diffs(usize::MAX, usize::MAX);
         for owner in 0..4u32 {
             r.update(owner, b"t", b"same", 1, None).unwrap();
         }
-        let diffs = r.take_diffs(usize::MAX);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
         let limits = PartLimits {
             presences: 100,
             weight: 30,

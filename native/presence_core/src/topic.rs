@@ -32,6 +32,11 @@ pub(crate) struct Topic<O, M> {
     /// diff: their join is pending. A leave of one of them cancels that
     /// join instead of being recorded.
     pub(crate) joins_from_seq: u64,
+    /// Presences with a ref before this seq may have been seen in a list
+    /// or `get_by_key` while their join was still pending: a client that
+    /// synced from that list must hear of their leave, so it is recorded
+    /// instead of cancelling the join.
+    pub(crate) observed_before_seq: u64,
     /// Leaves of presences whose join subscribers have seen.
     pub(crate) pending_leaves: Vec<Presence<O, M>>,
     /// In `Registry::dirty`, waiting for `take_diffs`.
@@ -50,6 +55,7 @@ where
             position: ShardedRefMap::default(),
             keys: ShardedMap::default(),
             joins_from_seq: next_seq,
+            observed_before_seq: 0,
             pending_leaves: Vec::new(),
             dirty: false,
         }
@@ -61,6 +67,12 @@ where
 
     pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// What taking this topic's diff costs: its joins are found among all
+    /// its presences, and its leaves are moved.
+    pub(crate) fn diff_work(&self) -> usize {
+        self.len() + self.pending_leaves.len()
     }
 
     pub(crate) fn users(&self) -> usize {
@@ -197,10 +209,11 @@ where
         before
     }
 
-    /// A leave cancels a join that subscribers have not seen yet; any other
-    /// is recorded for the next diff.
+    /// A leave cancels a join that nobody can have seen yet, neither in a
+    /// diff nor in a listing; any other is recorded for the next diff.
     pub(crate) fn record_leave(&mut self, refs: &RefGen, presence: Presence<O, M>) {
-        if refs.seq(presence.phx_ref) < self.joins_from_seq {
+        let seq = refs.seq(presence.phx_ref);
+        if seq < self.joins_from_seq || seq < self.observed_before_seq {
             self.pending_leaves.push(presence);
         }
     }

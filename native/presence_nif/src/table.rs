@@ -43,13 +43,19 @@ const BYTES_PER_TIMESLICE: usize = 256 * 1024;
 const INLINE_KEY_PRESENCES: usize = 64;
 
 /// What one `presence_diff` carries at most. Sending a message copies it
-/// into every receiver on the sender's scheduler: 2,000 presences or 1 MB
-/// copy in well under a millisecond, where a 100k-join diff would hold a
-/// scheduler for tens.
+/// into every receiver on the sender's scheduler, and a part this size is
+/// also decoded on the dispatcher's own scheduler in well under a
+/// millisecond: a dirty-scheduler round trip per part costs more than that
+/// on a busy node, enough to let diffs fall behind their window. Only a
+/// part that one large meta pushes past the limit goes dirty.
 const PART_LIMITS: PartLimits = PartLimits {
-    presences: 2_000,
-    weight: 1024 * 1024,
+    presences: 500,
+    weight: 2 * INLINE_LIST_BYTES,
 };
+
+/// Taking diffs looks for joins among every presence of each topic taken:
+/// up to this many are done on the dispatcher's scheduler, more go dirty.
+const INLINE_TAKE_WORK: usize = 20_000;
 
 /// Presences of an exited owner removed per hold of the lock. An owner with
 /// more is removed by a thread of its own, a chunk at a time: a `down`
@@ -103,6 +109,8 @@ struct Outbox {
 
 struct DiffPart {
     id: u64,
+    /// About how many bytes the part lists, to decide where to decode it.
+    bytes: usize,
     topic: presence_core::Bytes,
     joins: Vec<Entry>,
     leaves: Vec<Entry>,
@@ -211,6 +219,14 @@ impl Shared {
         };
         wake_if_needed(env, &result, dispatcher);
         result
+    }
+
+    /// A snapshot of `topic` for a listing, which a client may sync from:
+    /// the registry must then send the leave of anything in it.
+    fn observed_snapshot(&self, topic: &[u8]) -> Option<Snapshot<Entry>> {
+        let mut state = self.lock();
+        state.registry.observe(topic);
+        state.registry.snapshot(topic)
     }
 
     /// Removes a departed owner's presences a chunk at a time, handing the
@@ -365,7 +381,7 @@ fn table_counts(table: ResourceArc<Table>, topic: Binary) -> (usize, usize) {
 /// large enough to belong on a dirty scheduler (`table_list_dirty`).
 #[rustler::nif]
 fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    let snapshot = table.lock().registry.snapshot(&topic);
+    let snapshot = table.observed_snapshot(&topic);
     match snapshot {
         None => rustler::types::map::map_new(env),
         Some(s) if s.len() > INLINE_LIST_PRESENCES => atoms::too_large().encode(env),
@@ -375,7 +391,7 @@ fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Ter
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    let snapshot = table.lock().registry.snapshot(&topic);
+    let snapshot = table.observed_snapshot(&topic);
     match snapshot {
         None => rustler::types::map::map_new(env),
         Some(s) => encode::grouped(env, s.iter()),
@@ -393,10 +409,11 @@ fn table_get_by_key<'a>(
     key: Binary,
 ) -> Term<'a> {
     let presences = {
-        let state = table.lock();
+        let mut state = table.lock();
         if state.registry.key_len(&topic, &key) > INLINE_KEY_PRESENCES {
             return atoms::too_large().encode(env);
         }
+        state.registry.observe(&topic);
         state.registry.get_by_key(&topic, &key)
     };
     if presences.is_empty() {
@@ -413,7 +430,7 @@ fn table_get_by_key_dirty<'a>(
     topic: Binary,
     key: Binary,
 ) -> Term<'a> {
-    let snapshot: Option<Snapshot<Entry>> = table.lock().registry.snapshot(&topic);
+    let snapshot: Option<Snapshot<Entry>> = table.observed_snapshot(&topic);
     let mut presences = snapshot
         .iter()
         .flat_map(|s| s.iter())
@@ -443,18 +460,38 @@ where
 /// Takes the pending diffs of up to `max_topics` topics into the outbox,
 /// cut into parts of at most `PART_LIMITS`, unless parts from an earlier
 /// take still wait there: those go first, so that subscribers see every
-/// topic's diffs in order. Returns `{parts_queued, topics_still_pending}`.
+/// topic's diffs in order. Returns `{parts_queued, topics_still_pending}`,
+/// or `:too_large` when the next diff belongs on a dirty scheduler
+/// (`table_take_diffs_dirty`).
+#[rustler::nif]
+fn table_take_diffs(env: Env, table: ResourceArc<Table>, max_topics: usize) -> Term {
+    if table.lock().registry.next_diff_work() > INLINE_TAKE_WORK {
+        return atoms::too_large().encode(env);
+    }
+    take_diffs(&table, max_topics, INLINE_TAKE_WORK).encode(env)
+}
+
 #[rustler::nif(schedule = "DirtyCpu")]
-fn table_take_diffs(table: ResourceArc<Table>, max_topics: usize) -> (usize, usize) {
+fn table_take_diffs_dirty(table: ResourceArc<Table>, max_topics: usize) -> (usize, usize) {
+    take_diffs(&table, max_topics, usize::MAX)
+}
+
+fn take_diffs(table: &Table, max_topics: usize, max_work: usize) -> (usize, usize) {
     let mut outbox = table.outbox.lock();
     if outbox.parts.is_empty() {
-        let diffs = table.lock().registry.take_diffs(max_topics);
+        let diffs = table.lock().registry.take_diffs(max_topics, max_work);
         for diff in &diffs {
             for (joins, leaves) in diff.parts(PART_LIMITS, encode::listed_size) {
                 let id = outbox.next_id;
                 outbox.next_id += 1;
+                let bytes = joins
+                    .iter()
+                    .chain(&leaves)
+                    .map(|p| encode::listed_size(p))
+                    .sum();
                 outbox.parts.push_back(DiffPart {
                     id,
+                    bytes,
                     topic: diff.topic.clone(),
                     joins: joins.into_iter().cloned().collect(),
                     leaves: leaves.into_iter().cloned().collect(),
@@ -468,12 +505,31 @@ fn table_take_diffs(table: ResourceArc<Table>, max_topics: usize) -> (usize, usi
 }
 
 /// The oldest unacknowledged part as `{id, topic, joins, leaves}` (grouped
-/// like `list`), or `:none`. It stays in the outbox until
-/// `table_ack_part/2`.
-#[rustler::nif(schedule = "DirtyCpu")]
+/// like `list`), `:none`, or `:too_large` for `table_next_part_dirty`. It
+/// stays in the outbox until `table_ack_part/2`.
+#[rustler::nif]
 fn table_next_part(env: Env, table: ResourceArc<Table>) -> Term {
     let outbox = table.outbox.lock();
     match outbox.parts.front() {
+        Some(part) if part.bytes > PART_LIMITS.weight => atoms::too_large().encode(env),
+        Some(part) => {
+            let percent = (part.bytes * 100)
+                .div_ceil(BYTES_PER_TIMESLICE)
+                .clamp(1, 100);
+            rustler::schedule::consume_timeslice(env, percent as i32);
+            part_term(env, outbox.parts.front())
+        }
+        None => part_term(env, None),
+    }
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn table_next_part_dirty(env: Env, table: ResourceArc<Table>) -> Term {
+    part_term(env, table.outbox.lock().parts.front())
+}
+
+fn part_term<'a>(env: Env<'a>, part: Option<&DiffPart>) -> Term<'a> {
+    match part {
         None => atoms::none().encode(env),
         Some(part) => (
             part.id,

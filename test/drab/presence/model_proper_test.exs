@@ -106,7 +106,7 @@ defmodule Drab.Presence.ModelProperTest do
   defp step(:drain, state), do: drain(state)
 
   # Takes the pending diffs and applies every part, as phoenix.js does:
-  # leaves by phx_ref, then joins; each part is acknowledged once applied.
+  # joins, then leaves by phx_ref; each part is acknowledged once applied.
   defp drain(state) do
     {_queued, 0} = Table.take_diffs(state.table, 1_000)
     %{state | views: apply_parts(state.table, state.views)}
@@ -135,7 +135,9 @@ defmodule Drab.Presence.ModelProperTest do
           into: %{},
           do: {meta.phx_ref, {key, meta}}
 
-    true = MapSet.subset?(left, MapSet.new(Map.keys(view)))
+    # A leave may name a ref this view never saw: one listed (the model
+    # lists after every step) before its join went out. phoenix.js ignores
+    # it, and so does Map.drop/2.
     Map.put(views, topic, view |> Map.drop(MapSet.to_list(left)) |> Map.merge(joined))
   end
 

@@ -49,11 +49,23 @@ defmodule Drab.Presence.Backend.NIF do
     end
   end
 
+  # The normal case runs on the dispatcher's scheduler: a dirty round trip
+  # per part would cost more than the work on a busy node.
   @impl true
-  defdelegate take_diffs(table, max_topics), to: Native, as: :table_take_diffs
+  def take_diffs(table, max_topics) do
+    case Native.table_take_diffs(table, max_topics) do
+      :too_large -> Native.table_take_diffs_dirty(table, max_topics)
+      taken -> taken
+    end
+  end
 
   @impl true
-  defdelegate next_part(table), to: Native, as: :table_next_part
+  def next_part(table) do
+    case Native.table_next_part(table) do
+      :too_large -> Native.table_next_part_dirty(table)
+      part -> part
+    end
+  end
 
   @impl true
   defdelegate ack_part(table, id), to: Native, as: :table_ack_part
