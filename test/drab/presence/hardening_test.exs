@@ -61,8 +61,10 @@ defmodule Drab.Presence.HardeningTest do
 
         refute_received %{event: "presence_diff", topic: ^bad}
         assert Process.whereis(Fetching.Dispatcher) == dispatcher, "the dispatcher crashed"
-        assert log =~ bad
-        assert length(Regex.scan(~r/\[(error|warning|warn)\]/, log)) == 1, log
+        # One log entry names the topic (the previous test's leave may log
+        # about its own topic meanwhile).
+        entries = Regex.split(~r/^(?=\d\d:\d\d:\d\d\.\d+ )/m, log)
+        assert Enum.count(entries, &(&1 =~ bad)) == 1, log
       end
     end
   end
