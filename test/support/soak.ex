@@ -37,6 +37,9 @@ defmodule Drab.Presence.Soak do
     keys: 30,
     workers: 4,
     owners_per_worker: 60,
+    # Ops per second per worker: flat out, workers would starve the
+    # dispatcher and the subscribers of the two cores CI machines have.
+    rate: 5_000,
     diff_window: 10,
     chaos: [:kill_dispatcher, :kill_registry, :restart],
     chaos_every_ms: 20..120,
@@ -64,7 +67,7 @@ defmodule Drab.Presence.Soak do
   Runs the soak; returns what it did. Raises `RuntimeError` on a mismatch.
 
   Options: `seconds`, `topics`, `keys` (per topic), `workers`,
-  `owners_per_worker`, `diff_window`, `chaos` (any of `:kill_dispatcher`,
+  `owners_per_worker`, `rate` (ops per second per worker, or `:infinity`), `diff_window`, `chaos` (any of `:kill_dispatcher`,
   `:kill_registry`, `:restart`; `[]` for none), `chaos_every_ms` (a range),
   `mid_delivery` (the share of dispatcher kills made right as a diff
   arrives), `burst` (presences of one owner at once, 0 for none),
@@ -616,7 +619,9 @@ defmodule Drab.Presence.Soak do
       burst_every_ms: opts[:burst_every_ms],
       next_burst: System.monotonic_time(:millisecond) + :rand.uniform(opts[:burst_every_ms]),
       burst_owner: nil,
-      parent: parent
+      parent: parent,
+      rate: opts[:rate],
+      started: System.monotonic_time(:millisecond)
     }
 
     worker_loop(state)
@@ -634,9 +639,19 @@ defmodule Drab.Presence.Soak do
       0 ->
         state = if burst_due?(state), do: burst(state), else: op(state, :rand.uniform(100))
         :counters.add(state.counters, @ops, 1)
+        pace(state)
         worker_loop(%{state | seq: state.seq + 1})
     end
   end
+
+  # Every 50 ops, sleeps off any lead over the rate.
+  defp pace(%{rate: rate, seq: seq} = state) when is_integer(rate) and rem(seq, 50) == 0 do
+    due_ms = div(seq * 1_000, rate)
+    ahead_ms = due_ms - (System.monotonic_time(:millisecond) - state.started)
+    if ahead_ms > 0, do: Process.sleep(ahead_ms)
+  end
+
+  defp pace(_state), do: :ok
 
   defp stopped(parent) do
     receive do
