@@ -23,7 +23,7 @@ defmodule Drab.Presence.Dispatcher do
   # Work per message, so a backlog over many topics does not keep other
   # messages (and shutdown) waiting.
   @topics_per_step 256
-  @parts_per_step 64
+  @parts_per_step 16
 
   @doc false
   @spec child_spec({module(), keyword()}) :: Supervisor.child_spec()
@@ -52,7 +52,9 @@ defmodule Drab.Presence.Dispatcher do
       scheduled?: false,
       # Taking diffs until a take finds nothing: wakes are redundant then.
       busy?: false,
-      next_take_at: now()
+      next_take_at: now(),
+      window_start: now(),
+      rest_pending?: false
     }
 
     # Diffs left by a predecessor (pending or unacknowledged) go out now.
@@ -74,14 +76,27 @@ defmodule Drab.Presence.Dispatcher do
          now = now(),
          true <- now >= state.next_take_at || {:wait, state.next_take_at - now} do
       %Runtime{backend: backend, table: table} = state.runtime
-      # Taken when due: the window is counted from this take.
-      state = %{state | next_take_at: now + state.window}
+      # The window is counted from the first take of a round: topics a take
+      # had no room for are taken as soon as its parts are out, in the same
+      # window, not a window later.
+      window_start = if state.rest_pending?, do: state.window_start, else: now
 
       case backend.take_diffs(table, @topics_per_step) do
-        {0, 0} -> {:noreply, %{state | busy?: false}}
-        {queued, _} when queued > 0 -> {:noreply, schedule(state, 0)}
-        # Only part of the pending topics fit in one take.
-        {0, _still_pending} -> {:noreply, schedule(%{state | next_take_at: now}, 0)}
+        {0, 0} ->
+          {:noreply, %{state | busy?: false, rest_pending?: false}}
+
+        {_queued, still_pending} ->
+          rest_pending? = still_pending > 0
+          next_take_at = if rest_pending?, do: now, else: window_start + state.window
+
+          state = %{
+            state
+            | window_start: window_start,
+              rest_pending?: rest_pending?,
+              next_take_at: next_take_at
+          }
+
+          {:noreply, schedule(state, 0)}
       end
     else
       :more -> {:noreply, schedule(state, 0)}
