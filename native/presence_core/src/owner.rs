@@ -87,15 +87,15 @@ impl<W> Owner<W> {
         }
     }
 
-    pub(crate) fn into_parts(self) -> (W, Vec<Handle>) {
+    /// The watch, and the handles as a [`Departure`]: O(1), so that it can
+    /// happen under the table lock whatever the owner's presences.
+    pub(crate) fn depart(self) -> (W, Departure) {
+        let remaining = self.len();
         let handles = match self.handles {
-            Handles::One(only) => vec![only],
-            Handles::Many(by_ref) => by_ref
-                .into_iter()
-                .map(|(phx_ref, topic)| Handle { topic, phx_ref })
-                .collect(),
+            Handles::One(only) => Departing::One(Some(only)),
+            Handles::Many(by_ref) => Departing::Many(by_ref.into_iter()),
         };
-        (self.watch, handles)
+        (self.watch, Departure { handles, remaining })
     }
 }
 
@@ -103,27 +103,39 @@ impl<W> Owner<W> {
 /// removed a chunk at a time ([`crate::Registry::remove_departed`]), so
 /// that an owner with 100k presences never holds the table for the whole of
 /// its removal.
+/// Walking the departed owner's map hands out its handles without first
+/// copying them: the walk, and freeing the map, happen a chunk at a time.
 #[derive(Debug)]
 pub struct Departure {
-    handles: Vec<Handle>,
+    handles: Departing,
+    remaining: usize,
+}
+
+#[derive(Debug)]
+enum Departing {
+    One(Option<Handle>),
+    Many(std::collections::hash_map::IntoIter<Ref, Bytes>),
 }
 
 impl Departure {
-    pub(crate) fn new(handles: Vec<Handle>) -> Self {
-        Self { handles }
-    }
-
     /// Presences not removed yet.
     pub fn remaining(&self) -> usize {
-        self.handles.len()
+        self.remaining
     }
 
     pub fn is_done(&self) -> bool {
-        self.handles.is_empty()
+        self.remaining == 0
     }
 
-    pub(crate) fn take(&mut self, max: usize) -> impl Iterator<Item = Handle> + '_ {
-        let keep = self.handles.len().saturating_sub(max);
-        self.handles.drain(keep..)
+    pub(crate) fn take(&mut self, max: usize) -> Vec<Handle> {
+        let taken: Vec<Handle> = match &mut self.handles {
+            Departing::One(only) => only.take().into_iter().collect(),
+            Departing::Many(by_ref) => by_ref
+                .take(max)
+                .map(|(phx_ref, topic)| Handle { topic, phx_ref })
+                .collect(),
+        };
+        self.remaining -= taken.len();
+        taken
     }
 }

@@ -185,21 +185,19 @@ where
 
     /// Detaches every presence of `owner` (it exited, or is untracked
     /// everywhere), returning its watch and a [`Departure`] to remove them
-    /// with [`Registry::remove_departed`]. O(1) but for the owner's handles.
+    /// with [`Registry::remove_departed`]. O(1).
     ///
     /// Until removed, the presences are still listed and counted, but no
     /// longer the owner's: they can be neither updated nor untracked one by
     /// one.
     pub fn depart(&mut self, owner: O) -> Option<(W, Departure)> {
-        let (watch, handles) = self.owners.remove(&owner)?.into_parts();
-        Some((watch, Departure::new(handles)))
+        Some(self.owners.remove(&owner)?.depart())
     }
 
     /// Removes up to `max` presences of `departure`; returns what it removed.
     pub fn remove_departed(&mut self, departure: &mut Departure, max: usize) -> Removed<W> {
         let mut removed = Removed::nothing();
-        let handles: Vec<Handle> = departure.take(max).collect();
-        for handle in handles {
+        for handle in departure.take(max) {
             if self.topic_has(&handle.topic, handle.phx_ref) {
                 removed.wake |= self.remove_presence(&handle.topic, handle.phx_ref);
                 removed.removed += 1;

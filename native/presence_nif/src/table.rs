@@ -57,11 +57,11 @@ const PART_LIMITS: PartLimits = PartLimits {
 /// up to this many are done on the dispatcher's scheduler, more go dirty.
 const INLINE_TAKE_WORK: usize = 20_000;
 
-/// Presences of an exited owner removed per hold of the lock. An owner with
-/// more is removed by a thread of its own, a chunk at a time: a `down`
+/// Presences of an exited owner removed per hold of the lock (tens of
+/// microseconds). An owner with more is removed by a thread of its own, a chunk at a time: a `down`
 /// callback cannot yield, and removing 40k presences in one would hold its
 /// scheduler for tens of milliseconds.
-const DEPART_CHUNK: usize = 256;
+const DEPART_CHUNK: usize = 64;
 
 struct State {
     registry: Registry<LocalPid, Meta, Monitor>,

@@ -98,6 +98,36 @@ defmodule Drab.Presence.SchedulerTest do
 
   test "one process with 40k presences: its tracks stay cheap, its exit stalls nobody",
        %{topic: topic} do
+    # Best of three exits, as for the ticker: a caller's call can also wait
+    # for the OS to give its scheduler a core back, once in a while, on a
+    # shared 2-core machine; an exit that holds the table waits every time.
+    [{first, last, before_exit, during_exit} | _] =
+      for run <- 1..3 do
+        one_exit("#{topic}:#{run}")
+      end
+      |> Enum.sort_by(&elem(&1, 3))
+
+    IO.puts(
+      "\none owner, 40k tracks: median #{first} ns for the first 1,000, #{last} ns for the " <>
+        "last 1,000; a caller's worst wait: #{before_exit} µs before the exit, " <>
+        "#{during_exit} µs during it (best of 3)"
+    )
+
+    problems =
+      [
+        {last < 4 * first + 2_000,
+         "the 40,000th track costs #{last} ns, the first #{first} ns: " <>
+           "a track is O(presences of its owner)"},
+        {during_exit < @max_gap_us,
+         "a caller waited #{during_exit} µs while an owner of 40k presences exited"}
+      ]
+      |> Enum.reject(&elem(&1, 0))
+      |> Enum.map_join("; ", &elem(&1, 1))
+
+    assert problems == ""
+  end
+
+  defp one_exit(topic) do
     parent = self()
     count = 40_000
 
@@ -119,23 +149,13 @@ defmodule Drab.Presence.SchedulerTest do
     first = median(Enum.take(times, 1_000))
     last = median(Enum.take(times, -1_000))
 
-    IO.puts(
-      "\none owner, 40k tracks: median #{first} ns for the first 1,000, #{last} ns for the last 1,000"
-    )
-
-    # Checked at the end, so that a slow track does not hide a slow exit.
-    cheap_tracks? = last < 4 * first + 2_000
-
-    # Another process tracks and untracks meanwhile, at high priority, and
-    # records the longest it waited for one call, and between two calls.
+    # Another process tracks and untracks meanwhile, every millisecond, and
+    # records how late its rounds came: waits on the table lock and on a
+    # scheduler held by the exit both show. It paces itself: a caller that
+    # spun would compete for the two cores with the exit itself, and measure
+    # the OS's time slices.
     other = live_pid()
-    other_topic = topic <> ":other"
-
-    meanwhile =
-      spawn_link(fn ->
-        Process.flag(:priority, :high)
-        churn(other, other_topic, 0, System.monotonic_time(:microsecond))
-      end)
+    meanwhile = spawn_link(fn -> churn(other, topic <> ":other", 0) end)
 
     Process.sleep(50)
     send(meanwhile, {:report, self()})
@@ -146,43 +166,31 @@ defmodule Drab.Presence.SchedulerTest do
     Process.sleep(20)
     send(meanwhile, {:stop, self()})
     assert_receive {:worst_wait_us, during_exit}
-
-    IO.puts("a caller's worst wait: #{before_exit} µs before the exit, #{during_exit} µs during it")
     assert gone?(topic)
-
-    problems =
-      [
-        {cheap_tracks?,
-         "the 40,000th track costs #{last} ns, the first #{first} ns: " <>
-           "a track is O(presences of its owner)"},
-        {during_exit < 8_000,
-         "a caller waited #{during_exit} µs while an owner of 40k presences exited"}
-      ]
-      |> Enum.reject(&elem(&1, 0))
-      |> Enum.map_join("; ", &elem(&1, 1))
-
-    assert problems == ""
+    {first, last, before_exit, during_exit}
   end
 
   defp gone?(topic), do: Enum.all?(0..39, &(Drab.Presence.count_connections("#{topic}:#{&1}") == 0))
 
-  # Tracks and untracks in a loop; answers with the longest wait seen since the
-  # last report.
-  defp churn(pid, topic, worst, last) do
+  # Tracks and untracks every millisecond; answers with the longest gap
+  # between two rounds since the last report, less the millisecond it
+  # sleeps: a round that waited on the table lock, or for a scheduler held
+  # by the exit, shows as a long gap.
+  defp churn(pid, topic, worst, last \\ System.monotonic_time(:microsecond)) do
     {:ok, _} = Drab.Presence.track(pid, topic, "k", %{})
     :ok = Drab.Presence.untrack(pid, topic, "k")
     now = System.monotonic_time(:microsecond)
-    worst = max(worst, now - last)
+    worst = max(worst, now - last - 1_000)
 
     receive do
       {:report, from} ->
         send(from, {:worst_wait_us, worst})
-        churn(pid, topic, 0, System.monotonic_time(:microsecond))
+        churn(pid, topic, 0)
 
       {:stop, from} ->
         send(from, {:worst_wait_us, worst})
     after
-      0 -> churn(pid, topic, worst, now)
+      1 -> churn(pid, topic, worst, now)
     end
   end
 
