@@ -11,10 +11,12 @@ defmodule Drab.Presence do
 
   ## Setup
 
-  Enable presence as with Drab, and add `Drab.Presence` to your supervision
-  tree:
+  Enable presence as with Drab, in `config/runtime.exs` (so that Drab does
+  not compile a `Drab.Presence` of its own) and as a keyword list (Drab 0.10
+  fails on `true`), and add `Drab.Presence` to your supervision tree:
 
-      config :drab, :presence, true
+      # config/runtime.exs
+      config :drab, :presence, id: []
 
       children = [
         MyAppWeb.Endpoint,
