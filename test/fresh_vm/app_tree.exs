@@ -27,12 +27,6 @@ defmodule FreshVM.AppTree do
   end
 end
 
-spawn(fn ->
-  Process.sleep(40_000)
-  IO.puts("FAIL: timed out")
-  System.halt(1)
-end)
-
 if FreshVM.AppTree.atom_exists?() do
   IO.puts("PRECONDITION: the atom exists before drab_presence is loaded; this run proves nothing")
   System.halt(2)

@@ -57,12 +57,6 @@ defmodule FreshVM do
   end
 end
 
-spawn(fn ->
-  Process.sleep(40_000)
-  IO.puts("FAIL: timed out")
-  System.halt(1)
-end)
-
 if FreshVM.atom_exists?() do
   IO.puts("PRECONDITION: the atom exists before drab_presence is loaded; this run proves nothing")
   System.halt(2)

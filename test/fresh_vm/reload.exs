@@ -41,12 +41,6 @@ defmodule Reload do
   end
 end
 
-spawn(fn ->
-  Process.sleep(40_000)
-  IO.puts("FAIL: timed out")
-  System.halt(1)
-end)
-
 # A purge may kill the dispatcher: report what breaks, not the supervisor's exit.
 Process.flag(:trap_exit, true)
 native = Drab.Presence.Native

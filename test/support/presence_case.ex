@@ -73,6 +73,47 @@ defmodule Drab.PresenceCase do
   end
 
   @doc """
+  Runs `fun` with one normal scheduler online and a high-priority ticker
+  that wants to run every millisecond; returns `{worst_gap_us, fun_result}`,
+  the longest gap between two ticks. A call that holds the scheduler shows
+  as a gap as long as the hold.
+  """
+  @spec worst_tick_gap((() -> result)) :: {non_neg_integer(), result} when result: term()
+  def worst_tick_gap(fun) do
+    online = :erlang.system_flag(:schedulers_online, 1)
+
+    try do
+      ticker =
+        spawn_link(fn ->
+          Process.flag(:priority, :high)
+          tick(System.monotonic_time(:microsecond), 0)
+        end)
+
+      Process.sleep(20)
+      result = fun.()
+      send(ticker, {:stop, self()})
+
+      receive do
+        {:worst_gap_us, gap} -> {gap, result}
+      after
+        5_000 -> ExUnit.Assertions.flunk("the ticker did not report")
+      end
+    after
+      :erlang.system_flag(:schedulers_online, online)
+    end
+  end
+
+  defp tick(last, worst) do
+    receive do
+      {:stop, from} -> send(from, {:worst_gap_us, worst})
+    after
+      1 ->
+        now = System.monotonic_time(:microsecond)
+        tick(now, max(worst, now - last))
+    end
+  end
+
+  @doc """
   Applies a `presence_diff` payload to a view shaped like `list/1`, exactly as
   phoenix.js `Presence.syncDiff` does: a joined key gets the joined metas plus
   its current metas whose `phx_ref` is not among them; leaves remove metas by

@@ -14,7 +14,7 @@ defmodule Drab.Presence.SchedulerTest do
   @max_gap_us 15_000
 
   setup_all do
-    {idle, _} = best_of(3, fn -> worst_gap(fn -> Process.sleep(100) end) end)
+    {idle, _} = best_of(3, fn -> worst_tick_gap(fn -> Process.sleep(100) end) end)
     IO.puts("\nticker, idle: worst gap #{idle} µs")
     :ok
   end
@@ -27,7 +27,7 @@ defmodule Drab.Presence.SchedulerTest do
     for {pid, i} <- Enum.with_index(owners),
         do: {:ok, _} = Drab.Presence.track(pid, topic, "u#{i}", %{i: i, blob: blob})
 
-    {gap, listed} = best_of(3, fn -> worst_gap(fn -> Drab.Presence.list(topic) end) end)
+    {gap, listed} = best_of(3, fn -> worst_tick_gap(fn -> Drab.Presence.list(topic) end) end)
     report("list/1, 1,000 × 60 KB", gap)
     assert map_size(listed) == 1_000
     assert gap < @max_gap_us, "list/1 held the scheduler for #{gap} µs"
@@ -46,7 +46,7 @@ defmodule Drab.Presence.SchedulerTest do
     |> Enum.each(&Task.await(&1, 60_000))
 
     {gap, %{metas: metas}} =
-      best_of(3, fn -> worst_gap(fn -> Drab.Presence.get_by_key(topic, "hot") end) end)
+      best_of(3, fn -> worst_tick_gap(fn -> Drab.Presence.get_by_key(topic, "hot") end) end)
 
     report("get_by_key/2, 100k presences under one key", gap)
     assert length(metas) == 100_000
@@ -78,7 +78,7 @@ defmodule Drab.Presence.SchedulerTest do
             # The garbage of the previous refusal goes first.
             :erlang.garbage_collect()
 
-            worst_gap(fn ->
+            worst_tick_gap(fn ->
               try do
                 Drab.Presence.track(pid, topic, "big", meta)
               rescue
@@ -156,6 +156,7 @@ defmodule Drab.Presence.SchedulerTest do
     # show, and paces itself, so that it does not compete with the exit for
     # the two cores and measure the OS's time slices.
     other = live_pid()
+
     meanwhile =
       spawn_link(fn ->
         Process.flag(:priority, :high)
@@ -212,38 +213,6 @@ defmodule Drab.Presence.SchedulerTest do
       {gap, result} = measure.()
       {if(best, do: min(best, gap), else: gap), result}
     end)
-  end
-
-  # The longest gap, in µs, between ticks of a high-priority 1 ms ticker
-  # while `fun` runs on the only normal scheduler left online.
-  defp worst_gap(fun) do
-    online = :erlang.system_flag(:schedulers_online, 1)
-
-    try do
-      ticker =
-        spawn_link(fn ->
-          Process.flag(:priority, :high)
-          tick(System.monotonic_time(:microsecond), 0)
-        end)
-
-      Process.sleep(20)
-      result = fun.()
-      send(ticker, {:stop, self()})
-      assert_receive {:worst_gap_us, gap}, 5_000
-      {gap, result}
-    after
-      :erlang.system_flag(:schedulers_online, online)
-    end
-  end
-
-  defp tick(last, worst) do
-    receive do
-      {:stop, from} -> send(from, {:worst_gap_us, worst})
-    after
-      1 ->
-        now = System.monotonic_time(:microsecond)
-        tick(now, max(worst, now - last))
-    end
   end
 
   defp median(list), do: list |> Enum.sort() |> Enum.at(div(length(list), 2))
