@@ -206,15 +206,6 @@ defmodule Drab.Presence.SchedulerTest do
     pids
   end
 
-  # Runs `measure` (returning {gap, result}) `n` times: the smallest gap, and
-  # the last result.
-  defp best_of(n, measure) do
-    Enum.reduce(1..n, {nil, nil}, fn _, {best, _} ->
-      {gap, result} = measure.()
-      {if(best, do: min(best, gap), else: gap), result}
-    end)
-  end
-
   defp median(list), do: list |> Enum.sort() |> Enum.at(div(length(list), 2))
 
   defp report(what, gap), do: IO.puts("\n#{what}: worst tick gap #{gap} µs")
