@@ -15,15 +15,11 @@
 # takes about two seconds.
 #
 # The baseline lists the exports of Elixir 1.10.3 (elixir, logger) and of
-# Erlang/OTP 23.2.6 (erts, kernel, stdlib), less every module and function
-# that OTP 23's reference manual marks "since OTP 23": OTP 22 has no install
-# here to read, so that is as close to OTP 22's list as can be had. Remade,
-# with that Elixir and OTP first on PATH and OTP 23's HTML docs unpacked
-# (all three are Debian 11 packages: elixir, erlang-*, erlang-doc; the
-# README's "Supported versions" says how they were used), by:
+# Erlang/OTP 22.3.4.19 (erts, kernel, stdlib): the oldest line the whole
+# suite has passed on (README, "Supported versions"). Remade, with that
+# Elixir and OTP first on PATH, by:
 #
-#   elixir scripts/check_api.exs --generate \
-#     /path/to/usr/share/doc/erlang-doc > scripts/api_baseline.txt
+#   elixir scripts/check_api.exs --generate > scripts/api_baseline.txt
 
 defmodule DrabPresence.ApiCheck do
   @baseline Path.expand("api_baseline.txt", __DIR__)
@@ -188,27 +184,20 @@ defmodule DrabPresence.ApiCheck do
 
   ## Generate
 
-  def generate([doc_dir]) do
-    since_23 = since_otp_23(doc_dir)
-
+  def generate do
     IO.puts(
       "# Exports of Elixir #{System.version()} (elixir, logger) and Erlang/OTP " <>
-        "#{otp_version()} (erts, kernel, stdlib), less what OTP 23's docs mark"
+        "#{otp_version()} (erts, kernel, stdlib)."
     )
 
-    IO.puts("# \"since OTP 23\". Made by scripts/check_api.exs --generate; see there.")
+    IO.puts("# Made by scripts/check_api.exs --generate; see there.")
 
     for app <- @elixir_apps ++ @erlang_apps,
         Application.load(app) in [:ok, {:error, {:already_loaded, app}}],
         {:ok, modules} = :application.get_key(app, :modules),
         module <- Enum.sort(modules ++ preloaded(app)),
-        not MapSet.member?(since_23, module),
         Code.ensure_loaded?(module) do
-      functions =
-        exports(module)
-        |> Enum.reject(fn {name, arity} -> MapSet.member?(since_23, {module, name, arity}) end)
-        |> Enum.map_join(" ", fn {name, arity} -> "#{name}/#{arity}" end)
-
+      functions = Enum.map_join(exports(module), " ", fn {name, arity} -> "#{name}/#{arity}" end)
       IO.puts("#{module} #{functions}")
     end
   end
@@ -231,42 +220,9 @@ defmodule DrabPresence.ApiCheck do
     |> File.read!()
     |> String.trim()
   end
-
-  # Reference pages carry "Module pg was introduced in OTP 23.0" and, per
-  # function, an anchor `name-arity` followed by `<span class="since">OTP 23.x`.
-  defp since_otp_23(doc_dir) do
-    pages =
-      Enum.flat_map(["erts", "lib/kernel", "lib/stdlib"], fn app ->
-        Path.wildcard(Path.join(doc_dir, "#{app}-*/doc/html/*.html"))
-      end)
-
-    if pages == [], do: raise("no OTP reference pages under #{doc_dir}")
-
-    for page <- pages,
-        module = page |> Path.basename(".html") |> String.to_atom(),
-        html = File.read!(page),
-        entry <- since_23_entries(module, html),
-        into: MapSet.new(),
-        do: entry
-  end
-
-  defp since_23_entries(module, html) do
-    module_entry = if html =~ ~r/Module \w+ was introduced in\s+OTP 23/, do: [module], else: []
-
-    functions =
-      for [name, arity] <-
-            Regex.scan(
-              ~r/<a name="([^"]+)-(\d+)"><\/a>(?:(?!<a name=).)*?<span class="since">OTP 23/s,
-              html,
-              capture: :all_but_first
-            ),
-          do: {module, String.to_atom(name), String.to_integer(arity)}
-
-    module_entry ++ functions
-  end
 end
 
 case System.argv() do
-  ["--generate" | args] -> DrabPresence.ApiCheck.generate(args)
+  ["--generate"] -> DrabPresence.ApiCheck.generate()
   [] -> DrabPresence.ApiCheck.check()
 end
