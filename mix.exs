@@ -113,7 +113,7 @@ defmodule DrabPresence.MixProject do
   end
 
   def application do
-    [extra_applications: [:logger]]
+    [mod: {Drab.Presence.Application, []}, extra_applications: [:logger]]
   end
 
   defp elixirc_paths(:test), do: ["elixir", "test/support"]

@@ -1,7 +1,8 @@
 # Drab.Presence against Phoenix.Presence: the workloads of the benchmark
 # issue, at 1k, 10k and 100k presences on one topic, 10k over 1k topics, and
-# 1M on one topic (ours alone), plus join storms. Run it with `bench/run`
-# (or `bench/run --quick` to skip the 100k, 1M and 20k sizes).
+# 1M on one topic (ours alone), plus join storms and diff latency under
+# churn. Run it with `bench/run` (or `bench/run --quick` to skip the 100k,
+# 1M and 20k sizes).
 #
 # Phoenix.Presence is compared when phoenix and phoenix_pubsub are on the
 # code path (point ERL_LIBS at built copies); without them, Drab.Presence
@@ -9,7 +10,9 @@
 #
 # Options: --quick, --out DIR (default: bench/ for a full run with Phoenix,
 # bench/tmp/ otherwise, so that a partial run never replaces the committed
-# results).
+# results), --only churn (that workload alone, after a warm-up, printed to
+# the console only), --churn-workers N (4), --churn-seconds S (5),
+# --churn-owners N (live owner processes per topic, 1,000).
 
 for file <- ~w(harness adapters subscribers workloads floors report) do
   Code.require_file("support/#{file}.exs", __DIR__)
@@ -21,14 +24,53 @@ defmodule Bench.Main do
 
   @k 1_000
   @small_runs 3
+  @churn_topics 50
+  @churn_owners 1_000
 
   def run(argv) do
-    {opts, _, invalid} = OptionParser.parse(argv, strict: [quick: :boolean, out: :string])
+    {opts, _, invalid} =
+      OptionParser.parse(argv,
+        strict: [
+          quick: :boolean,
+          out: :string,
+          only: :string,
+          churn_workers: :integer,
+          churn_seconds: :integer,
+          churn_owners: :integer
+        ]
+      )
+
     invalid == [] || raise ArgumentError, "unknown options: #{inspect(invalid)}"
+    opts[:only] in [nil, "churn"] || raise ArgumentError, "--only takes: churn"
     quick? = Keyword.get(opts, :quick, false)
+
+    churn = [
+      topics: @churn_topics,
+      workers: Keyword.get(opts, :churn_workers, Workloads.callers()),
+      seconds: Keyword.get(opts, :churn_seconds, 5),
+      owners: Keyword.get(opts, :churn_owners, @churn_owners)
+    ]
+
     Process.put(:bench_role, "bench coordinator")
     start_clock()
 
+    if opts[:only] == "churn",
+      do: only_churn(churn),
+      else: run_all(argv, opts, quick?, churn)
+  end
+
+  # The churn workload alone, after a warm-up, printed to the console only:
+  # for profiling and targeted runs.
+  defp only_churn(churn) do
+    phoenix? = start_systems()
+    adapters = if phoenix?, do: [Adapter.Drab, Adapter.Phoenix], else: [Adapter.Drab]
+    warm_up(adapters)
+    Report.print_header()
+    report = run_churn(Report.new(), adapters, churn)
+    if report.errors != [], do: System.halt(1)
+  end
+
+  defp run_all(argv, opts, quick?, churn) do
     # The VM's own floor, before any presence system runs.
     idle_tick = idle_tick()
 
@@ -76,12 +118,14 @@ defmodule Bench.Main do
         if(quick?, do: [], else: [{"20k subscribers", 20 * @k, [Adapter.Drab]}])
 
     report = Enum.reduce(storms, report, fn storm, report -> run_storm(report, storm) end)
+    report = run_churn(report, adapters, churn)
 
     write_outputs(report, out, %{
       phoenix?: phoenix?,
       quick?: quick?,
       argv: argv,
       idle_tick: idle_tick,
+      churn: churn,
       sizes: for(s <- one_topic ++ alone, do: {s.label, s.n})
     })
 
@@ -168,6 +212,23 @@ defmodule Bench.Main do
     report
   end
 
+  defp run_churn(report, adapters, churn) do
+    label = churn_label(churn)
+
+    report =
+      Enum.reduce(adapters, report, fn adapter, report ->
+        guarded(report, label, adapter, "diff latency under churn", fn ->
+          Workloads.churn(adapter, churn)
+        end)
+      end)
+
+    IO.puts("  diff latency under #{label}:")
+    Report.print_size(report, label)
+    report
+  end
+
+  defp churn_label(churn), do: "churn, #{churn[:topics]} topics, #{churn[:workers]} workers"
+
   defp run_storm(report, {label, n, adapters}) do
     report =
       Enum.reduce(adapters, report, fn adapter, report ->
@@ -252,6 +313,7 @@ defmodule Bench.Main do
       runtime: "the whole run took #{round(elapsed_s())} s",
       callers: Workloads.callers(),
       small_runs: @small_runs,
+      churn: run.churn,
       idle_tick:
         "With nothing running (3 s), it was late by " <>
           "#{Report.fmt(run.idle_tick.worst_us / 1_000)} ms at worst and " <>

@@ -7,6 +7,7 @@ defmodule Bench.Adapter do
   @callback start(pubsub :: atom() | nil) :: :ok
   @callback track(pid(), String.t(), String.t(), map()) :: {:ok, term()} | {:error, term()}
   @callback untrack(pid(), String.t(), String.t()) :: :ok
+  @callback update(pid(), String.t(), String.t(), map()) :: {:ok, term()} | {:error, term()}
   @callback list(String.t()) :: map()
   @callback count_users(String.t()) :: non_neg_integer()
   @callback count_connections(String.t()) :: non_neg_integer()
@@ -52,6 +53,8 @@ defmodule Bench.Adapter.Drab do
   def track(pid, topic, key, meta), do: P.track(pid, topic, key, meta)
   @impl true
   def untrack(pid, topic, key), do: P.untrack(pid, topic, key)
+  @impl true
+  def update(pid, topic, key, meta), do: P.update(pid, topic, key, meta)
   @impl true
   def list(topic), do: P.list(topic)
   @impl true
@@ -108,6 +111,8 @@ defmodule Bench.Adapter.Phoenix do
   def track(pid, topic, key, meta), do: P.track(pid, topic, key, meta)
   @impl true
   def untrack(pid, topic, key), do: P.untrack(pid, topic, key)
+  @impl true
+  def update(pid, topic, key, meta), do: P.update(pid, topic, key, meta)
   @impl true
   def list(topic), do: P.list(topic)
 

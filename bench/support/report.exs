@@ -2,8 +2,9 @@ defmodule Bench.Report do
   @moduledoc false
   # The figures of a run: kept as {size, metric} => %{system => value}, and
   # printed as a table (console and markdown), a targets table, and a plot.
-  # Every metric is lower-is-better, so the ratio is Phoenix ÷ Drab: how many
-  # times Drab.Presence is better (below 1: worse).
+  # The ratio column is how many times Drab.Presence is better (below 1:
+  # worse): Phoenix ÷ Drab for the lower-is-better metrics (most), Drab ÷
+  # Phoenix for the higher-is-better ones, none where better is undefined.
 
   # {key, workload, what is measured}
   @metrics [
@@ -22,7 +23,11 @@ defmodule Bench.Report do
     {:storm_diffs, "6. join storm", "presence_diff messages delivered"},
     {:storm_converge_ms, "6. join storm", "ms until every subscriber's view equals list/1"},
     {:track_tick_ms, "7. scheduler", "1 ms ticker during track: worst lateness, ms"},
-    {:reads_tick_ms, "7. scheduler", "1 ms ticker during reads: worst lateness, ms"}
+    {:reads_tick_ms, "7. scheduler", "1 ms ticker during reads: worst lateness, ms"},
+    {:churn_ops_s, "8. churn", "operations per second achieved (higher is better)"},
+    {:churn_p50_ms, "8. churn", "diff latency, from operation to subscriber: p50, ms"},
+    {:churn_p99_ms, "8. churn", "diff latency: p99, ms"},
+    {:churn_max_ms, "8. churn", "diff latency: max, ms"}
   ]
 
   @details [
@@ -31,7 +36,23 @@ defmodule Bench.Report do
     {:disconnect_list_timeouts, "3. mass disconnect",
      "list/1 calls that exited with a timeout (5 s) while polling"},
     {:track_tick_p99_ms, "7. scheduler", "1 ms ticker during track: 99th-percentile lateness, ms"},
-    {:reads_tick_p99_ms, "7. scheduler", "1 ms ticker during reads: 99th-percentile lateness, ms"}
+    {:reads_tick_p99_ms, "7. scheduler", "1 ms ticker during reads: 99th-percentile lateness, ms"},
+    {:churn_ops, "8. churn", "operations (track, untrack, update) in all"},
+    {:churn_changes, "8. churn", "changes delivered and timed (joins + leaves)"},
+    {:churn_diffs_topic_s, "8. churn", "presence_diff messages per topic per second, during churn"},
+    {:churn_interval_ms, "8. churn", "mean gap between two diffs of a topic during churn, ms"},
+    {:churn_interval_max_ms, "8. churn",
+     "longest gap between two diffs of a topic during churn, ms"},
+    {:churn_drain_ms, "8. churn", "last diff after the churn stopped, ms"}
+  ]
+
+  @higher_is_better [:churn_ops_s]
+  @no_ratio [
+    :churn_ops,
+    :churn_changes,
+    :churn_diffs_topic_s,
+    :churn_interval_ms,
+    :churn_interval_max_ms
   ]
 
   @systems [:drab, :phoenix]
@@ -69,7 +90,7 @@ defmodule Bench.Report do
         Map.has_key?(report.values, {size, metric}) do
       drab = get(report, size, metric, :drab)
       phoenix = get(report, size, metric, :phoenix)
-      [workload, what, size, fmt(drab), fmt(phoenix), ratio(phoenix, drab)]
+      [workload, what, size, fmt(drab), fmt(phoenix), ratio(metric, phoenix, drab)]
     end
   end
 
@@ -129,12 +150,15 @@ defmodule Bench.Report do
     {"join storm, ms until every view equals list/1", "5k subscribers", :storm_converge_ms,
      "~18,000", "≤ 500", 500},
     {"scheduler: worst 1 ms-ticker lateness during 100k reads (list, counts), ms", "100k",
-     :reads_tick_ms, "", "≤ 2", {:tick, 2}}
+     :reads_tick_ms, "", "≤ 2", {:tick, 2}},
+    {"diff latency under churn (50 topics), p99, ms: 2× the 50 ms window", :churn, :churn_p99_ms,
+     "", "≤ 100", 100}
   ]
 
   @doc "The targets table rows: {what, N, issue's Phoenix, Phoenix here, ours, target, verdict}."
   def targets(report) do
     for {what, size, metric, issue, target, limit} <- @targets do
+      size = if size == :churn, do: Enum.find(report.sizes, "churn", &churn?/1), else: size
       drab = get(report, size, metric, :drab)
       phoenix = get(report, size, metric, :phoenix)
 
@@ -176,6 +200,10 @@ defmodule Bench.Report do
     |> Enum.join(",")
     |> String.reverse()
   end
+
+  defp ratio(metric, _, _) when metric in @no_ratio, do: ""
+  defp ratio(metric, phoenix, drab) when metric in @higher_is_better, do: ratio(drab, phoenix)
+  defp ratio(_metric, phoenix, drab), do: ratio(phoenix, drab)
 
   defp ratio(nil, _), do: ""
   defp ratio(_, nil), do: ""
@@ -272,6 +300,19 @@ defmodule Bench.Report do
     * The BEAM floors table times, in the same run and with no presence
       system, what the workloads cannot avoid: processes exiting, a monitor,
       building a listed map, copying a diff into a subscriber.
+    * Diff latency under churn: #{env.churn[:workers]} workers track, untrack and
+      update at random, as fast as they can for #{env.churn[:seconds]} s, over
+      #{env.churn[:owners]} live processes per topic on #{env.churn[:topics]} topics (two in
+      three tracked at any time; tracks, untracks and updates a third each),
+      with one subscriber process per topic. Each meta carries the time of
+      its operation, and each removed ref is noted with the time of its
+      removal, so every change delivered is timed from its operation to the
+      subscriber's receipt of the diff holding it. A change undone before
+      its diff went out (Drab.Presence coalesces) is never delivered, and not
+      counted. At the end every
+      subscriber's view must equal `list/1`. Phoenix.Presence's tracker is
+      one GenServer, so its callers wait for it: its operations per second
+      are what it sustains.
     * #{env.delivery}
 
     ## Results
@@ -324,6 +365,8 @@ defmodule Bench.Report do
     #{analysis}
     """
   end
+
+  defp churn?(size), do: String.starts_with?(size, "churn")
 
   defp stall_rows(%{stalls: []}), do: "(The ticker runs at 100k and 1M only; none in this run.)"
 

@@ -148,3 +148,111 @@ defmodule Bench.StormMember do
     end
   end
 end
+
+defmodule Bench.ChurnSubscriber do
+  @moduledoc false
+  # A subscriber to one topic under churn, measuring how long each change
+  # took to reach it. A join carries the time of its track or update in its
+  # meta (`t`, a monotonic time), so its latency is known on arrival; a leave
+  # is kept as {phx_ref, arrival} and matched afterwards with the time at
+  # which a churn worker removed that ref (untrack or update). It also keeps
+  # a view of the topic, checked against list/1 at the end, and the arrival
+  # time of every presence_diff.
+  alias Bench.{Harness, Latency, View}
+
+  def start(adapter, topic, histogram) do
+    parent = self()
+
+    pid =
+      spawn(fn ->
+        Process.put(:bench_role, "churn subscriber")
+        :ok = adapter.subscribe(topic)
+        send(parent, {:subscribed, self()})
+        loop(%{view: View.new(), histogram: histogram, arrivals: [], leaves: [], max_us: 0}, nil)
+      end)
+
+    receive do
+      {:subscribed, ^pid} -> pid
+    after
+      60_000 -> Harness.fail!("churn subscriber did not subscribe")
+    end
+  end
+
+  @doc """
+  Waits until the subscriber's view is `expected` (the topic's list/1, once
+  every diff is out), then returns what it measured: the greatest join
+  latency in µs, the leaves as [{phx_ref, arrival}], the arrival of every
+  diff (latest first), and its view.
+  """
+  def report(pid, expected, timeout) do
+    ref = make_ref()
+    send(pid, {:report, self(), ref, expected})
+
+    receive do
+      {^ref, state} -> state
+    after
+      timeout ->
+        Harness.fail!("a churn subscriber's view did not reach list/1 within #{timeout} ms")
+    end
+  end
+
+  defp loop(state, waiter) do
+    receive do
+      %{event: "presence_diff", topic: topic, payload: payload} ->
+        at = System.monotonic_time()
+
+        state = %{
+          state
+          | view: View.apply_diff(state.view, topic, payload),
+            arrivals: [at | state.arrivals],
+            leaves: leaves(payload.leaves, at, state.leaves),
+            max_us: joins(payload.joins, at, state.histogram, state.max_us)
+        }
+
+        loop(state, reply(waiter, state))
+
+      {:report, from, ref, expected} ->
+        loop(state, reply({from, ref, expected}, state))
+    end
+  end
+
+  defp reply({from, ref, expected} = waiter, state) do
+    if View.same?(state.view, expected) do
+      send(from, {ref, Map.delete(state, :histogram)})
+      nil
+    else
+      waiter
+    end
+  end
+
+  defp reply(nil, _state), do: nil
+
+  # Joins of the population set up before the churn have no time.
+  defp joins(joins, at, histogram, max_us) do
+    :maps.fold(
+      fn _key, %{metas: metas}, max_us ->
+        List.foldl(metas, max_us, fn
+          %{t: t}, max_us when is_integer(t) ->
+            us = System.convert_time_unit(at - t, :native, :microsecond)
+            Latency.add(histogram, us)
+            max(us, max_us)
+
+          _meta, max_us ->
+            max_us
+        end)
+      end,
+      max_us,
+      joins
+    )
+  end
+
+  defp leaves(leaves, at, acc) do
+    :maps.fold(
+      fn _key, %{metas: metas}, acc ->
+        List.foldl(metas, acc, fn %{phx_ref: ref}, acc -> [{ref, at} | acc] end)
+      end,
+      acc,
+      leaves
+    )
+  end
+end

@@ -43,13 +43,98 @@ defmodule Bench.Population do
   end
 end
 
+defmodule Bench.ChurnWorker do
+  @moduledoc false
+  # One worker of the churn workload, with its slice of the owner pool:
+  # live processes, each with one key on one topic, tracked or not. Set up,
+  # it tracks two owners in three (the churn's steady state). Churning, it
+  # picks owners at random until the deadline: an untracked one is tracked,
+  # a tracked one untracked or updated (even odds), so tracks, untracks and
+  # updates come a third each. Every meta it writes carries the time of its
+  # operation (`t`); every ref it removes is noted with the time of removal.
+
+  @meta %{online_at: 1_700_000_000}
+
+  def start(adapter, owners) do
+    parent = self()
+    :erlang.spawn_opt(fn -> init(adapter, List.to_tuple(owners), parent) end, [:monitor])
+  end
+
+  defp init(adapter, owners, parent) do
+    Process.put(:bench_role, "churn worker")
+
+    refs =
+      for i <- 0..(tuple_size(owners) - 1), rem(i, 3) != 0, into: %{} do
+        {pid, topic, key} = elem(owners, i)
+        {:ok, ref} = adapter.track(pid, topic, key, meta(nil))
+        {i, ref}
+      end
+
+    send(parent, {:set_up, self()})
+
+    receive do
+      {:go, deadline} ->
+        {refs, removed, ops} = churn(adapter, owners, deadline, refs, [], {0, 0, 0})
+        ended_at = System.monotonic_time()
+        {tracks, untracks, updates} = ops
+
+        tracked = Enum.frequencies_by(refs, fn {i, _ref} -> owners |> elem(i) |> elem(1) end)
+
+        send(parent, {
+          :churned,
+          self(),
+          %{
+            tracks: tracks,
+            untracks: untracks,
+            updates: updates,
+            removed: removed,
+            tracked: tracked,
+            ended_at: ended_at
+          }
+        })
+    end
+  end
+
+  defp churn(adapter, owners, deadline, refs, removed, {tracks, untracks, updates} = ops) do
+    t = System.monotonic_time()
+
+    if t >= deadline do
+      {refs, removed, ops}
+    else
+      i = :rand.uniform(tuple_size(owners)) - 1
+      {pid, topic, key} = elem(owners, i)
+
+      case refs do
+        %{^i => ref} ->
+          if :rand.uniform(2) == 1 do
+            :ok = adapter.untrack(pid, topic, key)
+            ops = {tracks, untracks + 1, updates}
+            churn(adapter, owners, deadline, Map.delete(refs, i), [{ref, t} | removed], ops)
+          else
+            {:ok, new_ref} = adapter.update(pid, topic, key, meta(t))
+            ops = {tracks, untracks, updates + 1}
+            churn(adapter, owners, deadline, %{refs | i => new_ref}, [{ref, t} | removed], ops)
+          end
+
+        _ ->
+          {:ok, new_ref} = adapter.track(pid, topic, key, meta(t))
+          ops = {tracks + 1, untracks, updates}
+          churn(adapter, owners, deadline, Map.put(refs, i, new_ref), removed, ops)
+      end
+    end
+  end
+
+  defp meta(t), do: Map.put(@meta, :t, t)
+end
+
 defmodule Bench.Workloads do
   @moduledoc false
   # One function per workload of the issue. Each takes an adapter, runs on
   # fresh topics and fresh processes, checks the outcome (so that a broken
   # run cannot report a fast time) and returns its figures as a map.
   import Bench.Harness
-  alias Bench.{Population, Shape, StormMember, Subscriber, View}
+  alias Bench.{ChurnSubscriber, ChurnWorker, Latency, Population, Shape, StormMember}
+  alias Bench.{Subscriber, View}
 
   @callers 4
   @meta %{online_at: 1_700_000_000}
@@ -353,6 +438,139 @@ defmodule Bench.Workloads do
       60_000 -> fail!("storm member did not report")
     end
   end
+
+  @doc """
+  8. Diff latency under churn: `workers` processes track, untrack and
+  update at random, as fast as they can for `seconds`, over a pool of
+  `owners` live processes per topic on `topics` topics (two in three
+  tracked), with one subscriber per topic. For every change a diff brings,
+  the time from the operation to the subscriber's receipt of that diff:
+  p50, p99 and max over all changes delivered (a change undone within one
+  diff window is never delivered, so not counted). Also the operations per
+  second achieved, the diffs each topic received per second during the
+  churn and the gaps between them, and how long the last diffs took to go
+  out once the churn stopped. The subscribers' views are checked against
+  list/1 at the end.
+  """
+  def churn(adapter, opts) do
+    topic_count = Keyword.fetch!(opts, :topics)
+    per_topic = Keyword.fetch!(opts, :owners)
+    worker_count = Keyword.fetch!(opts, :workers)
+    seconds = Keyword.fetch!(opts, :seconds)
+
+    run = System.unique_integer([:positive])
+    topics = for i <- 0..(topic_count - 1), do: "bench:churn:#{run}:#{i}"
+    by_index = List.to_tuple(topics)
+    n = topic_count * per_topic
+    {_, pids} = herd = spawn_herd(n)
+
+    owners =
+      pids
+      |> Enum.with_index()
+      |> Enum.map(fn {pid, i} -> {pid, elem(by_index, rem(i, topic_count)), "user:#{i}"} end)
+
+    histogram = Latency.new()
+    subscribers = Enum.map(topics, &ChurnSubscriber.start(adapter, &1, histogram))
+
+    workers =
+      owners
+      |> Enum.chunk_every(div(n + worker_count - 1, worker_count))
+      |> Enum.map(&ChurnWorker.start(adapter, &1))
+
+    try do
+      Enum.each(workers, fn {pid, ref} -> await_worker(pid, ref, :set_up) end)
+      adapter.quiesce()
+
+      t0 = now()
+      deadline = t0 + System.convert_time_unit(seconds * 1_000, :millisecond, :native)
+      Enum.each(workers, fn {pid, _} -> send(pid, {:go, deadline}) end)
+      results = Enum.map(workers, fn {pid, ref} -> await_worker(pid, ref, :churned) end)
+      t_end = results |> Enum.map(& &1.ended_at) |> Enum.max()
+      adapter.quiesce()
+
+      tracked = Enum.reduce(results, %{}, &Map.merge(&2, &1.tracked, fn _, a, b -> a + b end))
+
+      reports =
+        isolated("checker", fn ->
+          for {topic, subscriber} <- Enum.zip(topics, subscribers) do
+            expected = Map.get(tracked, topic, 0)
+            connections = adapter.count_connections(topic)
+
+            check!(
+              connections == expected,
+              "#{topic}: #{connections} presences, expected #{expected}"
+            )
+
+            ChurnSubscriber.report(subscriber, View.of_lists(adapter, [topic]), @diff_timeout)
+          end
+        end)
+
+      ops = Enum.sum(for r <- results, do: r.tracks + r.untracks + r.updates)
+      leave_max_us = measure_leaves(results, reports, histogram)
+      churn_us = System.convert_time_unit(t_end - t0, :native, :microsecond)
+
+      arrivals =
+        Enum.map(reports, &(&1.arrivals |> Enum.filter(fn at -> at >= t0 end) |> Enum.reverse()))
+
+      last_at = arrivals |> Enum.map(&List.last(&1, t0)) |> Enum.max()
+      during = Enum.map(arrivals, fn times -> Enum.filter(times, &(&1 <= t_end)) end)
+      gaps = Enum.flat_map(during, &gaps/1)
+      to_ms = &(System.convert_time_unit(&1, :native, :microsecond) / 1_000)
+
+      %{
+        churn_ops_s: ops / (churn_us / 1_000_000),
+        churn_p50_ms: Latency.percentile(histogram, 50) / 1_000,
+        churn_p99_ms: Latency.percentile(histogram, 99) / 1_000,
+        churn_max_ms: Enum.max([leave_max_us | Enum.map(reports, & &1.max_us)]) / 1_000,
+        churn_changes: Latency.count(histogram),
+        churn_ops: ops,
+        churn_diffs_topic_s:
+          Enum.sum(Enum.map(during, &length/1)) / topic_count / (churn_us / 1_000_000),
+        churn_interval_ms: if(gaps == [], do: nil, else: to_ms.(Enum.sum(gaps)) / length(gaps)),
+        churn_interval_max_ms: if(gaps == [], do: nil, else: to_ms.(Enum.max(gaps))),
+        churn_drain_ms: to_ms.(max(last_at - t_end, 0))
+      }
+    after
+      Enum.each(subscribers, &Process.exit(&1, :kill))
+      Enum.each(workers, fn {pid, _} -> Process.exit(pid, :kill) end)
+      kill_herd(herd)
+      adapter.quiesce()
+      wait_until(fn -> adapter.presences() == 0 end, "presences to be gone", 120_000, 5)
+      adapter.quiesce()
+    end
+  end
+
+  defp await_worker(pid, ref, tag) do
+    receive do
+      {^tag, ^pid, result} -> result
+      {^tag, ^pid} -> :ok
+      {:DOWN, ^ref, :process, ^pid, reason} -> fail!("a churn worker crashed: #{short(reason)}")
+    after
+      @diff_timeout -> fail!("a churn worker did not finish #{tag}")
+    end
+  end
+
+  # Leaves are matched with the time their ref was removed. Every leave
+  # delivered must be of a ref a worker removed.
+  defp measure_leaves(results, reports, histogram) do
+    removed_at = results |> Enum.flat_map(& &1.removed) |> Map.new()
+
+    for report <- reports, {ref, at} <- report.leaves, reduce: 0 do
+      max_us ->
+        t = Map.get(removed_at, ref) || fail!("a leave of #{inspect(ref)}, which no worker removed")
+        us = System.convert_time_unit(at - t, :native, :microsecond)
+        Latency.add(histogram, us)
+        max(us, max_us)
+    end
+  end
+
+  defp gaps([]), do: []
+
+  defp gaps([first | rest]),
+    do:
+      rest
+      |> Enum.scan({first, 0}, fn at, {prev, _} -> {at, at - prev} end)
+      |> Enum.map(&elem(&1, 1))
 
   # Both counts of every topic must be `per_topic` (every key is a user).
   defp expect_counts!(adapter, pop, per_topic) do

@@ -11,10 +11,12 @@ defmodule Drab.Presence do
 
   ## Setup
 
-  Enable presence as with Drab, and add `Drab.Presence` to your supervision
-  tree:
+  Enable presence as with Drab, in `config/runtime.exs` (so that Drab does
+  not compile a `Drab.Presence` of its own) and as a keyword list (Drab 0.10
+  fails on `true`), and add `Drab.Presence` to your supervision tree:
 
-      config :drab, :presence, true
+      # config/runtime.exs
+      config :drab, :presence, id: []
 
       children = [
         MyAppWeb.Endpoint,
@@ -87,11 +89,14 @@ defmodule Drab.Presence do
   broadcast with `%{joins: presences, leaves: presences}`, each passed
   through `fetch/2`. Changes to one topic within `:diff_window` milliseconds
   go out as one diff; a presence that joins and leaves within the window is
-  never sent; an update that leaves the meta as it was sends nothing. A diff
-  carries at most 2,000 presences: a larger change (a mass disconnect) goes
-  out as several consecutive diffs, so that no single send copies megabytes
-  into every subscriber. Applied in order, as phoenix.js applies them, they
-  amount to the whole change.
+  never sent (unless `list/1` or `get_by_key/2` showed it meanwhile: then its
+  leave is sent); an update that leaves the meta as it was sends nothing. A
+  diff carries at most 500 presences: a larger change (a mass disconnect)
+  goes out as several consecutive diffs, so that no single send copies
+  megabytes into every subscriber, and a key's leave and join (an update)
+  travel in the same one. Applied in order, as phoenix.js applies them, they
+  amount to the whole change. Diffs are delivered at least once: one sent
+  twice after a crash is harmless to a client that applies them by ref.
 
   With a `:pubsub_server` and Phoenix on the code path, diffs go out exactly
   as Phoenix.Presence sends them, through `Phoenix.Channel.Server.local_broadcast/4`,
@@ -104,16 +109,18 @@ defmodule Drab.Presence do
   `track/4`, `untrack/3` and `update/4` run in the caller, in a NIF that
   holds the table lock for microseconds. `count_users/1` and
   `count_connections/1` read counters: O(1) at any topic size. `list/1` is
-  O(presences on the topic); topics over a few thousand presences are listed
-  from a copy-on-write snapshot on a dirty scheduler, so no normal scheduler
-  is held up and writers are never blocked by a reader.
+  O(presences on the topic); a listing over 1,000 presences or 64 KB is
+  built from a copy-on-write snapshot on a dirty scheduler, so no normal
+  scheduler is held up and writers are never blocked by a reader.
 
   > #### Restarts and shutdown {: .warning}
   >
   > The table outlives the processes of the package: a crashed or restarted
-  > dispatcher loses no presence of a live process, and diffs pending at the
-  > crash go out when it is back. While the presence module is stopped,
-  > track and list still work, and diffs wait for the next start.
+  > dispatcher loses no presence of a live process, and diffs pending or
+  > half-delivered at the crash go out when it is back. While the presence
+  > module is stopped, track and list still work, and diffs wait for the
+  > next start. The NIF library is loaded once per VM: a code reload of
+  > `Drab.Presence.Native` is refused, and new native code needs a restart.
   """
 
   @typedoc "A Drab or Phoenix socket: anything with `topic`, `channel_pid` and `assigns`."

@@ -51,6 +51,64 @@ defmodule Drab.PresenceCase do
     end
   end
 
+  @doc """
+  Runs `script` in a new `elixir` OS process with only this app's ebin added
+  to Elixir's own code path: no module of the suite is loaded there, and no
+  atom it made exists. Returns `{output, exit_status}`, stderr included.
+  Killed after `timeout_s` seconds where coreutils' `timeout` exists.
+  """
+  @spec run_clean_vm(Path.t(), [String.t()], pos_integer()) :: {String.t(), non_neg_integer()}
+  def run_clean_vm(script, args \\ [], timeout_s \\ 60) do
+    elixir = System.find_executable("elixir") || raise "elixir is not on the PATH"
+    ebin = :drab_presence |> :code.lib_dir(:ebin) |> List.to_string()
+    argv = ["-pa", ebin, script | args]
+
+    case System.find_executable("timeout") do
+      nil ->
+        System.cmd(elixir, argv, stderr_to_stdout: true)
+
+      timeout ->
+        System.cmd(timeout, ["-k", "5", "#{timeout_s}", elixir | argv], stderr_to_stdout: true)
+    end
+  end
+
+  @doc """
+  Applies a `presence_diff` payload to a view shaped like `list/1`, exactly as
+  phoenix.js `Presence.syncDiff` does: a joined key gets the joined metas plus
+  its current metas whose `phx_ref` is not among them; leaves remove metas by
+  `phx_ref`, and a key with none left goes. Applying a diff twice is harmless.
+  """
+  @spec sync_diff(map(), %{joins: map(), leaves: map()}) :: map()
+  def sync_diff(view, %{joins: joins, leaves: leaves}) do
+    view =
+      Enum.reduce(joins, view, fn {key, %{metas: joined} = presence}, view ->
+        joined_refs = MapSet.new(joined, & &1.phx_ref)
+
+        current =
+          case view do
+            %{^key => %{metas: metas}} -> Enum.reject(metas, &(&1.phx_ref in joined_refs))
+            _ -> []
+          end
+
+        Map.put(view, key, %{presence | metas: current ++ joined})
+      end)
+
+    Enum.reduce(leaves, view, fn {key, %{metas: left}}, view ->
+      case view do
+        %{^key => %{metas: metas} = presence} ->
+          left_refs = MapSet.new(left, & &1.phx_ref)
+
+          case Enum.reject(metas, &(&1.phx_ref in left_refs)) do
+            [] -> Map.delete(view, key)
+            kept -> Map.put(view, key, %{presence | metas: kept})
+          end
+
+        _ ->
+          view
+      end
+    end)
+  end
+
   @doc "Metas of a listed or diffed presence map, without the refs, sorted."
   @spec bare(map()) :: %{String.t() => [map()]}
   def bare(presences) do

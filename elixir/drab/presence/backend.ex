@@ -3,14 +3,20 @@ defmodule Drab.Presence.Backend do
   # Where a presence table lives. The NIF backend keeps it in this VM; the
   # sidecar backend (next) keeps it in a port process. Callers talk to a
   # backend directly, with the handle from `new/1`: no process in between.
+  #
+  # Diffs are delivered at least once: `take_diffs/2` moves pending diffs
+  # into an outbox as parts, `next_part/1` reads the oldest without removing
+  # it, and `ack_part/2` removes it once it was handed to the broadcast.
 
   @type handle :: term()
   @type topic :: binary()
   @type key :: binary()
   @type reason :: :already_tracked | :not_tracked | :noproc | :stale | :meta_too_large
   @type grouped :: %{optional(key) => %{metas: [map()]}}
+  @type part_id :: non_neg_integer()
 
   @callback new(keyword()) :: handle()
+  @callback configure(handle(), keyword()) :: :ok
   @callback set_dispatcher(handle(), pid()) :: pending? :: boolean()
   @callback track(handle(), pid(), topic(), key(), map()) :: {:ok, binary()} | {:error, reason()}
   @callback untrack(handle(), pid(), topic(), key()) :: :ok
@@ -22,8 +28,10 @@ defmodule Drab.Presence.Backend do
               {users :: non_neg_integer(), connections :: non_neg_integer()}
   @callback list(handle(), topic()) :: grouped()
   @callback get_by_key(handle(), topic(), key()) :: grouped() | []
-  @callback take_diffs(handle(), pos_integer()) ::
-              {[{topic(), joins :: grouped(), leaves :: grouped()}],
-               still_pending :: non_neg_integer()}
+  @callback take_diffs(handle(), max_topics :: pos_integer()) ::
+              {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()}
+  @callback next_part(handle()) ::
+              {part_id(), topic(), joins :: grouped(), leaves :: grouped()} | :none
+  @callback ack_part(handle(), part_id()) :: :ok
   @callback stats(handle()) :: %{atom() => non_neg_integer()}
 end

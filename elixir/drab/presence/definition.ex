@@ -35,7 +35,7 @@ defmodule Drab.Presence.Definition do
       """
       @spec start_link(keyword()) :: Supervisor.on_start()
       def start_link(opts \\ []) do
-        Drab.Presence.Server.start_link(__MODULE__, Keyword.merge(__presence_options__(), opts))
+        Drab.Presence.Server.start_link(__MODULE__, __presence_options__(), opts)
       end
 
       @doc false
@@ -73,7 +73,7 @@ defmodule Drab.Presence.Definition do
 
       @doc "Updates the meta of the socket's presence under `key`. See `update/4`."
       @spec update(Drab.Presence.socket(), Drab.Presence.key(), map() | (map() -> map())) ::
-              {:ok, binary()} | {:error, :nopresence}
+              {:ok, binary()} | {:error, :nopresence | :contended}
       def update(%{channel_pid: pid, topic: topic}, key, meta), do: update(pid, topic, key, meta)
 
       @doc """
@@ -83,9 +83,17 @@ defmodule Drab.Presence.Definition do
       The presence gets a new `phx_ref`, and the old one as `phx_ref_prev`.
       A meta equal to the current one changes nothing and sends no diff.
       Returns `{:error, :nopresence}` when there is no such presence.
+
+      A function runs in the caller, on the current meta (with its
+      `phx_ref`), and its result is written only if nobody changed the
+      presence meanwhile; otherwise it runs again on the newer meta. If it
+      keeps losing to other writers for a second (a slow function racing a
+      frequent writer), `update/4` gives up with `{:error, :contended}` and the
+      presence keeps the other writer's meta. A function that raises, throws
+      or exits raises `ArgumentError` and leaves the presence unchanged.
       """
       @spec update(pid(), Drab.Presence.topic(), Drab.Presence.key(), map() | (map() -> map())) ::
-              {:ok, binary()} | {:error, :nopresence}
+              {:ok, binary()} | {:error, :nopresence | :contended}
       def update(pid, topic, key, meta), do: Table.update(__MODULE__, pid, topic, key, meta)
 
       @doc """
@@ -160,8 +168,10 @@ defmodule Drab.Presence.Definition do
 
       @doc """
       Sizes of the table: `presences`, `owners` (processes), `topics`,
-      `pending_topics` (diffs not sent yet), and `nif_heap_bytes`, what the
-      NIF holds on the Rust heap (for all presence modules together).
+      `pending_topics` (topics with changes not taken for a diff yet),
+      `queued_parts` (diff parts taken but not yet broadcast),
+      `max_meta_bytes`, and `nif_heap_bytes`, what the NIF holds on the Rust
+      heap (for all presence modules together).
       """
       @spec stats() :: %{atom() => non_neg_integer()}
       def stats, do: Table.stats(__MODULE__)

@@ -1,20 +1,29 @@
 defmodule Drab.Presence.Dispatcher do
   @moduledoc false
-  # Sends each topic's pending diff as one `presence_diff`.
+  # Sends each topic's pending diff as `presence_diff` broadcasts.
   #
   # The table tells this process (`:drab_presence_pending`) when the first
   # diff appears after a quiet spell; the dispatcher then waits one diff
-  # window, drains every pending topic and broadcasts. Changes inside the
-  # window coalesce in the table, so a join storm costs one diff per topic
-  # per window, not one per join.
+  # window and moves every pending topic's diff into the table's outbox, cut
+  # into parts. Changes inside the window coalesce in the table, so a join
+  # storm costs one diff per topic per window, not one per join. While
+  # changes keep coming, diffs are taken once per window, counted from the
+  # previous take: a cycle lasts the window, or the delivery if that takes
+  # longer, never the two added up.
+  #
+  # Delivery is at least once: a part stays in the outbox until it has been
+  # handed to the broadcast. A dispatcher killed or stopped mid-delivery
+  # leaves it there, and its successor sends it first. Sent twice, a part is
+  # harmless: a client applies joins and leaves by ref.
   use GenServer
   require Logger
 
   alias Drab.Presence.{Broadcast, Runtime}
 
-  # Topics drained per step, so a backlog over many topics does not keep
-  # other messages (and shutdown) waiting.
+  # Work per message, so a backlog over many topics does not keep other
+  # messages (and shutdown) waiting.
   @topics_per_step 256
+  @parts_per_step 16
 
   @doc false
   @spec child_spec({module(), keyword()}) :: Supervisor.child_spec()
@@ -25,8 +34,12 @@ defmodule Drab.Presence.Dispatcher do
   @doc false
   @spec start_link(module(), keyword()) :: GenServer.on_start()
   def start_link(module, opts) do
-    GenServer.start_link(__MODULE__, {module, opts}, name: Module.concat(module, Dispatcher))
+    GenServer.start_link(__MODULE__, {module, opts}, name: name(module))
   end
+
+  @doc "The registered name of `module`'s dispatcher."
+  @spec name(module()) :: atom()
+  def name(module), do: Module.concat(module, Dispatcher)
 
   @impl true
   def init({module, opts}) do
@@ -36,22 +49,59 @@ defmodule Drab.Presence.Dispatcher do
       module: module,
       runtime: runtime,
       window: Keyword.fetch!(opts, :diff_window),
-      scheduled?: false
+      scheduled?: false,
+      # Taking diffs until a take finds nothing: wakes are redundant then.
+      busy?: false,
+      next_take_at: now(),
+      window_start: now(),
+      rest_pending?: false
     }
 
-    # Diffs left by a crashed predecessor go out now.
+    # Diffs left by a predecessor (pending or unacknowledged) go out now.
     pending? = runtime.backend.set_dispatcher(runtime.table, self())
-    {:ok, if(pending?, do: schedule(state, 0), else: state)}
+    {:ok, if(pending?, do: schedule(%{state | busy?: true}, 0), else: state)}
   end
 
   @impl true
-  def handle_info(:drab_presence_pending, state), do: {:noreply, schedule(state, state.window)}
+  def handle_info(:drab_presence_pending, %{busy?: true} = state), do: {:noreply, state}
 
-  def handle_info(:flush, %{runtime: runtime} = state) do
-    {diffs, still_pending} = runtime.backend.take_diffs(runtime.table, @topics_per_step)
-    Enum.each(diffs, &deliver(state, &1))
+  def handle_info(:drab_presence_pending, state) do
+    {:noreply, schedule(%{state | busy?: true, next_take_at: now() + state.window}, state.window)}
+  end
+
+  def handle_info(:flush, state) do
     state = %{state | scheduled?: false}
-    {:noreply, if(still_pending > 0, do: schedule(state, 0), else: state)}
+
+    with :empty <- deliver_parts(state, @parts_per_step),
+         now = now(),
+         true <- now >= state.next_take_at || {:wait, state.next_take_at - now} do
+      %Runtime{backend: backend, table: table} = state.runtime
+      # The window is counted from the first take of a round: topics a take
+      # had no room for are taken as soon as its parts are out, in the same
+      # window, not a window later.
+      window_start = if state.rest_pending?, do: state.window_start, else: now
+
+      case backend.take_diffs(table, @topics_per_step) do
+        {0, 0} ->
+          {:noreply, %{state | busy?: false, rest_pending?: false}}
+
+        {_queued, still_pending} ->
+          rest_pending? = still_pending > 0
+          next_take_at = if rest_pending?, do: now, else: window_start + state.window
+
+          state = %{
+            state
+            | window_start: window_start,
+              rest_pending?: rest_pending?,
+              next_take_at: next_take_at
+          }
+
+          {:noreply, schedule(state, 0)}
+      end
+    else
+      :more -> {:noreply, schedule(state, 0)}
+      {:wait, delay} -> {:noreply, schedule(state, delay)}
+    end
   end
 
   def handle_info(message, state) do
@@ -71,16 +121,34 @@ defmodule Drab.Presence.Dispatcher do
     %{state | scheduled?: true}
   end
 
-  # fetch/2 is user code: one that raises loses that topic's diff, not the
-  # dispatcher (and with it every other topic's).
-  defp deliver(%{module: module, runtime: runtime}, {topic, joins, leaves}) do
+  defp now, do: System.monotonic_time(:millisecond)
+
+  defp deliver_parts(_state, 0), do: :more
+
+  defp deliver_parts(%{runtime: %Runtime{backend: backend, table: table}} = state, budget) do
+    case backend.next_part(table) do
+      :none ->
+        :empty
+
+      {id, topic, joins, leaves} ->
+        deliver(state, topic, joins, leaves)
+        :ok = backend.ack_part(table, id)
+        deliver_parts(state, budget - 1)
+    end
+  end
+
+  # fetch/2 is user code: one that raises, throws or exits (a GenServer.call
+  # timing out) loses that part of that topic's diff, not the dispatcher
+  # and with it every other topic's.
+  defp deliver(%{module: module, runtime: runtime}, topic, joins, leaves) do
     payload = %{joins: module.fetch(topic, joins), leaves: module.fetch(topic, leaves)}
     Broadcast.local_broadcast(runtime.delivery, topic, payload)
-  rescue
-    exception ->
+  catch
+    kind, reason ->
       Logger.error(
-        "#{inspect(module)} could not broadcast presence_diff on #{inspect(topic)}: " <>
-          Exception.format(:error, exception, __STACKTRACE__)
+        "#{inspect(module)} dropped a presence_diff on #{inspect(topic)} " <>
+          "(#{map_size(joins)} joins, #{map_size(leaves)} leaves): " <>
+          Exception.format(kind, reason, __STACKTRACE__)
       )
   end
 end

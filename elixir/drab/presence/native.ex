@@ -11,11 +11,32 @@ defmodule Drab.Presence.Native do
   @typedoc "Every reason a table NIF returns in `{:error, reason}`."
   @type reason :: :already_tracked | :not_tracked | :noproc | :stale | :meta_too_large
 
+  @loaded {__MODULE__, :loaded}
+
   @doc false
+  # Loads the NIF once per VM. A reload (a hot upgrade, `:code.load_file/1`,
+  # or `:code.delete/1` and `:code.purge/1` first) is refused: rustler
+  # registers no upgrade callback, and a second library instance would make
+  # its own resource types, leaving every running table unreachable. With
+  # the old code still current, it keeps running; new native code needs a
+  # VM restart.
   @spec load_nif() :: :ok | {:error, term()}
   def load_nif do
-    path = :filename.join(:code.priv_dir(:drab_presence), ~c"native/libpresence_nif")
-    :erlang.load_nif(path, 0)
+    if :persistent_term.get(@loaded, false) do
+      :logger.error(
+        "Drab.Presence.Native was already loaded in this VM; reloading its NIF library " <>
+          "is not supported (running presence tables would become unreachable). " <>
+          "Restart the VM to load new native code."
+      )
+
+      {:error, :reload_not_supported}
+    else
+      path = :filename.join(:code.priv_dir(:drab_presence), ~c"native/libpresence_nif")
+
+      with :ok <- :erlang.load_nif(path, 0) do
+        :persistent_term.put(@loaded, true)
+      end
+    end
   end
 
   @spec table_new(pos_integer()) :: table()
@@ -48,17 +69,32 @@ defmodule Drab.Presence.Native do
   @spec table_list_dirty(table(), binary()) :: map()
   def table_list_dirty(_table, _topic), do: err()
 
-  @spec table_get_by_key(table(), binary(), binary()) :: map() | []
+  @spec table_get_by_key(table(), binary(), binary()) :: map() | [] | :too_large
   def table_get_by_key(_table, _topic, _key), do: err()
 
-  @typedoc "Diffs taken from a table, handed out a part at a time (a NIF resource)."
-  @opaque diff_queue :: reference()
+  @spec table_get_by_key_dirty(table(), binary(), binary()) :: map() | []
+  def table_get_by_key_dirty(_table, _topic, _key), do: err()
 
-  @spec table_take_diffs(table(), pos_integer()) :: {diff_queue(), non_neg_integer()}
+  @spec table_configure(table(), pos_integer()) :: :ok
+  def table_configure(_table, _max_meta_bytes), do: err()
+
+  @spec table_take_diffs(table(), pos_integer()) ::
+          {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()} | :too_large
   def table_take_diffs(_table, _max_topics), do: err()
 
-  @spec diff_queue_next(diff_queue()) :: {binary(), map(), map()} | :done
-  def diff_queue_next(_queue), do: err()
+  @spec table_take_diffs_dirty(table(), pos_integer()) ::
+          {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()}
+  def table_take_diffs_dirty(_table, _max_topics), do: err()
+
+  @spec table_next_part(table()) ::
+          {non_neg_integer(), binary(), map(), map()} | :none | :too_large
+  def table_next_part(_table), do: err()
+
+  @spec table_next_part_dirty(table()) :: {non_neg_integer(), binary(), map(), map()} | :none
+  def table_next_part_dirty(_table), do: err()
+
+  @spec table_ack_part(table(), non_neg_integer()) :: :ok
+  def table_ack_part(_table, _id), do: err()
 
   @spec table_stats(table()) :: %{atom() => non_neg_integer()}
   def table_stats(_table), do: err()

@@ -17,21 +17,25 @@ defmodule Drab.Presence.Options do
           "phoenix_pubsub loaded), subscribers use `subscribe/1`'s built-in registry"
     ],
     diff_window: [
-      type: :non_neg_integer,
+      type: {:integer_in, 0, 60_000},
       default: 50,
       doc:
         "milliseconds during which changes to a topic are gathered into one `presence_diff`; " <>
           "0 sends as soon as the dispatcher runs"
     ],
     max_meta_bytes: [
-      type: :pos_integer,
+      type: {:integer_in, 1, 1_073_741_824},
       default: 65_536,
-      doc: "largest meta accepted, as `:erlang.term_to_binary/1` encodes it"
+      doc:
+        "largest meta accepted, as `:erlang.term_to_binary/1` encodes it (at most 1 GiB). " <>
+          "A restart with a new value applies it to the running table"
     ],
     backend: [
       type: {:in, [:nif]},
       default: :nif,
-      doc: "where the table lives: `:nif`, in this VM"
+      doc:
+        "where the table lives: `:nif`, in this VM. It cannot change while the table " <>
+          "lives, that is until the VM restarts"
     ],
     # Drab's own keys, read by Drab.Presence.Config and passed over here.
     id: [type: :any, doc: false],
@@ -42,17 +46,22 @@ defmodule Drab.Presence.Options do
   @type t :: [
           otp_app: atom(),
           pubsub_server: atom() | nil,
-          diff_window: non_neg_integer(),
+          diff_window: 0..60_000,
           max_meta_bytes: pos_integer(),
           backend: :nif
         ]
 
-  @doc "Validates `opts` against the schema and fills in defaults. Raises `ArgumentError`."
-  @spec validate!(keyword()) :: keyword()
-  def validate!(opts) do
-    unless Keyword.keyword?(opts) do
-      raise ArgumentError, "presence options must be a keyword list, got: #{inspect(opts)}"
+  @doc """
+  Merges `opts` over `defaults`, validates the result against the schema
+  and fills in defaults. Raises `ArgumentError` naming the bad key.
+  """
+  @spec validate!(keyword(), term()) :: keyword()
+  def validate!(defaults \\ [], opts) do
+    for options <- [defaults, opts], not Keyword.keyword?(options) do
+      raise ArgumentError, "presence options must be a keyword list, got: #{inspect(options)}"
     end
+
+    opts = Keyword.merge(defaults, opts)
 
     known = Keyword.keys(@schema)
 
@@ -95,6 +104,10 @@ defmodule Drab.Presence.Options do
   defp check!(_key, value, :non_neg_integer) when is_integer(value) and value >= 0, do: :ok
   defp check!(_key, value, :pos_integer) when is_integer(value) and value > 0, do: :ok
 
+  defp check!(_key, value, {:integer_in, min, max})
+       when is_integer(value) and value >= min and value <= max,
+       do: :ok
+
   defp check!(key, value, {:in, allowed}) do
     if value in allowed,
       do: :ok,
@@ -114,4 +127,5 @@ defmodule Drab.Presence.Options do
   defp describe(:atom_or_nil), do: "an atom or nil"
   defp describe(:non_neg_integer), do: "a non-negative integer"
   defp describe(:pos_integer), do: "a positive integer"
+  defp describe({:integer_in, min, max}), do: "an integer from #{min} to #{max}"
 end

@@ -29,7 +29,9 @@ defmodule Drab.Presence.Runtime do
 
   @doc """
   The runtime of `module`, created on its first start and reused after: the
-  table is never replaced, only the delivery is brought up to date.
+  table is never replaced. A restart applies the options that can change
+  while the table lives, and refuses a change of backend with an
+  `ArgumentError`.
   """
   @spec ensure(module(), keyword()) :: t()
   def ensure(module, opts) do
@@ -37,14 +39,21 @@ defmodule Drab.Presence.Runtime do
     delivery = Broadcast.delivery(module, opts[:pubsub_server])
 
     case :persistent_term.get({__MODULE__, module}, nil) do
-      %__MODULE__{backend: ^backend, delivery: ^delivery} = runtime ->
-        runtime
-
-      %__MODULE__{backend: ^backend} = runtime ->
-        put(module, %{runtime | delivery: delivery})
-
-      _none_or_other_backend ->
+      nil ->
         put(module, %__MODULE__{backend: backend, table: backend.new(opts), delivery: delivery})
+
+      %__MODULE__{backend: ^backend, table: table} = runtime ->
+        :ok = backend.configure(table, opts)
+
+        if runtime.delivery == delivery,
+          do: runtime,
+          else: put(module, %{runtime | delivery: delivery})
+
+      %__MODULE__{backend: running} ->
+        raise ArgumentError,
+              "#{inspect(module)} cannot switch its :backend to #{inspect(opts[:backend])}: " <>
+                "its table lives in #{inspect(running)} until the VM restarts, with every " <>
+                "presence in it; restart the VM to change backends"
     end
   end
 

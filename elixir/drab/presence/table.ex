@@ -4,7 +4,14 @@ defmodule Drab.Presence.Table do
   # caller and go straight to the backend: no GenServer on the read or write
   # path. Bad input raises ArgumentError here, before the table is touched.
 
+  import Bitwise, only: [<<<: 2]
+
   alias Drab.Presence.Runtime
+
+  # How long an update function keeps retrying against concurrent writers
+  # before `{:error, :contended}`, and how many tries go without a pause.
+  @update_patience_ms 1_000
+  @update_eager_tries 3
 
   @spec track(module(), pid(), term(), term(), map()) ::
           {:ok, binary()} | {:error, {:already_tracked, pid(), binary(), term()}}
@@ -30,7 +37,7 @@ defmodule Drab.Presence.Table do
   end
 
   @spec update(module(), pid(), term(), term(), map() | (map() -> map())) ::
-          {:ok, binary()} | {:error, :nopresence}
+          {:ok, binary()} | {:error, :nopresence | :contended}
   def update(module, pid, topic, key, meta_or_fun) do
     check_pid!(pid)
     check_topic!(topic)
@@ -39,7 +46,8 @@ defmodule Drab.Presence.Table do
 
     case meta_or_fun do
       fun when is_function(fun, 1) ->
-        update_with(runtime, module, pid, topic, key, fun)
+        deadline = System.monotonic_time(:millisecond) + @update_patience_ms
+        update_with(runtime, module, pid, topic, key, fun, {1, deadline})
 
       meta ->
         check_meta!(meta)
@@ -48,8 +56,13 @@ defmodule Drab.Presence.Table do
   end
 
   # Read, apply, write back only if nobody updated in between; else retry.
-  # The function sees the meta as Phoenix passes it, with its phx_ref.
-  defp update_with(%Runtime{backend: backend, table: table} = runtime, module, pid, topic, key, fun) do
+  # Retries pause a little (random, growing) after the first few, so that
+  # many updaters of one presence spread out instead of colliding again;
+  # and they stop after a while, so that a slow function racing a frequent
+  # writer gets a clear answer instead of retrying forever.
+  defp update_with(%Runtime{} = runtime, module, pid, topic, key, fun, {try, deadline}) do
+    %Runtime{backend: backend, table: table} = runtime
+
     case backend.lookup(table, pid, topic, key) do
       {:error, :not_tracked} ->
         {:error, :nopresence}
@@ -58,24 +71,36 @@ defmodule Drab.Presence.Table do
         new_meta = apply_update!(fun, old_meta, key)
 
         case write(runtime, module, pid, topic, key, new_meta, phx_ref) do
-          {:error, :stale} -> update_with(runtime, module, pid, topic, key, fun)
-          result -> result
+          {:error, :stale} ->
+            if System.monotonic_time(:millisecond) >= deadline do
+              {:error, :contended}
+            else
+              if try >= @update_eager_tries,
+                do: Process.sleep(:rand.uniform(1 <<< min(try - @update_eager_tries, 5)))
+
+              update_with(runtime, module, pid, topic, key, fun, {try + 1, deadline})
+            end
+
+          result ->
+            result
         end
     end
   end
 
+  # The function sees the meta as Phoenix passes it, with its phx_ref. One
+  # that raises, throws or exits leaves the presence as it was, and the
+  # caller gets an ArgumentError saying so, whichever it did.
   defp apply_update!(fun, old_meta, key) do
     new_meta =
       try do
         fun.(old_meta)
-      rescue
-        exception ->
+      catch
+        kind, reason ->
           reraise ArgumentError,
                   [
                     message:
-                      "the update function for presence #{inspect(key)} raised " <>
-                        "#{inspect(exception.__struct__)}: #{Exception.message(exception)}; " <>
-                        "the presence is unchanged"
+                      "the update function for presence #{inspect(key)} " <>
+                        failure(kind, reason, __STACKTRACE__) <> "; the presence is unchanged"
                   ],
                   __STACKTRACE__
       end
@@ -83,6 +108,14 @@ defmodule Drab.Presence.Table do
     check_meta!(new_meta)
     without_refs(new_meta)
   end
+
+  defp failure(:error, reason, stacktrace) do
+    exception = Exception.normalize(:error, reason, stacktrace)
+    "raised #{inspect(exception.__struct__)}: #{Exception.message(exception)}"
+  end
+
+  defp failure(:throw, value, _stacktrace), do: "threw #{inspect(value)}"
+  defp failure(:exit, reason, _stacktrace), do: "exited: #{Exception.format_exit(reason)}"
 
   # Phoenix sets these itself, over whatever the meta had. Stored, they would
   # make every `fn meta -> meta end` look like a change.
@@ -175,20 +208,31 @@ defmodule Drab.Presence.Table do
   defp key!(key) do
     String.Chars.to_string(key)
   rescue
-    Protocol.UndefinedError ->
+    exception ->
       reraise ArgumentError,
-              [message: "a presence key must be convertible to a string, got: #{inspect(key)}"],
+              [
+                message:
+                  "a presence key must be convertible to a string with to_string/1, got: " <>
+                    "#{inspect(key)} (#{Exception.message(exception)})"
+              ],
               __STACKTRACE__
+  end
+
+  defp max_meta_bytes(module) do
+    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
+    backend.stats(table).max_meta_bytes
   end
 
   defp refuse!(:noproc, pid, _meta, _module) do
     raise ArgumentError, "cannot track #{inspect(pid)}: the process is not alive"
   end
 
-  defp refuse!(:meta_too_large, _pid, meta, module) do
+  # The message does not measure the meta: encoding a 100 MB term to say
+  # how large it is would cost what refusing it early saved.
+  defp refuse!(:meta_too_large, _pid, _meta, module) do
     raise ArgumentError,
-          "presence meta is #{byte_size(:erlang.term_to_binary(meta))} bytes encoded, over the " <>
-            ":max_meta_bytes limit of #{inspect(module)}; keep metas small (ids, timestamps) " <>
-            "or raise the limit"
+          "presence meta is over the :max_meta_bytes limit of #{inspect(module)} " <>
+            "(#{max_meta_bytes(module)} bytes as term_to_binary/1 encodes it); keep metas " <>
+            "small (ids, timestamps) or raise the limit"
   end
 end

@@ -11,14 +11,19 @@
 //! writes listings in Erlang's external term format from stored meta bytes.
 
 mod cow_chunks;
+mod diff;
 mod error;
 pub mod etf;
+mod owner;
 mod phx_ref;
 mod ref_hash;
 mod registry;
 mod sharded_map;
+mod topic;
 
 pub use cow_chunks::{CowChunks, Snapshot, CHUNK_LEN};
+pub use diff::{Part, PartLimits, TopicDiff};
 pub use error::CoreError;
+pub use owner::Departure;
 pub use phx_ref::{encode_ref, RefGen};
-pub use registry::{Bytes, Change, Counts, Presence, Ref, Registry, Removed, TopicDiff, Update};
+pub use registry::{Bytes, Change, Counts, Presence, Ref, Registry, Removed, Update};

@@ -4,7 +4,6 @@
 //! there is no flooding to defend against and SipHash's cost buys nothing.
 //! A multiply-and-rotate (as rustc's FxHash) spreads sequential refs well.
 
-use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 
 #[derive(Default, Clone, Copy)]
@@ -29,4 +28,3 @@ impl Hasher for RefHasher {
 
 pub type ShardedRefMap<V> =
     crate::sharded_map::ShardedMap<crate::Ref, V, BuildHasherDefault<RefHasher>>;
-pub type RefSet = HashSet<crate::Ref, BuildHasherDefault<RefHasher>>;

@@ -1,12 +1,14 @@
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::hash::Hash;
 use std::sync::Arc;
 
-use crate::cow_chunks::{CowChunks, Snapshot};
+use crate::cow_chunks::Snapshot;
+use crate::diff::TopicDiff;
 use crate::error::CoreError;
+use crate::owner::{Departure, Handle, Owner};
 use crate::phx_ref::RefGen;
-use crate::ref_hash::{RefSet, ShardedRefMap};
 use crate::sharded_map::ShardedMap;
+use crate::topic::Topic;
 
 /// A presence ref (rendered as `phx_ref` by [`crate::encode_ref`]).
 pub type Ref = u64;
@@ -23,66 +25,6 @@ pub struct Presence<O, M> {
     pub phx_ref: Ref,
     /// The ref this presence had before its last update, as `phx_ref_prev`.
     pub prev_ref: Option<Ref>,
-}
-
-/// What one topic's subscribers have not been told yet.
-///
-/// Leaves were recorded as they happened; joins are the presences of the
-/// topic whose refs were handed out since the previous diff, found in a
-/// snapshot taken with the diff. Taking it is a move and a snapshot, under
-/// the lock; walking, encoding and dropping it happen after the lock is gone.
-#[derive(Debug)]
-pub struct TopicDiff<O, M> {
-    pub topic: Bytes,
-    leaves: Vec<Presence<O, M>>,
-    entries: Option<Snapshot<Presence<O, M>>>,
-    refs: RefGen,
-    joins_from_seq: u64,
-}
-
-impl<O, M> TopicDiff<O, M> {
-    pub fn joins(&self) -> impl Iterator<Item = &Presence<O, M>> {
-        self.entries
-            .iter()
-            .flat_map(|snapshot| snapshot.iter())
-            .filter(|p| self.refs.seq(p.phx_ref) >= self.joins_from_seq)
-    }
-
-    pub fn leaves(&self) -> impl ExactSizeIterator<Item = &Presence<O, M>> {
-        self.leaves.iter()
-    }
-
-    /// The diff cut into consecutive diffs of at most `max_presences`
-    /// presences each (joins plus leaves), so that no single broadcast
-    /// copies an unbounded payload into every subscriber. Applied in order,
-    /// the parts have the same effect as the whole: no ref is in both joins
-    /// and leaves, so the parts touch disjoint presences. A diff whose joins
-    /// and leaves all cancelled out has no parts.
-    #[allow(clippy::type_complexity)]
-    pub fn parts(&self, max_presences: usize) -> Vec<(Vec<&Presence<O, M>>, Vec<&Presence<O, M>>)> {
-        let max = max_presences.max(1);
-        let mut parts = Vec::new();
-        let mut joins = Vec::new();
-        let mut leaves = Vec::new();
-        for (is_join, presence) in self
-            .leaves()
-            .map(|p| (false, p))
-            .chain(self.joins().map(|p| (true, p)))
-        {
-            if joins.len() + leaves.len() == max {
-                parts.push((std::mem::take(&mut joins), std::mem::take(&mut leaves)));
-            }
-            if is_join {
-                joins.push(presence)
-            } else {
-                leaves.push(presence)
-            }
-        }
-        if !joins.is_empty() || !leaves.is_empty() {
-            parts.push((joins, leaves));
-        }
-        parts
-    }
 }
 
 /// The result of a write that changed the table.
@@ -129,152 +71,8 @@ pub struct Counts {
     pub connections: usize,
 }
 
-/// The refs under one key in one topic. Most keys have one connection, so
-/// that case needs no allocation; a key shared by many (one user with many
-/// tabs, or a topic keyed by a constant) stays O(1) to change.
-#[derive(Debug)]
-enum KeyRefs {
-    One(Ref),
-    Many(Box<RefSet>),
-}
-
-impl KeyRefs {
-    fn iter(&self) -> impl Iterator<Item = &Ref> {
-        let (one, many) = match self {
-            KeyRefs::One(r) => (Some(r), None),
-            KeyRefs::Many(set) => (None, Some(set.iter())),
-        };
-        one.into_iter().chain(many.into_iter().flatten())
-    }
-
-    fn add(&mut self, phx_ref: Ref) {
-        match self {
-            KeyRefs::One(first) => {
-                *self = KeyRefs::Many(Box::new(RefSet::from_iter([*first, phx_ref])))
-            }
-            KeyRefs::Many(set) => {
-                set.insert(phx_ref);
-            }
-        }
-    }
-
-    /// Removes `phx_ref`; returns true when no ref is left.
-    fn remove(&mut self, phx_ref: Ref) -> bool {
-        match self {
-            KeyRefs::One(r) => *r == phx_ref,
-            KeyRefs::Many(set) => {
-                set.remove(&phx_ref);
-                if set.len() == 1 {
-                    let only = *set.iter().next().expect("one left");
-                    *self = KeyRefs::One(only);
-                }
-                false
-            }
-        }
-    }
-
-    fn replace(&mut self, old: Ref, new: Ref) {
-        match self {
-            KeyRefs::One(r) => *r = new,
-            KeyRefs::Many(set) => {
-                set.remove(&old);
-                set.insert(new);
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Topic<O, M> {
-    entries: CowChunks<Presence<O, M>>,
-    position: ShardedRefMap<u32>,
-    keys: ShardedMap<Bytes, KeyRefs>,
-    /// Presences with a ref at or after this seq joined after the last
-    /// diff: their join is pending. A leave of one of them cancels that
-    /// join instead of being recorded.
-    joins_from_seq: u64,
-    /// Leaves of presences whose join subscribers have seen.
-    pending_leaves: Vec<Presence<O, M>>,
-    /// In `Registry::dirty`, waiting for `take_diffs`.
-    dirty: bool,
-}
-
-impl<O, M> Topic<O, M> {
-    /// A topic created when refs up to `next_seq` are already handed out.
-    fn new(next_seq: u64) -> Self {
-        Self {
-            entries: CowChunks::default(),
-            position: ShardedRefMap::default(),
-            keys: ShardedMap::default(),
-            joins_from_seq: next_seq,
-            pending_leaves: Vec::new(),
-            dirty: false,
-        }
-    }
-}
-
-/// Where one presence of an owner lives, to find it without a topic scan.
-/// Its key is the entry's: keeping it here too would cost 16 bytes a presence.
-#[derive(Debug)]
-struct Handle {
-    topic: Bytes,
-    phx_ref: Ref,
-}
-
-/// An owner's handles. Most owners (channel processes) are present on one
-/// topic, so that case lives inline.
-#[derive(Debug)]
-enum Handles {
-    One(Handle),
-    Many(Vec<Handle>),
-}
-
-impl Handles {
-    fn as_slice(&self) -> &[Handle] {
-        match self {
-            Handles::One(h) => std::slice::from_ref(h),
-            Handles::Many(v) => v,
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [Handle] {
-        match self {
-            Handles::One(h) => std::slice::from_mut(h),
-            Handles::Many(v) => v,
-        }
-    }
-
-    fn push(&mut self, handle: Handle) {
-        match std::mem::replace(self, Handles::Many(Vec::new())) {
-            Handles::One(first) => *self = Handles::Many(vec![first, handle]),
-            Handles::Many(mut v) => {
-                v.push(handle);
-                *self = Handles::Many(v);
-            }
-        }
-    }
-
-    /// Removes the handle at `index`; `None` means it was the last one and
-    /// the owner should go.
-    fn remove(&mut self, index: usize) -> Option<Handle> {
-        match self {
-            Handles::One(_) => None,
-            Handles::Many(v) => {
-                let removed = v.swap_remove(index);
-                if v.len() == 1 {
-                    *self = Handles::One(v.pop().expect("one left"));
-                }
-                Some(removed)
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Owner<W> {
-    watch: W,
-    handles: Handles,
-}
+/// Capacity the dirty queue keeps however empty it gets.
+const MIN_KEPT_DIRTY: usize = 64;
 
 /// The presence table.
 ///
@@ -282,12 +80,15 @@ struct Owner<W> {
 /// * `M` is a meta; equality decides whether an update is a no-op.
 /// * `W` is what watches a live owner (a monitor); one per owner, created on
 ///   its first presence and handed back when its last one goes.
+///
+/// Every operation on one presence is O(1), whatever the size of its topic
+/// or the number of presences its owner has.
 #[derive(Debug)]
 pub struct Registry<O, M, W> {
-    topics: HashMap<Bytes, Topic<O, M>>,
+    topics: ShardedMap<Bytes, Topic<O, M>>,
     owners: ShardedMap<O, Owner<W>>,
     /// Topics with a pending diff, in the order they first changed.
-    dirty: Vec<Bytes>,
+    dirty: VecDeque<Bytes>,
     refs: RefGen,
     presences: usize,
 }
@@ -300,9 +101,9 @@ where
     /// `ref_seed` should be random, so refs from different registries differ.
     pub fn new(ref_seed: u64) -> Self {
         Self {
-            topics: HashMap::new(),
+            topics: ShardedMap::default(),
             owners: ShardedMap::default(),
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
             refs: RefGen::new(ref_seed),
             presences: 0,
         }
@@ -321,29 +122,25 @@ where
         meta: M,
         watch: impl FnOnce() -> Option<W>,
     ) -> Result<Change, CoreError> {
+        if self.find(&owner, topic, key).is_some() {
+            return Err(CoreError::AlreadyTracked);
+        }
         let new_watch = match self.owners.get(&owner) {
-            Some(existing) if self.find_handle(existing, topic, key).is_some() => {
-                return Err(CoreError::AlreadyTracked)
-            }
             Some(_) => None,
             None => Some(watch().ok_or(CoreError::OwnerGone)?),
         };
 
         let topic_name = self.intern_topic(topic);
         let phx_ref = self.refs.next_ref();
-        let topic_entry = self.topics.get_mut(&topic_name).expect("interned above");
-        let key = match topic_entry.keys.get_key_value(key) {
-            Some((existing, _)) => existing.clone(),
-            None => Bytes::from(key),
-        };
-        let presence = Presence {
+        let entry = self.topics.get_mut(&topic_name).expect("interned above");
+        let key = entry.interned_key(key);
+        entry.insert(Presence {
             owner,
             key,
             meta,
             phx_ref,
             prev_ref: None,
-        };
-        insert_presence(topic_entry, presence);
+        });
         self.presences += 1;
         let handle = Handle {
             topic: topic_name.clone(),
@@ -351,20 +148,13 @@ where
         };
         match new_watch {
             Some(watch) => {
-                self.owners.insert(
-                    owner,
-                    Owner {
-                        watch,
-                        handles: Handles::One(handle),
-                    },
-                );
+                self.owners.insert(owner, Owner::new(watch, handle));
             }
             None => self
                 .owners
                 .get_mut(&owner)
                 .expect("checked above")
-                .handles
-                .push(handle),
+                .add(handle),
         }
         let wake = self.mark_dirty(&topic_name);
         Ok(Change { phx_ref, wake })
@@ -372,24 +162,20 @@ where
 
     /// Removes the presence of `owner` under `key` on `topic`, if any.
     pub fn untrack(&mut self, owner: O, topic: &[u8], key: &[u8]) -> Removed<W> {
-        let Some(owner_entry) = self.owners.get(&owner) else {
+        let Some((topic_name, phx_ref, _)) = self.find(&owner, topic, key) else {
             return Removed::nothing();
         };
-        let Some(index) = self.find_handle(owner_entry, topic, key) else {
+        // A departed owner's presences are still listed until their chunk
+        // is removed; they are the departure's to remove.
+        let Some(owner_entry) = self.owners.get_mut(&owner) else {
             return Removed::nothing();
         };
-        let owner_entry = self.owners.get_mut(&owner).expect("found above");
-        let (handle, released_watch) = match owner_entry.handles.remove(index) {
-            Some(handle) => (handle, None),
-            None => {
-                let last = self.owners.remove(&owner).expect("found above");
-                let Handles::One(handle) = last.handles else {
-                    unreachable!("only a single handle is left for removal")
-                };
-                (handle, Some(last.watch))
-            }
+        let released_watch = if owner_entry.remove(phx_ref) {
+            self.owners.remove(&owner).map(|last| last.watch)
+        } else {
+            None
         };
-        let wake = self.remove_presence(&handle.topic, handle.phx_ref);
+        let wake = self.remove_presence(&topic_name, phx_ref);
         Removed {
             removed: 1,
             wake,
@@ -397,30 +183,46 @@ where
         }
     }
 
-    /// Removes every presence of `owner`: `untrack(pid)`, or the owner exited.
+    /// Detaches every presence of `owner` (it exited, or is untracked
+    /// everywhere), returning its watch and a [`Departure`] to remove them
+    /// with [`Registry::remove_departed`]. O(1).
+    ///
+    /// Until removed, the presences are still listed and counted, but no
+    /// longer the owner's: they can be neither updated nor untracked one by
+    /// one.
+    pub fn depart(&mut self, owner: O) -> Option<(W, Departure)> {
+        Some(self.owners.remove(&owner)?.depart())
+    }
+
+    /// Removes up to `max` presences of `departure`; returns what it removed.
+    pub fn remove_departed(&mut self, departure: &mut Departure, max: usize) -> Removed<W> {
+        let mut removed = Removed::nothing();
+        for handle in departure.take(max) {
+            if self.topic_has(&handle.topic, handle.phx_ref) {
+                removed.wake |= self.remove_presence(&handle.topic, handle.phx_ref);
+                removed.removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Removes every presence of `owner` at once: `depart` and
+    /// `remove_departed` in one step.
     pub fn untrack_owner(&mut self, owner: O) -> Removed<W> {
-        let Some(owner_entry) = self.owners.remove(&owner) else {
+        let Some((watch, mut departure)) = self.depart(owner) else {
             return Removed::nothing();
         };
-        let mut wake = false;
-        for handle in owner_entry.handles.as_slice() {
-            wake |= self.remove_presence(&handle.topic, handle.phx_ref);
-        }
-        Removed {
-            removed: owner_entry.handles.as_slice().len(),
-            wake,
-            released_watch: Some(owner_entry.watch),
-        }
+        let mut removed = self.remove_departed(&mut departure, usize::MAX);
+        removed.released_watch = Some(watch);
+        removed
     }
 
     /// The presence of `owner` under `key` on `topic`, for read-modify-write
     /// updates.
     pub fn lookup(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<&Presence<O, M>> {
-        let handle = self.handle(owner, topic, key)?;
-        let topic = self.topics.get(&*handle.topic)?;
-        topic
-            .entries
-            .get(*topic.position.get(&handle.phx_ref)? as usize)
+        let entry = self.topics.get(topic)?;
+        let (_, index) = entry.find(&owner, key)?;
+        entry.get(index)
     }
 
     /// What watches `owner`, while it has presences.
@@ -442,60 +244,23 @@ where
         meta: M,
         expected_ref: Option<Ref>,
     ) -> Result<Update, CoreError> {
-        let (topic_name, old_ref) = {
-            let handle = self
-                .handle(owner, topic, key)
-                .ok_or(CoreError::NotTracked)?;
-            (handle.topic.clone(), handle.phx_ref)
+        let (topic_name, old_ref, index) =
+            self.find(&owner, topic, key).ok_or(CoreError::NotTracked)?;
+        let Some(owner_entry) = self.owners.get_mut(&owner) else {
+            return Err(CoreError::NotTracked);
         };
         if expected_ref.is_some_and(|expected| expected != old_ref) {
             return Err(CoreError::Stale);
         }
-        let topic_entry = self
-            .topics
-            .get_mut(&topic_name)
-            .expect("handles point at live topics");
-        let index = *topic_entry
-            .position
-            .get(&old_ref)
-            .expect("handles point at live refs") as usize;
-        if topic_entry
-            .entries
-            .get(index)
-            .expect("positions are in bounds")
-            .meta
-            == meta
-        {
+        let entry = self.topics.get_mut(&topic_name).expect("found above");
+        if entry.get(index).expect("found above").meta == meta {
             return Ok(Update::Unchanged(old_ref));
         }
 
         let new_ref = self.refs.next_ref();
-        let slot = topic_entry
-            .entries
-            .get_mut(index)
-            .expect("positions are in bounds");
-        let before = slot.clone();
-        slot.meta = meta;
-        slot.phx_ref = new_ref;
-        slot.prev_ref = Some(old_ref);
-        let after = slot.clone();
-        topic_entry.position.remove(&old_ref);
-        topic_entry.position.insert(new_ref, index as u32);
-        topic_entry
-            .keys
-            .get_mut(&after.key)
-            .expect("every entry's key is indexed")
-            .replace(old_ref, new_ref);
-        let owner_entry = self.owners.get_mut(&owner).expect("handle found above");
-        let handle = owner_entry
-            .handles
-            .as_mut_slice()
-            .iter_mut()
-            .find(|h| h.phx_ref == old_ref)
-            .expect("handle found above");
-        handle.phx_ref = new_ref;
-
-        self.record_leave(&topic_name, before);
+        let before = entry.replace(index, meta, new_ref);
+        owner_entry.rename(old_ref, new_ref);
+        entry.record_leave(&self.refs, before);
         let wake = self.mark_dirty(&topic_name);
         Ok(Update::Changed(Change {
             phx_ref: new_ref,
@@ -508,8 +273,8 @@ where
         self.topics
             .get(topic)
             .map_or(Counts::default(), |t| Counts {
-                users: t.keys.len(),
-                connections: t.entries.len(),
+                users: t.users(),
+                connections: t.len(),
             })
     }
 
@@ -518,48 +283,82 @@ where
     pub fn snapshot(&self, topic: &[u8]) -> Option<Snapshot<Presence<O, M>>> {
         self.topics
             .get(topic)
-            .filter(|t| !t.entries.is_empty())
-            .map(|t| t.entries.snapshot())
+            .filter(|t| !t.is_empty())
+            .map(|t| t.snapshot())
     }
 
-    /// The presences under `key` on `topic`.
-    pub fn get_by_key(&self, topic: &[u8], key: &[u8]) -> Vec<Presence<O, M>> {
-        let Some(topic) = self.topics.get(topic) else {
-            return Vec::new();
-        };
-        let Some(refs) = topic.keys.get(key) else {
-            return Vec::new();
-        };
-        refs.iter()
-            .filter_map(|r| topic.entries.get(*topic.position.get(r)? as usize))
-            .cloned()
-            .collect()
-    }
-
-    /// Takes the pending diffs of up to `max_topics` topics, oldest first.
-    /// Under the lock this only moves the leaves and snapshots the topic;
-    /// finding the joins is left to the caller, off the lock.
-    pub fn take_diffs(&mut self, max_topics: usize) -> Vec<TopicDiff<O, M>> {
-        let take = max_topics.min(self.dirty.len());
+    /// Notes that `topic` is being listed (or a key of it read): a client
+    /// may sync from what it shows, so every presence on it now must have
+    /// its leave sent, even one whose join has not been sent yet. Call it
+    /// with the snapshot or lookup, under the same lock. O(1).
+    pub fn observe(&mut self, topic: &[u8]) {
         let next_seq = self.refs.next_seq();
-        let mut diffs = Vec::with_capacity(take);
-        for topic_name in self.dirty.drain(..take) {
-            let Some(topic) = self.topics.get_mut(&topic_name) else {
+        if let Some(entry) = self.topics.get_mut(topic) {
+            entry.observed_before_seq = next_seq;
+        }
+    }
+
+    /// How many presences `key` has on `topic`: O(1).
+    pub fn key_len(&self, topic: &[u8], key: &[u8]) -> usize {
+        self.topics.get(topic).map_or(0, |t| t.key_len(key))
+    }
+
+    /// The presences under `key` on `topic`: O(presences under the key).
+    pub fn get_by_key(&self, topic: &[u8], key: &[u8]) -> Vec<Presence<O, M>> {
+        self.topics
+            .get(topic)
+            .map_or_else(Vec::new, |t| t.by_key(key))
+    }
+
+    /// The work of taking the oldest pending diff: presences its joins are
+    /// looked for among, and its leaves.
+    pub fn next_diff_work(&self) -> usize {
+        self.dirty
+            .front()
+            .and_then(|name| self.topics.get(&**name))
+            .map_or(0, Topic::diff_work)
+    }
+
+    /// Takes the pending diffs of up to `max_topics` topics, oldest first,
+    /// stopping before `max_work` (see [`Registry::next_diff_work`]) is
+    /// passed, though always taking one. Under the lock this only moves the
+    /// leaves and snapshots the topic; finding the joins is left to the
+    /// caller, off the lock.
+    pub fn take_diffs(&mut self, max_topics: usize, max_work: usize) -> Vec<TopicDiff<O, M>> {
+        let next_seq = self.refs.next_seq();
+        let mut diffs = Vec::new();
+        let mut work = 0;
+        while diffs.len() < max_topics {
+            let Some(topic_name) = self.dirty.front() else {
+                break;
+            };
+            let Some(topic) = self.topics.get_mut(&**topic_name) else {
+                self.dirty.pop_front();
                 continue;
             };
+            work += topic.diff_work();
+            if work > max_work && !diffs.is_empty() {
+                break;
+            }
+            let topic_name = self.dirty.pop_front().expect("front checked above");
             let diff = TopicDiff {
                 topic: topic_name.clone(),
                 leaves: std::mem::take(&mut topic.pending_leaves),
-                entries: (!topic.entries.is_empty()).then(|| topic.entries.snapshot()),
+                entries: (!topic.is_empty()).then(|| topic.snapshot()),
                 refs: self.refs.clone(),
                 joins_from_seq: topic.joins_from_seq,
             };
             topic.joins_from_seq = next_seq;
             topic.dirty = false;
-            if topic.entries.is_empty() {
+            if topic.is_empty() {
                 self.topics.remove(&topic_name);
             }
             diffs.push(diff);
+        }
+        // Give memory back after a peak of changed topics.
+        let capacity = self.dirty.capacity();
+        if capacity > MIN_KEPT_DIRTY && self.dirty.len() < capacity / 4 {
+            self.dirty.shrink_to(self.dirty.len() * 2);
         }
         diffs
     }
@@ -578,42 +377,34 @@ where
         self.presences == 0
     }
 
+    /// Owners with presences (departed ones not counted).
     pub fn owner_count(&self) -> usize {
         self.owners.len()
     }
 
+    /// Presences of `owner` (0 for one that departed).
+    pub fn owner_presences(&self, owner: &O) -> usize {
+        self.owners.get(owner).map_or(0, |o| o.len())
+    }
+
+    /// Topics with presences (topics emptied since the last diff are kept
+    /// until it is taken).
     pub fn topic_count(&self) -> usize {
+        self.topics.iter().filter(|(_, t)| !t.is_empty()).count()
+    }
+
+    /// `owner`'s presence under `key` on `topic`: the topic's interned
+    /// name, the presence's ref and its position.
+    fn find(&self, owner: &O, topic: &[u8], key: &[u8]) -> Option<(Bytes, Ref, usize)> {
+        let (name, entry) = self.topics.get_key_value(topic)?;
+        let (phx_ref, index) = entry.find(owner, key)?;
+        Some((name.clone(), phx_ref, index))
+    }
+
+    fn topic_has(&self, topic: &[u8], phx_ref: Ref) -> bool {
         self.topics
-            .values()
-            .filter(|t| !t.entries.is_empty())
-            .count()
-    }
-
-    /// The watch handles of every owner, e.g. to release them on shutdown.
-    pub fn watches(&self) -> impl Iterator<Item = (&O, &W)> {
-        self.owners
-            .iter()
-            .map(|(owner, entry)| (owner, &entry.watch))
-    }
-
-    fn handle(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<&Handle> {
-        let owner_entry = self.owners.get(&owner)?;
-        let index = self.find_handle(owner_entry, topic, key)?;
-        owner_entry.handles.as_slice().get(index)
-    }
-
-    /// The index of `owner_entry`'s handle for `key` on `topic`.
-    fn find_handle(&self, owner_entry: &Owner<W>, topic: &[u8], key: &[u8]) -> Option<usize> {
-        owner_entry.handles.as_slice().iter().position(|h| {
-            &*h.topic == topic && {
-                let t = &self.topics[&h.topic];
-                let index = *t
-                    .position
-                    .get(&h.phx_ref)
-                    .expect("handles point at live refs") as usize;
-                &*t.entries.get(index).expect("positions are in bounds").key == key
-            }
-        })
+            .get(topic)
+            .is_some_and(|t| t.by_ref(phx_ref).is_some())
     }
 
     fn intern_topic(&mut self, topic: &[u8]) -> Bytes {
@@ -633,40 +424,10 @@ where
             .topics
             .get_mut(topic_name)
             .expect("handles point at live topics");
-        let index = topic
-            .position
-            .remove(&phx_ref)
-            .expect("handles point at live refs") as usize;
-        let removed = topic
-            .entries
-            .swap_remove(index)
-            .expect("positions are in bounds");
-        if let Some(moved) = topic.entries.get(index) {
-            topic.position.insert(moved.phx_ref, index as u32);
-        }
-        let key_empty = topic
-            .keys
-            .get_mut(&removed.key)
-            .expect("every entry's key is indexed")
-            .remove(phx_ref);
-        if key_empty {
-            topic.keys.remove(&removed.key);
-        }
+        let removed = topic.remove(phx_ref).expect("handles point at live refs");
+        topic.record_leave(&self.refs, removed);
         self.presences -= 1;
-        self.record_leave(topic_name, removed);
         self.mark_dirty(topic_name)
-    }
-
-    /// A leave cancels a join that subscribers have not seen yet; any other
-    /// is recorded for the next diff.
-    fn record_leave(&mut self, topic_name: &Bytes, presence: Presence<O, M>) {
-        let topic = self
-            .topics
-            .get_mut(topic_name)
-            .expect("recorded topics exist");
-        if self.refs.seq(presence.phx_ref) < topic.joins_from_seq {
-            topic.pending_leaves.push(presence);
-        }
     }
 
     /// Marks `topic_name` as having a pending diff. Returns true when it is
@@ -681,28 +442,22 @@ where
         }
         topic.dirty = true;
         let wake = self.dirty.is_empty();
-        self.dirty.push(topic_name.clone());
+        self.dirty.push_back(topic_name.clone());
         wake
     }
-}
-
-fn insert_presence<O: Clone, M: Clone>(topic: &mut Topic<O, M>, presence: Presence<O, M>) {
-    let phx_ref = presence.phx_ref;
-    match topic.keys.get_mut(&presence.key) {
-        Some(refs) => refs.add(phx_ref),
-        None => {
-            topic
-                .keys
-                .insert(presence.key.clone(), KeyRefs::One(phx_ref));
-        }
-    }
-    let index = topic.entries.push(presence);
-    topic.position.insert(phx_ref, index as u32);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PartLimits;
+
+    fn limit(presences: usize) -> PartLimits {
+        PartLimits {
+            presences,
+            weight: usize::MAX,
+        }
+    }
 
     type Reg = Registry<u32, &'static str, ()>;
 
@@ -825,11 +580,11 @@ mod tests {
         assert!(r.track(1, b"t", b"a", "x", watch).unwrap().wake);
         assert!(!r.track(2, b"t", b"b", "x", watch).unwrap().wake);
         assert!(!r.track(3, b"u", b"c", "x", watch).unwrap().wake);
-        let diffs = r.take_diffs(usize::MAX);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
         assert_eq!(diffs.len(), 2);
         assert_eq!(diffs[0].topic.as_ref(), b"t");
         assert_eq!(diffs[0].joins().count(), 2);
-        assert!(r.take_diffs(usize::MAX).is_empty());
+        assert!(r.take_diffs(usize::MAX, usize::MAX).is_empty());
         assert!(r.untrack(1, b"t", b"a").wake);
     }
 
@@ -839,19 +594,41 @@ mod tests {
         r.track(1, b"t", b"a", "x", watch).unwrap();
         r.update(1, b"t", b"a", "y", None).unwrap();
         r.untrack_owner(1);
-        let diffs = r.take_diffs(usize::MAX);
-        assert!(diffs.iter().all(|d| d.parts(usize::MAX).is_empty()));
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        assert!(diffs
+            .iter()
+            .all(|d| d.parts(PartLimits::UNLIMITED, |_| 1).is_empty()));
         assert_eq!(r.topic_count(), 0);
         assert_eq!(r.pending_topics(), 0);
+    }
+
+    #[test]
+    fn a_listed_join_is_not_cancelled_by_its_leave() {
+        let mut r = reg();
+        r.track(1, b"t", b"a", "x", watch).unwrap();
+        let listed_ref = r.track(2, b"t", b"b", "x", watch).unwrap().phx_ref;
+        r.observe(b"t");
+        let unlisted = r.track(3, b"t", b"c", "x", watch).unwrap().phx_ref;
+        r.untrack_owner(2);
+        r.untrack_owner(3);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        let leaves: Vec<Ref> = diffs[0].leaves().map(|p| p.phx_ref).collect();
+        assert_eq!(
+            leaves,
+            vec![listed_ref],
+            "the listed one leaves, the other cancels"
+        );
+        assert!(!diffs[0].joins().any(|p| p.phx_ref == unlisted));
+        assert_eq!(diffs[0].joins().count(), 1);
     }
 
     #[test]
     fn update_after_a_sent_join_is_a_leave_and_a_join() {
         let mut r = reg();
         let old = r.track(1, b"t", b"a", "x", watch).unwrap().phx_ref;
-        r.take_diffs(usize::MAX);
+        r.take_diffs(usize::MAX, usize::MAX);
         r.update(1, b"t", b"a", "y", None).unwrap();
-        let diffs = r.take_diffs(usize::MAX);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
         let leave = diffs[0].leaves().next().unwrap();
         let join = diffs[0].joins().next().unwrap();
         assert_eq!((leave.phx_ref, leave.meta), (old, "x"));
@@ -865,7 +642,7 @@ mod tests {
             r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch)
                 .unwrap();
         }
-        r.take_diffs(usize::MAX);
+        r.take_diffs(usize::MAX, usize::MAX);
         for owner in 0..3u32 {
             r.untrack_owner(owner);
         }
@@ -873,8 +650,8 @@ mod tests {
             r.track(owner, b"t", owner.to_string().as_bytes(), "m", watch)
                 .unwrap();
         }
-        let diffs = r.take_diffs(usize::MAX);
-        let parts = diffs[0].parts(3);
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        let parts = diffs[0].parts(limit(3), |_| 1);
         assert_eq!(
             parts
                 .iter()
@@ -893,7 +670,22 @@ mod tests {
         joined.sort();
         left.sort();
         assert_eq!((joined, left), (vec![10, 11, 12, 13], vec![0, 1, 2]));
-        assert_eq!(diffs[0].parts(100).len(), 1);
+        assert_eq!(diffs[0].parts(limit(100), |_| 1).len(), 1);
+    }
+
+    #[test]
+    fn take_diffs_respects_the_work_budget_but_takes_one() {
+        let mut r = reg();
+        for owner in 0..10u32 {
+            r.track(owner, b"big", owner.to_string().as_bytes(), "m", watch)
+                .unwrap();
+        }
+        r.track(10, b"small", b"k", "m", watch).unwrap();
+        assert_eq!(r.next_diff_work(), 10);
+        assert_eq!(r.take_diffs(10, 5).len(), 1, "one, however large");
+        assert_eq!(r.next_diff_work(), 1);
+        assert_eq!(r.take_diffs(10, 5).len(), 1);
+        assert_eq!(r.next_diff_work(), 0);
     }
 
     #[test]
@@ -903,8 +695,134 @@ mod tests {
             r.track(owner, owner.to_string().as_bytes(), b"k", "m", watch)
                 .unwrap();
         }
-        assert_eq!(r.take_diffs(2).len(), 2);
+        assert_eq!(r.take_diffs(2, usize::MAX).len(), 2);
         assert_eq!(r.pending_topics(), 3);
-        assert_eq!(r.take_diffs(10).len(), 3);
+        assert_eq!(r.take_diffs(10, usize::MAX).len(), 3);
+    }
+
+    #[test]
+    fn an_update_travels_with_its_key_when_a_diff_is_cut() {
+        let mut r: Registry<u32, u32, ()> = Registry::new(7);
+        for owner in 0..3_000u32 {
+            r.track(owner, b"t", owner.to_string().as_bytes(), 0, watch)
+                .unwrap();
+        }
+        r.take_diffs(usize::MAX, usize::MAX);
+        for owner in 0..3_000u32 {
+            r.update(owner, b"t", owner.to_string().as_bytes(), 1, None)
+                .unwrap();
+        }
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        let parts = diffs[0].parts(limit(2_000), |_| 1);
+        assert_eq!(parts.len(), 3);
+        for (joins, leaves) in &parts {
+            assert!(joins.len() + leaves.len() <= 2_000);
+            let mut joined: Vec<&[u8]> = joins.iter().map(|p| &*p.key).collect();
+            let mut left: Vec<&[u8]> = leaves.iter().map(|p| &*p.key).collect();
+            joined.sort();
+            left.sort();
+            assert_eq!(joined, left, "each key's leave and join share a part");
+        }
+    }
+
+    #[test]
+    fn parts_respect_the_weight_limit_and_split_big_keys_joins_first() {
+        let mut r: Registry<u32, u32, ()> = Registry::new(7);
+        for owner in 0..4u32 {
+            r.track(owner, b"t", b"same", 0, watch).unwrap();
+        }
+        r.take_diffs(usize::MAX, usize::MAX);
+        for owner in 0..4u32 {
+            r.update(owner, b"t", b"same", 1, None).unwrap();
+        }
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        let limits = PartLimits {
+            presences: 100,
+            weight: 30,
+        };
+        let parts = diffs[0].parts(limits, |_| 10);
+        assert!(parts.iter().all(|(j, l)| (j.len() + l.len()) * 10 <= 30));
+        // All four joins go out before the first leave.
+        let order: Vec<bool> = parts
+            .iter()
+            .flat_map(|(j, l)| j.iter().map(|_| true).chain(l.iter().map(|_| false)))
+            .collect();
+        assert_eq!(order, [true, true, true, true, false, false, false, false]);
+    }
+
+    #[test]
+    fn a_departed_owner_is_removed_in_chunks() {
+        let mut r = reg();
+        for topic in 0..10u32 {
+            r.track(1, topic.to_string().as_bytes(), b"k", "m", watch)
+                .unwrap();
+        }
+        r.track(2, b"0", b"k", "m", watch).unwrap();
+        let (_, mut departure) = r.depart(1).unwrap();
+        assert_eq!(r.owner_count(), 1);
+        assert_eq!(r.len(), 11);
+        // Not the owner's any more: no single untrack or update reaches it.
+        assert_eq!(r.untrack(1, b"3", b"k").removed, 0);
+        assert_eq!(
+            r.update(1, b"3", b"k", "n", None),
+            Err(CoreError::NotTracked)
+        );
+        let mut chunks = 0;
+        while !departure.is_done() {
+            assert!(r.remove_departed(&mut departure, 4).removed <= 4);
+            chunks += 1;
+        }
+        assert_eq!(chunks, 3);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.counts(b"0").connections, 1);
+        assert!(r.depart(1).is_none());
+    }
+
+    #[test]
+    fn an_owner_with_many_presences_changes_each_on_its_own() {
+        let mut r = reg();
+        for i in 0..1_000u32 {
+            r.track(1, b"t", i.to_string().as_bytes(), "a", watch)
+                .unwrap();
+        }
+        for i in (0..1_000u32).step_by(2) {
+            assert_eq!(r.untrack(1, b"t", i.to_string().as_bytes()).removed, 1);
+        }
+        for i in (1..1_000u32).step_by(2) {
+            let key = i.to_string();
+            assert!(matches!(
+                r.update(1, b"t", key.as_bytes(), "b", None),
+                Ok(Update::Changed(_))
+            ));
+            assert_eq!(r.lookup(1, b"t", key.as_bytes()).unwrap().meta, "b");
+        }
+        assert_eq!(r.counts(b"t").connections, 500);
+        assert_eq!(r.untrack_owner(1).removed, 500);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_shared_key_finds_each_owner() {
+        let mut r = reg();
+        for owner in 0..5u32 {
+            r.track(owner, b"t", b"k", "a", watch).unwrap();
+        }
+        assert_eq!(r.key_len(b"t", b"k"), 5);
+        assert_eq!(
+            r.track(3, b"t", b"k", "a", watch),
+            Err(CoreError::AlreadyTracked)
+        );
+        for owner in [4, 0, 2, 1] {
+            assert_eq!(r.untrack(owner, b"t", b"k").removed, 1);
+            assert!(r.lookup(owner, b"t", b"k").is_none());
+        }
+        assert_eq!(r.lookup(3, b"t", b"k").unwrap().owner, 3);
+        assert_eq!(
+            r.counts(b"t"),
+            Counts {
+                users: 1,
+                connections: 1
+            }
+        );
     }
 }

@@ -18,6 +18,9 @@ pub const SPLIT_AT: usize = 16_384;
 pub const SHARDS: usize = 64;
 /// Capacity a shard keeps however empty it gets.
 const MIN_KEPT_CAPACITY: usize = 64;
+/// Entries below which a split map becomes one map again: far enough
+/// below [`SPLIT_AT`] that a map hovering around it does not flip.
+const MERGE_AT: usize = SPLIT_AT / 4;
 
 #[derive(Debug, Clone)]
 pub struct ShardedMap<K, V, S = RandomState> {
@@ -92,22 +95,34 @@ impl<K: Hash + Eq, V, S: BuildHasher + Clone> ShardedMap<K, V, S> {
         Q: Hash + Eq + ?Sized,
     {
         let shard = self.shard_of(key);
-        let map = &mut self.shards[shard];
-        let removed = map.remove(key);
-        if removed.is_some() {
-            self.len -= 1;
-            // Give memory back after a peak: shrinking when a quarter full
-            // costs one rehash of the (bounded) shard per halving, O(1)
-            // amortized, and never thrashes with growth.
-            if map.capacity() > MIN_KEPT_CAPACITY && map.len() < map.capacity() / 4 {
-                map.shrink_to(map.len() * 2);
-            }
+        let removed = self.shards[shard].remove(key)?;
+        self.len -= 1;
+        if self.shards.len() > 1 && self.len < MERGE_AT {
+            self.merge();
+            return Some(removed);
         }
-        removed
+        // Give memory back after a peak: shrinking when a quarter full
+        // costs one rehash of the (bounded) shard per halving, O(1)
+        // amortized, and never thrashes with growth.
+        let map = &mut self.shards[shard];
+        if map.capacity() > MIN_KEPT_CAPACITY && map.len() < map.capacity() / 4 {
+            map.shrink_to(map.len() * 2);
+        }
+        Some(removed)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.shards.iter().flat_map(|shard| shard.iter())
+    }
+
+    /// Back to one map after a peak: 64 shards at their kept capacity
+    /// would hold room for 4,096 entries however few are left.
+    fn merge(&mut self) {
+        let mut single = HashMap::with_capacity_and_hasher(self.len, self.hasher.clone());
+        for shard in std::mem::take(&mut self.shards) {
+            single.extend(shard);
+        }
+        self.shards = vec![single];
     }
 
     fn split(&mut self) {
@@ -150,9 +165,7 @@ mod tests {
         for i in 0..n {
             map.remove(&i);
         }
-        assert!(map
-            .shards
-            .iter()
-            .all(|s| s.capacity() <= 2 * MIN_KEPT_CAPACITY));
+        assert_eq!(map.shards.len(), 1, "merged back after the peak");
+        assert!(map.shards[0].capacity() <= 2 * MIN_KEPT_CAPACITY);
     }
 }

@@ -9,8 +9,8 @@ rustler::atoms! {
     meta_too_large,
     // table_list: the topic belongs on a dirty scheduler.
     too_large,
-    // diff_queue_next: no part left.
-    done,
+    // table_next_part: the outbox is empty.
+    none,
     // Sent to the dispatcher on the first pending diff.
     drab_presence_pending,
     // table_stats keys.
@@ -18,5 +18,7 @@ rustler::atoms! {
     owners,
     topics,
     pending_topics,
+    queued_parts,
+    max_meta_bytes,
     nif_heap_bytes,
 }

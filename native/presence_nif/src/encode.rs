@@ -36,9 +36,19 @@ pub fn meta<'a>(env: Env<'a>, presence: &Entry) -> Term<'a> {
     decode(env, &out)
 }
 
+/// How many bytes `presence` adds to a listing, about.
+pub fn listed_size(presence: &Entry) -> usize {
+    presence.meta.len() + presence.key.len() + 64
+}
+
+/// Decodes a listing we wrote. Not `binary_to_term/2`'s `[:safe]`: that
+/// refuses to create atoms, and a VM where no module has mentioned
+/// `:metas` yet has no such atom. Every byte is ours or a stored
+/// `term_to_binary/1` of a live term, so the unchecked decode is sound.
 fn decode<'a>(env: Env<'a>, etf: &[u8]) -> Term<'a> {
-    let (term, _read) = env
-        .binary_to_term(etf)
-        .expect("presence_core::etf writes valid external terms");
+    // SAFETY: `etf` is a complete external term written by presence_core::etf
+    // from validated meta encodings (see above).
+    let decoded = unsafe { env.binary_to_term_trusted(etf) };
+    let (term, _read) = decoded.expect("presence_core::etf writes valid external terms");
     term
 }

@@ -8,28 +8,60 @@
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use presence_core::{etf, Change, CoreError, Registry, Removed, Update};
-use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
+use parking_lot::{Mutex, MutexGuard};
+
+use presence_core::{etf, Change, CoreError, PartLimits, Registry, Removed, Snapshot, Update};
+use rustler::{
+    Binary, Encoder, Env, LocalPid, Monitor, NifResult, OwnedEnv, Resource, ResourceArc, Term,
+};
 
 use crate::atoms;
-use crate::encode::{self, ref_term};
+use crate::encode::{self, ref_term, Entry};
 use crate::error::NifError;
+use crate::size;
 
 /// A meta as `term_to_binary/1` encodes it: compact, and compared by bytes
 /// to detect no-op updates.
 pub type Meta = Arc<[u8]>;
 
-/// Lists of up to this many presences are built on the calling scheduler
-/// (well under 1 ms); larger ones go to `table_list_dirty`.
-const INLINE_LIST_LIMIT: usize = 1_000;
+/// Listings of up to this many presences, and this many bytes, are built
+/// on the calling scheduler (about a quarter of a millisecond); larger ones
+/// go to a dirty scheduler. Bytes decide as much as presences: a thousand
+/// 60 KB metas are 60 MB to decode.
+const INLINE_LIST_PRESENCES: usize = 1_000;
+const INLINE_LIST_BYTES: usize = 64 * 1024;
 
-/// The most presences (joins plus leaves) one `presence_diff` carries.
-/// Sending a message copies it into the receiver on the sender's
-/// scheduler; 2,000 presences copy in well under a millisecond, where a
-/// 100k-join diff would hold a scheduler for tens.
-const MAX_PRESENCES_PER_DIFF: usize = 2_000;
+/// Bytes of listing decoded in about one timeslice (1 ms), to charge the
+/// caller's reductions in proportion to the work a list does inline.
+const BYTES_PER_TIMESLICE: usize = 256 * 1024;
+
+/// `get_by_key/2` of a key with more presences than this goes to a dirty
+/// scheduler without collecting them under the lock.
+const INLINE_KEY_PRESENCES: usize = 64;
+
+/// What one `presence_diff` carries at most. Sending a message copies it
+/// into every receiver on the sender's scheduler, and a part this size is
+/// also decoded on the dispatcher's own scheduler in well under a
+/// millisecond: a dirty-scheduler round trip per part costs more than that
+/// on a busy node, enough to let diffs fall behind their window. Only a
+/// part that one large meta pushes past the limit goes dirty.
+const PART_LIMITS: PartLimits = PartLimits {
+    presences: 500,
+    weight: 2 * INLINE_LIST_BYTES,
+};
+
+/// Taking diffs looks for joins among every presence of each topic taken:
+/// up to this many are done on the dispatcher's scheduler, more go dirty.
+const INLINE_TAKE_WORK: usize = 20_000;
+
+/// Presences of an exited owner removed per hold of the lock (tens of
+/// microseconds). An owner with more is removed by a thread of its own, a chunk at a time: a `down`
+/// callback cannot yield, and removing 40k presences in one would hold its
+/// scheduler for tens of milliseconds.
+const DEPART_CHUNK: usize = 64;
 
 struct State {
     registry: Registry<LocalPid, Meta, Monitor>,
@@ -37,9 +69,51 @@ struct State {
     dispatcher: Option<LocalPid>,
 }
 
-pub struct Table {
+/// A presence table: the resource handed to Elixir. Its contents live
+/// behind an `Arc` so that a thread removing a large exited owner can hold
+/// them without holding the resource.
+pub struct Table(Arc<Shared>);
+
+pub struct Shared {
     state: Mutex<State>,
-    max_meta_bytes: usize,
+    /// Diff parts taken from the registry and not yet acknowledged as
+    /// broadcast. Only the dispatcher takes this lock (never with `state`
+    /// held), so writers never wait on a delivery.
+    outbox: Mutex<Outbox>,
+    max_meta_bytes: AtomicUsize,
+}
+
+// A panic in a NIF (caught by rustler) may unwind while a lock is held.
+// parking_lot does not poison, so the next caller sees the data as the
+// panic left it: core operations check before they change anything, and
+// the outbox only pushes and pops whole parts, so that is a consistent
+// state.
+impl std::panic::RefUnwindSafe for Shared {}
+
+impl std::ops::Deref for Table {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// Parts leave the outbox only when the dispatcher acknowledges them after
+/// handing them to the broadcast: one that dies mid-delivery leaves them to
+/// its successor, which sends them again (at least once).
+#[derive(Default)]
+struct Outbox {
+    parts: VecDeque<DiffPart>,
+    next_id: u64,
+}
+
+struct DiffPart {
+    id: u64,
+    /// About how many bytes the part lists, to decide where to decode it.
+    bytes: usize,
+    topic: presence_core::Bytes,
+    joins: Vec<Entry>,
+    leaves: Vec<Entry>,
 }
 
 #[rustler::resource_impl]
@@ -47,15 +121,42 @@ impl Resource for Table {
     const IMPLEMENTS_DOWN: bool = true;
 
     fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, monitor: Monitor) {
-        self.write(env, |registry| {
+        let departure = {
+            let mut state = self.lock();
             // Only the monitor that watches the owner now may remove it: a
             // down message of an earlier, released monitor must not.
-            if registry.watch(&pid) == Some(&monitor) {
-                registry.untrack_owner(pid)
-            } else {
-                Removed::nothing()
+            if state.registry.watch(&pid) != Some(&monitor) {
+                return;
             }
-        });
+            state
+                .registry
+                .depart(pid)
+                .map(|(_monitor, departure)| departure)
+        };
+        let Some(departure) = departure else { return };
+        if departure.remaining() <= DEPART_CHUNK {
+            let mut departure = departure;
+            self.write(env, |registry| {
+                registry.remove_departed(&mut departure, DEPART_CHUNK)
+            });
+            return;
+        }
+        // Through a slot, so that a thread that cannot be spawned hands the
+        // departure back instead of dropping it with its closure.
+        let slot = Arc::new(Mutex::new(Some(departure)));
+        let (shared, for_thread) = (Arc::clone(&self.0), Arc::clone(&slot));
+        let spawned = std::thread::Builder::new()
+            .name("presence-departure".into())
+            .spawn(move || {
+                if let Some(departure) = for_thread.lock().take() {
+                    shared.remove_departure(departure);
+                }
+            });
+        if spawned.is_err() {
+            if let Some(departure) = slot.lock().take() {
+                self.remove_departure(departure);
+            }
+        }
     }
 }
 
@@ -88,18 +189,21 @@ impl<T: WakesDispatcher, E> WakesDispatcher for Result<T, E> {
     }
 }
 
-/// Locks `mutex`, poisoned or not. A panic while one of our locks was held
-/// cannot leave its data half written (core operations do not panic
-/// mid-change, and a diff queue only pops), so the data is safe to reuse.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Tells the dispatcher about the first pending diff, if `change` made it.
+/// Called with the lock released.
+fn wake_if_needed(env: Env, change: &impl WakesDispatcher, dispatcher: Option<LocalPid>) {
+    if let (true, Some(pid)) = (change.wakes_dispatcher(), dispatcher) {
+        // A dead dispatcher is fine: its successor drains on start.
+        let _ = env.send(&pid, atoms::drab_presence_pending());
+    }
 }
 
-impl Table {
+impl Shared {
+    /// The registry lock. parking_lot's: it can be handed over fairly, and
+    /// a panic under it (caught by rustler) leaves no poison behind; core
+    /// operations do not panic mid-change, so the data is safe to reuse.
     fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+        self.state.lock()
     }
 
     /// Runs `change` under the lock, then, with the lock released, tells
@@ -113,23 +217,48 @@ impl Table {
             let mut state = self.lock();
             (change(&mut state.registry), state.dispatcher)
         };
-        if result.wakes_dispatcher() {
-            if let Some(pid) = dispatcher {
-                // A dead dispatcher is fine: its successor drains on start.
-                let _ = env.send(&pid, atoms::drab_presence_pending());
-            }
-        }
+        wake_if_needed(env, &result, dispatcher);
         result
     }
 
+    /// A snapshot of `topic` for a listing, which a client may sync from:
+    /// the registry must then send the leave of anything in it.
+    fn observed_snapshot(&self, topic: &[u8]) -> Option<Snapshot<Entry>> {
+        let mut state = self.lock();
+        state.registry.observe(topic);
+        state.registry.snapshot(topic)
+    }
+
+    /// Removes a departed owner's presences a chunk at a time, handing the
+    /// lock to waiting writers between chunks. Runs off the schedulers (in
+    /// its own thread), so it wakes the dispatcher from a process-less env.
+    fn remove_departure(&self, mut departure: presence_core::Departure) {
+        while !departure.is_done() {
+            let mut state = self.lock();
+            let removed = state.registry.remove_departed(&mut departure, DEPART_CHUNK);
+            let dispatcher = state.dispatcher;
+            // Taking the lock straight back would keep every other writer
+            // waiting for the whole departure.
+            MutexGuard::unlock_fair(state);
+            if let (true, Some(pid)) = (removed.wakes_dispatcher(), dispatcher) {
+                let _ = OwnedEnv::new().send_and_clear(&pid, |_env| atoms::drab_presence_pending());
+            }
+        }
+    }
+
     /// Encodes a meta with `term_to_binary/1`. A non-map is a caller bug
-    /// (Elixir checks first) and raises badarg; an oversized one is refused.
+    /// (Elixir checks first) and raises badarg; an oversized one is refused,
+    /// before it is encoded when its size shows without encoding.
     fn encode_meta(&self, meta: Term) -> NifResult<Result<Meta, NifError>> {
         if !meta.is_map() {
             return Err(rustler::Error::BadArg);
         }
+        let max_meta_bytes = self.max_meta_bytes.load(Ordering::Relaxed);
+        if size::exceeds(meta, max_meta_bytes) {
+            return Ok(Err(NifError::MetaTooLarge));
+        }
         let encoded = meta.to_binary();
-        if encoded.len() > self.max_meta_bytes {
+        if encoded.len() > max_meta_bytes {
             return Ok(Err(NifError::MetaTooLarge));
         }
         etf::check_meta(&encoded).map_err(|_| rustler::Error::BadArg)?;
@@ -143,22 +272,35 @@ fn random_seed() -> u64 {
 
 #[rustler::nif]
 fn table_new(max_meta_bytes: usize) -> ResourceArc<Table> {
-    ResourceArc::new(Table {
+    ResourceArc::new(Table(Arc::new(Shared {
         state: Mutex::new(State {
             registry: Registry::new(random_seed()),
             dispatcher: None,
         }),
-        max_meta_bytes,
-    })
+        outbox: Mutex::new(Outbox::default()),
+        max_meta_bytes: AtomicUsize::new(max_meta_bytes),
+    })))
+}
+
+/// Applies options that may change while the table lives (a restart of
+/// its presence module with new ones).
+#[rustler::nif]
+fn table_configure(table: ResourceArc<Table>, max_meta_bytes: usize) -> rustler::Atom {
+    table
+        .max_meta_bytes
+        .store(max_meta_bytes, Ordering::Relaxed);
+    atoms::ok()
 }
 
 /// Makes `pid` the process told about pending diffs. Returns whether diffs
-/// are already pending, so a restarted dispatcher drains them at once.
+/// are pending or unacknowledged, so a restarted dispatcher sends them at
+/// once.
 #[rustler::nif]
 fn table_set_dispatcher(table: ResourceArc<Table>, pid: LocalPid) -> bool {
+    let queued = !table.outbox.lock().parts.is_empty();
     let mut state = table.lock();
     state.dispatcher = Some(pid);
-    state.registry.pending_topics() > 0
+    queued || state.registry.pending_topics() > 0
 }
 
 #[rustler::nif]
@@ -235,31 +377,30 @@ fn table_counts(table: ResourceArc<Table>, topic: Binary) -> (usize, usize) {
     (counts.users, counts.connections)
 }
 
-/// The grouped presences of a topic, or `:too_large`
-/// when the topic is large enough that the list belongs on a dirty scheduler.
+/// The grouped presences of a topic, or `:too_large` when the listing is
+/// large enough to belong on a dirty scheduler (`table_list_dirty`).
 #[rustler::nif]
 fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    list(env, &table, &topic, INLINE_LIST_LIMIT)
+    let snapshot = table.observed_snapshot(&topic);
+    match snapshot {
+        None => rustler::types::map::map_new(env),
+        Some(s) if s.len() > INLINE_LIST_PRESENCES => atoms::too_large().encode(env),
+        Some(s) => inline_grouped(env, || s.iter()),
+    }
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    list(env, &table, &topic, usize::MAX)
-}
-
-/// Lists `topic` from a snapshot (the lock is held only to take it), or
-/// answers `:too_large` past `max_presences`.
-fn list<'a>(env: Env<'a>, table: &Table, topic: &[u8], max_presences: usize) -> Term<'a> {
-    let snapshot = table.lock().registry.snapshot(topic);
+    let snapshot = table.observed_snapshot(&topic);
     match snapshot {
         None => rustler::types::map::map_new(env),
-        Some(s) if s.len() > max_presences => atoms::too_large().encode(env),
         Some(s) => encode::grouped(env, s.iter()),
     }
 }
 
 /// The presences under one key, grouped like a list, or `[]` when there
-/// are none, as Phoenix.Presence.get_by_key/2 distinguishes them.
+/// are none, as Phoenix.Presence.get_by_key/2 distinguishes them; or
+/// `:too_large` for `table_get_by_key_dirty`.
 #[rustler::nif]
 fn table_get_by_key<'a>(
     env: Env<'a>,
@@ -267,72 +408,150 @@ fn table_get_by_key<'a>(
     topic: Binary,
     key: Binary,
 ) -> Term<'a> {
-    let presences = table.lock().registry.get_by_key(&topic, &key);
+    let presences = {
+        let mut state = table.lock();
+        if state.registry.key_len(&topic, &key) > INLINE_KEY_PRESENCES {
+            return atoms::too_large().encode(env);
+        }
+        state.registry.observe(&topic);
+        state.registry.get_by_key(&topic, &key)
+    };
     if presences.is_empty() {
         return Vec::<Term>::new().encode(env);
     }
-    encode::grouped(env, presences.iter())
+    inline_grouped(env, || presences.iter())
 }
 
-/// Diffs taken from a table, waiting to be encoded and sent a part at a
-/// time: the dispatcher never holds more than one part's terms, so its
-/// garbage collections stay small however large the diff.
-pub struct DiffQueue {
-    parts: Mutex<VecDeque<DiffPart>>,
-}
-
-struct DiffPart {
-    topic: presence_core::Bytes,
-    joins: Vec<encode::Entry>,
-    leaves: Vec<encode::Entry>,
-}
-
-#[rustler::resource_impl]
-impl Resource for DiffQueue {}
-
-/// Takes the pending diffs of up to `max_topics` topics, cut into parts of
-/// at most `MAX_PRESENCES_PER_DIFF` presences, as
-/// `{queue, topics_still_pending}`; `diff_queue_next/1` hands out the parts.
+/// A key's presences found in a snapshot of its topic, off the lock.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn table_take_diffs(
+fn table_get_by_key_dirty<'a>(
+    env: Env<'a>,
     table: ResourceArc<Table>,
-    max_topics: usize,
-) -> (ResourceArc<DiffQueue>, usize) {
-    let (diffs, still_pending) = {
-        let mut state = table.lock();
-        let diffs = state.registry.take_diffs(max_topics);
-        (diffs, state.registry.pending_topics())
-    };
-    let mut parts = VecDeque::new();
-    for diff in &diffs {
-        for (joins, leaves) in diff.parts(MAX_PRESENCES_PER_DIFF) {
-            parts.push_back(DiffPart {
-                topic: diff.topic.clone(),
-                joins: joins.into_iter().cloned().collect(),
-                leaves: leaves.into_iter().cloned().collect(),
-            });
+    topic: Binary,
+    key: Binary,
+) -> Term<'a> {
+    let snapshot: Option<Snapshot<Entry>> = table.observed_snapshot(&topic);
+    let mut presences = snapshot
+        .iter()
+        .flat_map(|s| s.iter())
+        .filter(|p| *p.key == *key)
+        .peekable();
+    if presences.peek().is_none() {
+        return Vec::<Term>::new().encode(env);
+    }
+    encode::grouped(env, presences)
+}
+
+/// Encodes `presences` on this (normal) scheduler when they are small
+/// enough, charging the caller for the work; else answers `:too_large`.
+fn inline_grouped<'a, 'p, I>(env: Env<'a>, presences: impl Fn() -> I) -> Term<'a>
+where
+    I: Iterator<Item = &'p Entry>,
+{
+    let bytes: usize = presences().map(encode::listed_size).sum();
+    if bytes > INLINE_LIST_BYTES {
+        return atoms::too_large().encode(env);
+    }
+    let percent = (bytes * 100).div_ceil(BYTES_PER_TIMESLICE).clamp(1, 100);
+    rustler::schedule::consume_timeslice(env, percent as i32);
+    encode::grouped(env, presences())
+}
+
+/// Takes the pending diffs of up to `max_topics` topics into the outbox,
+/// cut into parts of at most `PART_LIMITS`, unless parts from an earlier
+/// take still wait there: those go first, so that subscribers see every
+/// topic's diffs in order. Returns `{parts_queued, topics_still_pending}`,
+/// or `:too_large` when the next diff belongs on a dirty scheduler
+/// (`table_take_diffs_dirty`).
+#[rustler::nif]
+fn table_take_diffs(env: Env, table: ResourceArc<Table>, max_topics: usize) -> Term {
+    if table.lock().registry.next_diff_work() > INLINE_TAKE_WORK {
+        return atoms::too_large().encode(env);
+    }
+    take_diffs(&table, max_topics, INLINE_TAKE_WORK).encode(env)
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn table_take_diffs_dirty(table: ResourceArc<Table>, max_topics: usize) -> (usize, usize) {
+    take_diffs(&table, max_topics, usize::MAX)
+}
+
+fn take_diffs(table: &Table, max_topics: usize, max_work: usize) -> (usize, usize) {
+    let mut outbox = table.outbox.lock();
+    if outbox.parts.is_empty() {
+        let diffs = table.lock().registry.take_diffs(max_topics, max_work);
+        for diff in &diffs {
+            for (joins, leaves) in diff.parts(PART_LIMITS, encode::listed_size) {
+                let id = outbox.next_id;
+                outbox.next_id += 1;
+                let bytes = joins
+                    .iter()
+                    .chain(&leaves)
+                    .map(|p| encode::listed_size(p))
+                    .sum();
+                outbox.parts.push_back(DiffPart {
+                    id,
+                    bytes,
+                    topic: diff.topic.clone(),
+                    joins: joins.into_iter().cloned().collect(),
+                    leaves: leaves.into_iter().cloned().collect(),
+                });
+            }
         }
     }
-    let queue = DiffQueue {
-        parts: Mutex::new(parts),
-    };
-    (ResourceArc::new(queue), still_pending)
+    let queued = outbox.parts.len();
+    drop(outbox);
+    (queued, table.lock().registry.pending_topics())
 }
 
-/// The next part of a taken diff as `{topic, joins, leaves}` (grouped like
-/// `list`), or `:done`.
+/// The oldest unacknowledged part as `{id, topic, joins, leaves}` (grouped
+/// like `list`), `:none`, or `:too_large` for `table_next_part_dirty`. It
+/// stays in the outbox until `table_ack_part/2`.
+#[rustler::nif]
+fn table_next_part(env: Env, table: ResourceArc<Table>) -> Term {
+    let outbox = table.outbox.lock();
+    match outbox.parts.front() {
+        Some(part) if part.bytes > PART_LIMITS.weight => atoms::too_large().encode(env),
+        Some(part) => {
+            let percent = (part.bytes * 100)
+                .div_ceil(BYTES_PER_TIMESLICE)
+                .clamp(1, 100);
+            rustler::schedule::consume_timeslice(env, percent as i32);
+            part_term(env, outbox.parts.front())
+        }
+        None => part_term(env, None),
+    }
+}
+
 #[rustler::nif(schedule = "DirtyCpu")]
-fn diff_queue_next(env: Env, queue: ResourceArc<DiffQueue>) -> Term {
-    let part = lock(&queue.parts).pop_front();
+fn table_next_part_dirty(env: Env, table: ResourceArc<Table>) -> Term {
+    part_term(env, table.outbox.lock().parts.front())
+}
+
+fn part_term<'a>(env: Env<'a>, part: Option<&DiffPart>) -> Term<'a> {
     match part {
-        None => atoms::done().encode(env),
+        None => atoms::none().encode(env),
         Some(part) => (
+            part.id,
             encode::bytes_term(env, &part.topic),
             encode::grouped(env, part.joins.iter()),
             encode::grouped(env, part.leaves.iter()),
         )
             .encode(env),
     }
+}
+
+/// Drops part `id` from the outbox: it was handed to the broadcast.
+#[rustler::nif]
+fn table_ack_part(table: ResourceArc<Table>, id: u64) -> rustler::Atom {
+    let mut outbox = table.outbox.lock();
+    if outbox.parts.front().is_some_and(|part| part.id == id) {
+        outbox.parts.pop_front();
+        if outbox.parts.is_empty() && outbox.parts.capacity() > 64 {
+            outbox.parts.shrink_to_fit();
+        }
+    }
+    atoms::ok()
 }
 
 /// Sizes of the table, for stats and tests. `nif_heap_bytes` covers every
@@ -356,6 +575,14 @@ fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
             (
                 atoms::pending_topics().encode(env),
                 registry.pending_topics().encode(env),
+            ),
+            (
+                atoms::queued_parts().encode(env),
+                table.outbox.lock().parts.len().encode(env),
+            ),
+            (
+                atoms::max_meta_bytes().encode(env),
+                table.max_meta_bytes.load(Ordering::Relaxed).encode(env),
             ),
             (
                 atoms::nif_heap_bytes().encode(env),

@@ -145,7 +145,7 @@ defmodule Drab.Presence.ConfigTest do
       end
 
       assert_raise ArgumentError,
-                   ~r/invalid value for :diff_window: expected a non-negative integer/,
+                   ~r/invalid value for :diff_window: expected an integer from 0 to 60000/,
                    fn ->
                      BadOptions.start_link(diff_window: -1)
                    end

@@ -254,32 +254,6 @@ defmodule Drab.Presence.JsTraceTest do
     end
   end
 
-  # Presence.syncDiff of phoenix.js: joins first, replacing metas with the
-  # same phx_ref, then leaves by phx_ref, dropping keys left without metas.
-  defp sync_diff(state, %{joins: joins, leaves: leaves}) do
-    state =
-      Enum.reduce(joins, state, fn {key, joined}, state ->
-        refs = MapSet.new(joined.metas, & &1.phx_ref)
-        current = for meta <- get_in(state, [key, :metas]) || [], meta.phx_ref not in refs, do: meta
-        Map.put(state, key, %{joined | metas: current ++ joined.metas})
-      end)
-
-    Enum.reduce(leaves, state, fn {key, left}, state ->
-      refs = MapSet.new(left.metas, & &1.phx_ref)
-
-      case state do
-        %{^key => current} ->
-          case Enum.reject(current.metas, &(&1.phx_ref in refs)) do
-            [] -> Map.delete(state, key)
-            metas -> Map.put(state, key, %{current | metas: metas})
-          end
-
-        %{} ->
-          state
-      end
-    end)
-  end
-
   # The order of a key's metas is not part of the contract.
   defp sorted(presences) do
     Map.new(presences, fn {key, presence} ->

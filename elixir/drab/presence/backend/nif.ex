@@ -9,6 +9,10 @@ defmodule Drab.Presence.Backend.NIF do
   def new(opts), do: Native.table_new(Keyword.fetch!(opts, :max_meta_bytes))
 
   @impl true
+  def configure(table, opts),
+    do: Native.table_configure(table, Keyword.fetch!(opts, :max_meta_bytes))
+
+  @impl true
   defdelegate set_dispatcher(table, pid), to: Native, as: :table_set_dispatcher
 
   @impl true
@@ -26,8 +30,9 @@ defmodule Drab.Presence.Backend.NIF do
   @impl true
   defdelegate counts(table, topic), to: Native, as: :table_counts
 
-  # Small topics are listed on the calling scheduler; the NIF answers
-  # :too_large when a topic is big enough to belong on a dirty scheduler.
+  # Small listings are built on the calling scheduler; the NIF answers
+  # :too_large when one is big enough (presences or bytes) to belong on a
+  # dirty scheduler.
   @impl true
   def list(table, topic) do
     case Native.table_list(table, topic) do
@@ -37,20 +42,33 @@ defmodule Drab.Presence.Backend.NIF do
   end
 
   @impl true
-  defdelegate get_by_key(table, topic, key), to: Native, as: :table_get_by_key
+  def get_by_key(table, topic, key) do
+    case Native.table_get_by_key(table, topic, key) do
+      :too_large -> Native.table_get_by_key_dirty(table, topic, key)
+      presences -> presences
+    end
+  end
 
-  # The parts of taken diffs are decoded one at a time, as the dispatcher
-  # walks the stream, so it never holds a 100k-presence diff at once.
+  # The normal case runs on the dispatcher's scheduler: a dirty round trip
+  # per part would cost more than the work on a busy node.
   @impl true
   def take_diffs(table, max_topics) do
-    {queue, still_pending} = Native.table_take_diffs(table, max_topics)
-
-    parts =
-      Stream.repeatedly(fn -> Native.diff_queue_next(queue) end)
-      |> Stream.take_while(&(&1 != :done))
-
-    {parts, still_pending}
+    case Native.table_take_diffs(table, max_topics) do
+      :too_large -> Native.table_take_diffs_dirty(table, max_topics)
+      taken -> taken
+    end
   end
+
+  @impl true
+  def next_part(table) do
+    case Native.table_next_part(table) do
+      :too_large -> Native.table_next_part_dirty(table)
+      part -> part
+    end
+  end
+
+  @impl true
+  defdelegate ack_part(table, id), to: Native, as: :table_ack_part
 
   @impl true
   defdelegate stats(table), to: Native, as: :table_stats

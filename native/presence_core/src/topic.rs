@@ -1,0 +1,220 @@
+//! One topic's presences: the entries, their indexes, and what its
+//! subscribers have not been told yet.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use crate::cow_chunks::{CowChunks, Snapshot};
+use crate::phx_ref::RefGen;
+use crate::ref_hash::ShardedRefMap;
+use crate::registry::{Bytes, Presence, Ref};
+use crate::sharded_map::ShardedMap;
+
+/// The refs under one key in one topic, by owner: an owner has at most one
+/// presence under a key on a topic. Most keys have one connection, so that
+/// case is a bare ref (its owner is the entry's); a key shared by many (one
+/// user with many tabs, or a topic keyed by a constant) stays O(1) to look
+/// up and change.
+#[derive(Debug)]
+// Boxed: a bare map would make every single-ref key six times larger.
+#[allow(clippy::box_collection)]
+enum KeyRefs<O> {
+    One(Ref),
+    Many(Box<HashMap<O, Ref>>),
+}
+
+#[derive(Debug)]
+pub(crate) struct Topic<O, M> {
+    entries: CowChunks<Presence<O, M>>,
+    position: ShardedRefMap<u32>,
+    keys: ShardedMap<Bytes, KeyRefs<O>>,
+    /// Presences with a ref at or after this seq joined after the last
+    /// diff: their join is pending. A leave of one of them cancels that
+    /// join instead of being recorded.
+    pub(crate) joins_from_seq: u64,
+    /// Presences with a ref before this seq may have been seen in a list
+    /// or `get_by_key` while their join was still pending: a client that
+    /// synced from that list must hear of their leave, so it is recorded
+    /// instead of cancelling the join.
+    pub(crate) observed_before_seq: u64,
+    /// Leaves of presences whose join subscribers have seen.
+    pub(crate) pending_leaves: Vec<Presence<O, M>>,
+    /// In `Registry::dirty`, waiting for `take_diffs`.
+    pub(crate) dirty: bool,
+}
+
+impl<O, M> Topic<O, M>
+where
+    O: Copy + Eq + Hash,
+    M: Clone,
+{
+    /// A topic created when refs up to `next_seq` are already handed out.
+    pub(crate) fn new(next_seq: u64) -> Self {
+        Self {
+            entries: CowChunks::default(),
+            position: ShardedRefMap::default(),
+            keys: ShardedMap::default(),
+            joins_from_seq: next_seq,
+            observed_before_seq: 0,
+            pending_leaves: Vec::new(),
+            dirty: false,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// What taking this topic's diff costs: its joins are found among all
+    /// its presences, and its leaves are moved.
+    pub(crate) fn diff_work(&self) -> usize {
+        self.len() + self.pending_leaves.len()
+    }
+
+    pub(crate) fn users(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot<Presence<O, M>> {
+        self.entries.snapshot()
+    }
+
+    /// The ref and position of `owner`'s presence under `key`: O(1).
+    pub(crate) fn find(&self, owner: &O, key: &[u8]) -> Option<(Ref, usize)> {
+        let phx_ref = match self.keys.get(key)? {
+            KeyRefs::One(r) => *r,
+            KeyRefs::Many(by_owner) => *by_owner.get(owner)?,
+        };
+        let index = *self.position.get(&phx_ref)? as usize;
+        (self.entries.get(index)?.owner == *owner).then_some((phx_ref, index))
+    }
+
+    pub(crate) fn get(&self, index: usize) -> Option<&Presence<O, M>> {
+        self.entries.get(index)
+    }
+
+    /// The presence with `phx_ref`, if it is still on this topic.
+    pub(crate) fn by_ref(&self, phx_ref: Ref) -> Option<&Presence<O, M>> {
+        self.entries.get(*self.position.get(&phx_ref)? as usize)
+    }
+
+    /// How many presences `key` has here.
+    pub(crate) fn key_len(&self, key: &[u8]) -> usize {
+        match self.keys.get(key) {
+            None => 0,
+            Some(KeyRefs::One(_)) => 1,
+            Some(KeyRefs::Many(by_owner)) => by_owner.len(),
+        }
+    }
+
+    /// The presences under `key`, cloned.
+    pub(crate) fn by_key(&self, key: &[u8]) -> Vec<Presence<O, M>> {
+        let refs: Vec<Ref> = match self.keys.get(key) {
+            None => return Vec::new(),
+            Some(KeyRefs::One(r)) => vec![*r],
+            Some(KeyRefs::Many(by_owner)) => by_owner.values().copied().collect(),
+        };
+        refs.into_iter()
+            .filter_map(|r| self.by_ref(r).cloned())
+            .collect()
+    }
+
+    /// The interned copy of `key`, if some presence has it, so that every
+    /// presence under one key shares one allocation.
+    pub(crate) fn interned_key(&self, key: &[u8]) -> Bytes {
+        match self.keys.get_key_value(key) {
+            Some((existing, _)) => existing.clone(),
+            None => Bytes::from(key),
+        }
+    }
+
+    pub(crate) fn insert(&mut self, presence: Presence<O, M>) {
+        let phx_ref = presence.phx_ref;
+        let owner = presence.owner;
+        let refs = match self.keys.get_mut(&presence.key) {
+            None => Some(KeyRefs::One(phx_ref)),
+            Some(KeyRefs::Many(by_owner)) => {
+                by_owner.insert(owner, phx_ref);
+                None
+            }
+            Some(KeyRefs::One(first)) => {
+                let first = *first;
+                let first_owner = self.by_ref(first).expect("indexed refs are live").owner;
+                let by_owner = HashMap::from([(first_owner, first), (owner, phx_ref)]);
+                Some(KeyRefs::Many(Box::new(by_owner)))
+            }
+        };
+        if let Some(refs) = refs {
+            self.keys.insert(presence.key.clone(), refs);
+        }
+        let index = self.entries.push(presence);
+        self.position.insert(phx_ref, index as u32);
+    }
+
+    /// Removes the presence `phx_ref`, if it is here.
+    pub(crate) fn remove(&mut self, phx_ref: Ref) -> Option<Presence<O, M>> {
+        let index = self.position.remove(&phx_ref)? as usize;
+        let removed = self
+            .entries
+            .swap_remove(index)
+            .expect("positions are in bounds");
+        if let Some(moved) = self.entries.get(index) {
+            self.position.insert(moved.phx_ref, index as u32);
+        }
+        match self.keys.get_mut(&removed.key) {
+            Some(KeyRefs::Many(by_owner)) if by_owner.len() > 2 => {
+                by_owner.remove(&removed.owner);
+            }
+            Some(KeyRefs::Many(by_owner)) => {
+                by_owner.remove(&removed.owner);
+                let only = *by_owner.values().next().expect("one of two left");
+                self.keys.insert(removed.key.clone(), KeyRefs::One(only));
+            }
+            Some(KeyRefs::One(_)) | None => {
+                self.keys.remove(&removed.key);
+            }
+        }
+        Some(removed)
+    }
+
+    /// Gives the presence at `index` a new meta and ref, remembering the old
+    /// ref; returns it as it was before.
+    pub(crate) fn replace(&mut self, index: usize, meta: M, new_ref: Ref) -> Presence<O, M> {
+        let slot = self
+            .entries
+            .get_mut(index)
+            .expect("positions are in bounds");
+        let old_ref = slot.phx_ref;
+        let before = slot.clone();
+        slot.meta = meta;
+        slot.phx_ref = new_ref;
+        slot.prev_ref = Some(old_ref);
+        let (owner, key) = (slot.owner, slot.key.clone());
+        self.position.remove(&old_ref);
+        self.position.insert(new_ref, index as u32);
+        match self
+            .keys
+            .get_mut(&key)
+            .expect("every entry's key is indexed")
+        {
+            KeyRefs::One(r) => *r = new_ref,
+            KeyRefs::Many(by_owner) => {
+                by_owner.insert(owner, new_ref);
+            }
+        }
+        before
+    }
+
+    /// A leave cancels a join that nobody can have seen yet, neither in a
+    /// diff nor in a listing; any other is recorded for the next diff.
+    pub(crate) fn record_leave(&mut self, refs: &RefGen, presence: Presence<O, M>) {
+        let seq = refs.seq(presence.phx_ref);
+        if seq < self.joins_from_seq || seq < self.observed_before_seq {
+            self.pending_leaves.push(presence);
+        }
+    }
+}
