@@ -395,13 +395,13 @@ defmodule Drab.Presence.Soak do
     subscriber_loop(state, counters)
   end
 
-  defp subscriber_loop(%{topic: topic} = state, counters) do
+  defp subscriber_loop(%{topic: topic, monitor: monitor} = state, counters) do
     receive do
       %{event: "presence_diff", topic: ^topic, payload: payload} ->
         :counters.add(counters, @diffs, 1)
         subscriber_loop(%{state | view: PresenceCase.sync_diff(state.view, payload)}, counters)
 
-      {:DOWN, ref, :process, _, _} when ref == state.monitor ->
+      {:DOWN, ^monitor, :process, _, _} ->
         :counters.add(counters, @resyncs, 1)
         subscriber_loop(resync(state, counters), counters)
 
