@@ -156,6 +156,7 @@ defmodule Drab.Presence.SchedulerTest do
     # show, and paces itself, so that it does not compete with the exit for
     # the two cores and measure the OS's time slices.
     other = live_pid()
+
     meanwhile =
       spawn_link(fn ->
         Process.flag(:priority, :high)
