@@ -97,14 +97,18 @@ defmodule DrabPresence.MixProject do
     [
       app: :drab_presence,
       version: @version,
-      elixir: "~> 1.14",
+      # The oldest Elixir the whole suite has run on (README, "Supported
+      # versions"); scripts/check_api.exs keeps elixir/ on its API.
+      elixir: "~> 1.10",
       elixirc_paths: elixirc_paths(Mix.env()),
       compilers: [:presence_nif] ++ Mix.compilers(),
       start_permanent: Mix.env() == :prod,
       deps: [],
       package: package(),
       description: "Drab.Presence on a Rust presence table: O(1) counts, coalesced diffs.",
-      test_coverage: [ignore_modules: [Mix.Tasks.Compile.PresenceNif]]
+      test_coverage: [ignore_modules: [Mix.Tasks.Compile.PresenceNif]],
+      # Optional: called only when the app has Phoenix (Broadcast.delivery/2).
+      xref: [exclude: [Phoenix.PubSub, Phoenix.Channel.Server]]
     ]
   end
 

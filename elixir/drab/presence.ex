@@ -31,6 +31,8 @@ defmodule Drab.Presence do
 
       iex> browser = spawn(fn -> Process.sleep(:infinity) end)
       iex> {:ok, phx_ref} = Drab.Presence.track(browser, "doc:lobby", 42, %{online_at: 1})
+      iex> Drab.Presence.count_users("doc:lobby")
+      1
       iex> Drab.Presence.list("doc:lobby")
       %{"42" => %{metas: [%{online_at: 1, phx_ref: phx_ref}]}}
       iex> Drab.Presence.track(browser, "doc:lobby", 42, %{})

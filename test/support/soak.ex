@@ -395,13 +395,13 @@ defmodule Drab.Presence.Soak do
     subscriber_loop(state, counters)
   end
 
-  defp subscriber_loop(%{topic: topic} = state, counters) do
+  defp subscriber_loop(%{topic: topic, monitor: monitor, parent: parent} = state, counters) do
     receive do
       %{event: "presence_diff", topic: ^topic, payload: payload} ->
         :counters.add(counters, @diffs, 1)
         subscriber_loop(%{state | view: PresenceCase.sync_diff(state.view, payload)}, counters)
 
-      {:DOWN, ref, :process, _, _} when ref == state.monitor ->
+      {:DOWN, ^monitor, :process, _, _} ->
         :counters.add(counters, @resyncs, 1)
         subscriber_loop(resync(state, counters), counters)
 
@@ -409,7 +409,7 @@ defmodule Drab.Presence.Soak do
         send(from, {ref, %{view: state.view, registry: state.registry}})
         subscriber_loop(state, counters)
 
-      {:EXIT, pid, reason} when pid == state.parent ->
+      {:EXIT, ^parent, reason} ->
         exit(reason)
 
       {:EXIT, _registry_partition, _reason} ->
@@ -479,19 +479,19 @@ defmodule Drab.Presence.Soak do
     chaos_loop(ensure_started(state))
   end
 
-  defp chaos_loop(state) do
+  defp chaos_loop(%{parent: parent, supervisor: {_, supervisor_ref}} = state) do
     receive do
       {:stop, from, ref} ->
         _ = ensure_started(state)
         send(from, {ref, :ok})
 
-      {:EXIT, pid, reason} when pid == state.parent ->
+      {:EXIT, ^parent, reason} ->
         exit(reason)
 
       {:EXIT, _linked, _reason} ->
         chaos_loop(state)
 
-      {:DOWN, ref, :process, _, _} when ref == elem(state.supervisor, 1) ->
+      {:DOWN, ^supervisor_ref, :process, _, _} ->
         # Too many restarts in a row: the supervisor gave up. Start it again.
         :counters.add(state.counters, @gave_up, 1)
         chaos_loop(ensure_started(%{state | supervisor: nil}))

@@ -186,7 +186,7 @@ defmodule Drab.Presence.JsTraceTest do
 
   defp apply_op(s, {:kill, pid}) do
     Process.exit(pid, :kill)
-    model = Map.reject(s.model, fn {{owner, _key}, _} -> owner == pid end)
+    model = for {{owner, _key}, _} = entry <- s.model, owner != pid, into: %{}, do: entry
     %{s | model: model, pids: List.delete(s.pids, pid) ++ [live_pid()]}
   end
 

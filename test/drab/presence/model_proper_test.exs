@@ -99,7 +99,7 @@ defmodule Drab.Presence.ModelProperTest do
       owners_with_presences(state.model) - if(has_presence?(state.model, o), do: 1, else: 0)
     )
 
-    model = Map.reject(state.model, fn {{owner, _, _}, _} -> owner == o end)
+    model = for {{owner, _, _}, _} = entry <- state.model, owner != o, into: %{}, do: entry
     check!(%{state | model: model, owners: Map.put(state.owners, o, spawn_owner())})
   end
 

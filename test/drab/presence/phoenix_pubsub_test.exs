@@ -44,7 +44,14 @@ defmodule Drab.Presence.PhoenixPubSubTest do
   end
 
   setup %{topic: topic} do
-    start_supervised!({Phoenix.PubSub, name: @pubsub})
+    # phoenix_pubsub 2.x is a supervisor itself; 1.x (Phoenix 1.4, as Drab
+    # 0.10 pins it) starts one of its adapters.
+    pubsub =
+      if function_exported?(Phoenix.PubSub, :child_spec, 1),
+        do: Phoenix.PubSub,
+        else: Phoenix.PubSub.PG2
+
+    start_supervised!({pubsub, name: @pubsub})
     start_supervised!(DrabSide)
     start_supervised!(__MODULE__.PhoenixSide)
 
