@@ -58,9 +58,9 @@ const PART_LIMITS: PartLimits = PartLimits {
 const INLINE_TAKE_WORK: usize = 20_000;
 
 /// Presences of an exited owner removed per hold of the lock (tens of
-/// microseconds). An owner with more is removed by a thread of its own, a chunk at a time: a `down`
-/// callback cannot yield, and removing 40k presences in one would hold its
-/// scheduler for tens of milliseconds.
+/// microseconds). An owner with more is removed by a thread of its own, a
+/// chunk at a time: a `down` callback cannot yield, and removing 40k
+/// presences in one would hold its scheduler for tens of milliseconds.
 const DEPART_CHUNK: usize = 64;
 
 struct State {
@@ -77,8 +77,9 @@ pub struct Table(Arc<Shared>);
 pub struct Shared {
     state: Mutex<State>,
     /// Diff parts taken from the registry and not yet acknowledged as
-    /// broadcast. Only the dispatcher takes this lock (never with `state`
-    /// held), so writers never wait on a delivery.
+    /// broadcast. Writers never take this lock, so they never wait on a
+    /// delivery. Lock order: `outbox`, then `state`; never `outbox` while
+    /// `state` is held (taking diffs holds both, in that order).
     outbox: Mutex<Outbox>,
     max_meta_bytes: AtomicUsize,
 }
@@ -558,6 +559,8 @@ fn table_ack_part(table: ResourceArc<Table>, id: u64) -> rustler::Atom {
 /// table of the library, not only this one.
 #[rustler::nif]
 fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
+    // Before `state`: the lock order is outbox, then state (see `Shared`).
+    let queued_parts = table.outbox.lock().parts.len();
     let state = table.lock();
     let registry = &state.registry;
     Term::map_from_pairs(
@@ -578,7 +581,7 @@ fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
             ),
             (
                 atoms::queued_parts().encode(env),
-                table.outbox.lock().parts.len().encode(env),
+                queued_parts.encode(env),
             ),
             (
                 atoms::max_meta_bytes().encode(env),

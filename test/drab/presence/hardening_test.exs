@@ -369,4 +369,47 @@ defmodule Drab.Presence.HardeningTest do
   end
 
   defp mb(bytes), do: "#{Float.round(bytes / 1_048_576, 1)} MB"
+
+  defmodule Busy do
+    use Drab.Presence, otp_app: :drab_presence, diff_window: 0
+  end
+
+  test "stats/0 while the dispatcher takes diffs never deadlocks", %{topic: topic} do
+    # stats/0 once took the outbox lock inside the table lock, where taking
+    # diffs takes them the other way round. The windows are a few
+    # instructions wide, so this cannot promise to catch that inversion;
+    # it runs the two paths together, with no diff window so that the
+    # dispatcher takes diffs as fast as it can, and checks both go on.
+    start_supervised!(Busy)
+    owners = for _ <- 1..400, do: live_pid()
+    deadline = System.monotonic_time(:millisecond) + 1_000
+
+    churn =
+      for {chunk, worker} <- owners |> Enum.chunk_every(200) |> Enum.with_index() do
+        Task.async(fn -> churn_until(chunk, "#{topic}:#{worker}", deadline) end)
+      end
+
+    readers = for _ <- 1..2, do: Task.async(fn -> read_stats_until(deadline) end)
+    Enum.each(churn, &Task.await(&1, 10_000))
+    assert Enum.all?(readers, &(Task.await(&1, 10_000) > 0))
+  end
+
+  defp churn_until(owners, topic, deadline, round \\ 0) do
+    for {pid, i} <- Enum.with_index(owners) do
+      t = "#{topic}:#{rem(i, 20)}"
+      {:ok, _} = Busy.track(pid, t, round, %{})
+      :ok = Busy.untrack(pid, t, round)
+    end
+
+    if System.monotonic_time(:millisecond) < deadline,
+      do: churn_until(owners, topic, deadline, round + 1)
+  end
+
+  defp read_stats_until(deadline, reads \\ 0) do
+    %{presences: _} = Busy.stats()
+
+    if System.monotonic_time(:millisecond) < deadline,
+      do: read_stats_until(deadline, reads + 1),
+      else: reads + 1
+  end
 end
