@@ -102,5 +102,8 @@ defmodule Drab.Presence.Native do
   @spec test_panic() :: no_return()
   def test_panic, do: err()
 
+  @spec test_take_longest_exit_hold_us() :: non_neg_integer()
+  def test_take_longest_exit_hold_us, do: err()
+
   defp err, do: :erlang.nif_error(:nif_not_loaded)
 end

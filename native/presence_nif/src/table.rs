@@ -22,6 +22,19 @@ use crate::atoms;
 use crate::encode::{self, ref_term, Entry};
 use crate::error::NifError;
 use crate::size;
+#[cfg(feature = "test-hooks")]
+use crate::test_hooks::ExitHold;
+
+/// Without the test hooks, timing an exit's lock holds costs nothing.
+#[cfg(not(feature = "test-hooks"))]
+struct ExitHold;
+
+#[cfg(not(feature = "test-hooks"))]
+impl ExitHold {
+    fn start() -> Self {
+        ExitHold
+    }
+}
 
 /// A meta as `term_to_binary/1` encodes it: compact, and compared by bytes
 /// to detect no-op updates.
@@ -124,6 +137,7 @@ impl Resource for Table {
     fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, monitor: Monitor) {
         let departure = {
             let mut state = self.lock();
+            let _hold = ExitHold::start();
             // Only the monitor that watches the owner now may remove it: a
             // down message of an earlier, released monitor must not.
             if state.registry.watch(&pid) != Some(&monitor) {
@@ -138,6 +152,7 @@ impl Resource for Table {
         if departure.remaining() <= DEPART_CHUNK {
             let mut departure = departure;
             self.write(env, |registry| {
+                let _hold = ExitHold::start();
                 registry.remove_departed(&mut departure, DEPART_CHUNK)
             });
             return;
@@ -236,8 +251,11 @@ impl Shared {
     fn remove_departure(&self, mut departure: presence_core::Departure) {
         while !departure.is_done() {
             let mut state = self.lock();
-            let removed = state.registry.remove_departed(&mut departure, DEPART_CHUNK);
-            let dispatcher = state.dispatcher;
+            let (removed, dispatcher) = {
+                let _hold = ExitHold::start();
+                let removed = state.registry.remove_departed(&mut departure, DEPART_CHUNK);
+                (removed, state.dispatcher)
+            };
             // Taking the lock straight back would keep every other writer
             // waiting for the whole departure.
             MutexGuard::unlock_fair(state);

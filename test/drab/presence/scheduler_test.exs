@@ -101,25 +101,27 @@ defmodule Drab.Presence.SchedulerTest do
     # Best of three exits, as for the ticker: a caller's call can also wait
     # for the OS to give its scheduler a core back, once in a while, on a
     # shared 2-core machine; an exit that holds the table waits every time.
-    [{first, last, before_exit, during_exit} | _] =
+    [{first, last, before_exit, during_exit, hold} | _] =
       for run <- 1..3 do
         one_exit("#{topic}:#{run}")
       end
-      |> Enum.sort_by(&elem(&1, 3))
+      |> Enum.sort_by(&elem(&1, 4))
 
     IO.puts(
       "\none owner, 40k tracks: median #{first} ns for the first 1,000, #{last} ns for the " <>
-        "last 1,000; a caller's worst wait: #{before_exit} µs before the exit, " <>
-        "#{during_exit} µs during it (best of 3)"
+        "last 1,000; its exit held the table lock #{hold} µs at most; a caller's worst " <>
+        "lateness: #{before_exit} µs before the exit, #{during_exit} µs during it (best of 3)"
     )
 
+    # The hold is what other writers wait on, and what a down callback
+    # costs its scheduler: measured in the NIF (test-hooks), it is free of
+    # the OS noise a caller's lateness carries on a shared 2-core machine.
     problems =
       [
         {last < 4 * first + 2_000,
          "the 40,000th track costs #{last} ns, the first #{first} ns: " <>
            "a track is O(presences of its owner)"},
-        {during_exit < @max_gap_us,
-         "a caller waited #{during_exit} µs while an owner of 40k presences exited"}
+        {hold < 2_000, "an owner of 40k presences held the table lock #{hold} µs as it exited"}
       ]
       |> Enum.reject(&elem(&1, 0))
       |> Enum.map_join("; ", &elem(&1, 1))
@@ -167,13 +169,15 @@ defmodule Drab.Presence.SchedulerTest do
     send(meanwhile, {:report, self()})
     assert_receive {:worst_wait_us, before_exit}
 
+    _ = Drab.Presence.Native.test_take_longest_exit_hold_us()
     Process.exit(owner, :kill)
     wait_until(fn -> gone?(topic) end)
+    hold = Drab.Presence.Native.test_take_longest_exit_hold_us()
     Process.sleep(20)
     send(meanwhile, {:stop, self()})
     assert_receive {:worst_wait_us, during_exit}
     assert gone?(topic)
-    {first, last, before_exit, during_exit}
+    {first, last, before_exit, during_exit, hold}
   end
 
   defp gone?(topic), do: Enum.all?(0..39, &(Drab.Presence.count_connections("#{topic}:#{&1}") == 0))
