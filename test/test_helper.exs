@@ -9,9 +9,20 @@ unless phoenix? do
   )
 end
 
+# Tests tagged :drab run real Drab 0.10 in headless Chromium; they need Drab,
+# Phoenix and Plug.Cowboy on the code path (ERL_LIBS), built outside the repo.
+drab? = Enum.all?([Drab, Drab.Commander, Phoenix.Endpoint, Plug.Cowboy], &Code.ensure_loaded?/1)
+
+unless drab? do
+  IO.puts(
+    "Skipping tests tagged :drab: Drab, Phoenix and Plug.Cowboy are not all on the code path " <>
+      "(point ERL_LIBS at built drab, phoenix, plug_cowboy and their deps to run them)."
+  )
+end
+
 # Drab.Presence runs for the whole suite, unlinked from any test process;
 # tests use their own topics. Tests of restarts start and stop other modules.
 {:ok, presence} = Drab.Presence.start_link(diff_window: 20)
 Process.unlink(presence)
 
-ExUnit.start(exclude: if(phoenix?, do: [], else: [:phoenix]))
+ExUnit.start(exclude: if(phoenix?, do: [], else: [:phoenix]) ++ if(drab?, do: [], else: [:drab]))
