@@ -114,14 +114,16 @@ defmodule Drab.Presence.SchedulerTest do
     )
 
     # The hold is what other writers wait on, and what a down callback
-    # costs its scheduler: measured in the NIF (test-hooks), it is free of
-    # the OS noise a caller's lateness carries on a shared 2-core machine.
+    # costs its scheduler: measured in the NIF (test-hooks), it carries less
+    # of the OS noise a caller's lateness does on a shared 2-core machine,
+    # though a preempted holder still shows (1-3 ms here under load). The
+    # whole exit in one hold is 38 ms.
     problems =
       [
         {last < 4 * first + 2_000,
          "the 40,000th track costs #{last} ns, the first #{first} ns: " <>
            "a track is O(presences of its owner)"},
-        {hold < 2_000, "an owner of 40k presences held the table lock #{hold} µs as it exited"}
+        {hold < 10_000, "an owner of 40k presences held the table lock #{hold} µs as it exited"}
       ]
       |> Enum.reject(&elem(&1, 0))
       |> Enum.map_join("; ", &elem(&1, 1))
