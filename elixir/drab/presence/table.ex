@@ -218,21 +218,17 @@ defmodule Drab.Presence.Table do
               __STACKTRACE__
   end
 
-  defp max_meta_bytes(module) do
-    %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
-    backend.stats(table).max_meta_bytes
-  end
-
   defp refuse!(:noproc, pid, _meta, _module) do
     raise ArgumentError, "cannot track #{inspect(pid)}: the process is not alive"
   end
 
-  # The message does not measure the meta: encoding a 100 MB term to say
-  # how large it is would cost what refusing it early saved.
+  # The message measures neither the meta (encoding a 100 MB term to say
+  # how large it is would cost what refusing it early saved) nor the table
+  # (stats/0 walks every topic under the lock).
   defp refuse!(:meta_too_large, _pid, _meta, module) do
     raise ArgumentError,
           "presence meta is over the :max_meta_bytes limit of #{inspect(module)} " <>
-            "(#{max_meta_bytes(module)} bytes as term_to_binary/1 encodes it); keep metas " <>
+            "(as term_to_binary/1 encodes it; stats/0 shows the limit); keep metas " <>
             "small (ids, timestamps) or raise the limit"
   end
 end

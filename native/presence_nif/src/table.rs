@@ -471,9 +471,15 @@ where
     if bytes > INLINE_LIST_BYTES {
         return atoms::too_large().encode(env);
     }
+    charge_for(env, bytes);
+    encode::grouped(env, presences())
+}
+
+/// Charges the calling process's reductions for decoding `bytes` of
+/// listing on its scheduler, so that a busy caller is preempted in time.
+fn charge_for(env: Env, bytes: usize) {
     let percent = (bytes * 100).div_ceil(BYTES_PER_TIMESLICE).clamp(1, 100);
     rustler::schedule::consume_timeslice(env, percent as i32);
-    encode::grouped(env, presences())
 }
 
 /// Takes the pending diffs of up to `max_topics` topics into the outbox,
@@ -532,11 +538,8 @@ fn table_next_part(env: Env, table: ResourceArc<Table>) -> Term {
     match outbox.parts.front() {
         Some(part) if part.bytes > PART_LIMITS.weight => atoms::too_large().encode(env),
         Some(part) => {
-            let percent = (part.bytes * 100)
-                .div_ceil(BYTES_PER_TIMESLICE)
-                .clamp(1, 100);
-            rustler::schedule::consume_timeslice(env, percent as i32);
-            part_term(env, outbox.parts.front())
+            charge_for(env, part.bytes);
+            part_term(env, Some(part))
         }
         None => part_term(env, None),
     }
@@ -597,10 +600,7 @@ fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
                 atoms::pending_topics().encode(env),
                 registry.pending_topics().encode(env),
             ),
-            (
-                atoms::queued_parts().encode(env),
-                queued_parts.encode(env),
-            ),
+            (atoms::queued_parts().encode(env), queued_parts.encode(env)),
             (
                 atoms::max_meta_bytes().encode(env),
                 table.max_meta_bytes.load(Ordering::Relaxed).encode(env),

@@ -35,36 +35,30 @@ defmodule Drab.Presence.Backend.NIF do
   # dirty scheduler.
   @impl true
   def list(table, topic) do
-    case Native.table_list(table, topic) do
-      :too_large -> Native.table_list_dirty(table, topic)
-      presences -> presences
-    end
+    inline_or_dirty(Native.table_list(table, topic), fn -> Native.table_list_dirty(table, topic) end)
   end
 
   @impl true
   def get_by_key(table, topic, key) do
-    case Native.table_get_by_key(table, topic, key) do
-      :too_large -> Native.table_get_by_key_dirty(table, topic, key)
-      presences -> presences
-    end
+    inline_or_dirty(
+      Native.table_get_by_key(table, topic, key),
+      fn -> Native.table_get_by_key_dirty(table, topic, key) end
+    )
   end
 
   # The normal case runs on the dispatcher's scheduler: a dirty round trip
   # per part would cost more than the work on a busy node.
   @impl true
   def take_diffs(table, max_topics) do
-    case Native.table_take_diffs(table, max_topics) do
-      :too_large -> Native.table_take_diffs_dirty(table, max_topics)
-      taken -> taken
-    end
+    inline_or_dirty(
+      Native.table_take_diffs(table, max_topics),
+      fn -> Native.table_take_diffs_dirty(table, max_topics) end
+    )
   end
 
   @impl true
   def next_part(table) do
-    case Native.table_next_part(table) do
-      :too_large -> Native.table_next_part_dirty(table)
-      part -> part
-    end
+    inline_or_dirty(Native.table_next_part(table), fn -> Native.table_next_part_dirty(table) end)
   end
 
   @impl true
@@ -72,4 +66,9 @@ defmodule Drab.Presence.Backend.NIF do
 
   @impl true
   defdelegate stats(table), to: Native, as: :table_stats
+
+  # Each such NIF does the work on the caller's scheduler when it is small,
+  # and answers :too_large, having taken nothing, when it belongs on a dirty one.
+  defp inline_or_dirty(:too_large, dirty), do: dirty.()
+  defp inline_or_dirty(result, _dirty), do: result
 end
