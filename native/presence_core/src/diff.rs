@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use crate::cow_chunks::Snapshot;
+use crate::delta::DeltaWriter;
 use crate::phx_ref::RefGen;
 use crate::registry::{Bytes, Presence};
 
@@ -41,6 +42,20 @@ impl PartLimits {
 }
 
 impl<O, M> TopicDiff<O, M> {
+    /// Writes the changes this node's own processes made, for the other
+    /// nodes: replicas' presences are theirs to report.
+    pub fn write_delta(&self, delta: &mut DeltaWriter)
+    where
+        M: AsRef<[u8]>,
+    {
+        for leave in self.leaves().filter(|p| p.is_local()) {
+            delta.leave(leave.phx_ref);
+        }
+        for join in self.joins().filter(|p| p.is_local()) {
+            delta.join(&self.topic, join);
+        }
+    }
+
     pub fn joins(&self) -> impl Iterator<Item = &Presence<O, M>> {
         self.entries
             .iter()

@@ -132,7 +132,7 @@ fn write_meta<O, M: AsRef<[u8]>>(
     write_map_header(out, arity + 1 + usize::from(presence.prev_ref.is_some()));
     out.extend_from_slice(&meta[6..]);
     write_atom(out, "phx_ref");
-    write_binary(out, &encode_ref(presence.phx_ref));
+    write_binary(out, &encode_ref(presence.shown_ref()));
     if let Some(prev) = presence.prev_ref {
         write_atom(out, "phx_ref_prev");
         write_binary(out, &encode_ref(prev));
@@ -167,7 +167,7 @@ mod tests {
 
     fn presence(owner: u32, key: &str, prev_ref: Option<u64>) -> Presence<u32, Vec<u8>> {
         Presence {
-            owner,
+            owner: crate::Holder::Local(owner),
             key: Arc::from(key.as_bytes()),
             meta: META_A1.to_vec(),
             phx_ref: 1,

@@ -11,6 +11,7 @@
 //! writes listings in Erlang's external term format from stored meta bytes.
 
 mod cow_chunks;
+pub mod delta;
 mod diff;
 mod error;
 pub mod etf;
@@ -18,12 +19,14 @@ mod owner;
 mod phx_ref;
 mod ref_hash;
 mod registry;
+mod replica;
 mod sharded_map;
 mod topic;
 
 pub use cow_chunks::{CowChunks, Snapshot, CHUNK_LEN};
 pub use diff::{Part, PartLimits, TopicDiff};
 pub use error::CoreError;
-pub use owner::Departure;
+pub use owner::{Departure, Holder, ReplicaId};
 pub use phx_ref::{encode_ref, RefGen};
 pub use registry::{Bytes, Change, Counts, Presence, Ref, Registry, Removed, Update};
+pub use replica::RemoteJoin;

@@ -6,6 +6,24 @@ use std::hash::BuildHasherDefault;
 
 use crate::ref_hash::RefHasher;
 use crate::registry::{Bytes, Ref};
+use crate::replica::RemoteHandle;
+
+/// A node's replica of another node's presences, as numbered by the node
+/// holding the copy.
+pub type ReplicaId = u32;
+
+/// What holds a presence: a process of this node, or another node, whose
+/// copy of it arrived by replication. A replica is an owner like any
+/// other, except that its presences are addressed by the ref they have on
+/// their own node, and that it goes away as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Holder<O> {
+    Local(O),
+    /// The replica, and the presence's ref on its own node: that ref, not
+    /// ours, is the `phx_ref` clients see, so that it is the same on every
+    /// node.
+    Replica(ReplicaId, Ref),
+}
 
 /// Where one presence of an owner lives. Its key is the entry's: keeping it
 /// here too would cost 16 bytes a presence.
@@ -115,9 +133,28 @@ pub struct Departure {
 enum Departing {
     One(Option<Handle>),
     Many(std::collections::hash_map::IntoIter<Ref, Bytes>),
+    Handles(std::vec::IntoIter<Handle>),
+    Replica(std::collections::hash_map::IntoIter<Ref, RemoteHandle>),
 }
 
 impl Departure {
+    /// Presences at `handles`, removed like a departed owner's.
+    pub(crate) fn of_handles(handles: Vec<Handle>) -> Self {
+        Self {
+            remaining: handles.len(),
+            handles: Departing::Handles(handles.into_iter()),
+        }
+    }
+
+    /// A dropped replica's presences, walked a chunk at a time like a
+    /// departed owner's map.
+    pub(crate) fn of_replica(presences: HashMap<Ref, RemoteHandle>) -> Self {
+        Self {
+            remaining: presences.len(),
+            handles: Departing::Replica(presences.into_iter()),
+        }
+    }
+
     /// Presences not removed yet.
     pub fn remaining(&self) -> usize {
         self.remaining
@@ -133,6 +170,14 @@ impl Departure {
             Departing::Many(by_ref) => by_ref
                 .take(max)
                 .map(|(phx_ref, topic)| Handle { topic, phx_ref })
+                .collect(),
+            Departing::Handles(handles) => handles.take(max).collect(),
+            Departing::Replica(presences) => presences
+                .take(max)
+                .map(|(_, remote)| Handle {
+                    topic: remote.topic,
+                    phx_ref: remote.local_ref,
+                })
                 .collect(),
         };
         self.remaining -= taken.len();

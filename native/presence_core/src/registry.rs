@@ -1,12 +1,13 @@
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::Arc;
 
 use crate::cow_chunks::Snapshot;
 use crate::diff::TopicDiff;
 use crate::error::CoreError;
-use crate::owner::{Departure, Handle, Owner};
+use crate::owner::{Departure, Handle, Holder, Owner, ReplicaId};
 use crate::phx_ref::RefGen;
+use crate::replica::ReplicaSet;
 use crate::sharded_map::ShardedMap;
 use crate::topic::Topic;
 
@@ -19,12 +20,28 @@ pub type Bytes = Arc<[u8]>;
 /// One tracked presence: an owner under a key on a topic, with its meta.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Presence<O, M> {
-    pub owner: O,
+    pub owner: Holder<O>,
     pub key: Bytes,
     pub meta: M,
     pub phx_ref: Ref,
     /// The ref this presence had before its last update, as `phx_ref_prev`.
     pub prev_ref: Option<Ref>,
+}
+
+impl<O, M> Presence<O, M> {
+    /// The `phx_ref` clients see: a replicated presence keeps the ref it
+    /// has on its own node, so that every node shows the same one.
+    pub fn shown_ref(&self) -> Ref {
+        match self.owner {
+            Holder::Local(_) => self.phx_ref,
+            Holder::Replica(_, origin_ref) => origin_ref,
+        }
+    }
+
+    /// Whether a process of this node holds it (it is not a replica's).
+    pub fn is_local(&self) -> bool {
+        matches!(self.owner, Holder::Local(_))
+    }
 }
 
 /// The result of a write that changed the table.
@@ -85,12 +102,14 @@ const MIN_KEPT_DIRTY: usize = 64;
 /// or the number of presences its owner has.
 #[derive(Debug)]
 pub struct Registry<O, M, W> {
-    topics: ShardedMap<Bytes, Topic<O, M>>,
+    pub(crate) topics: ShardedMap<Bytes, Topic<O, M>>,
     owners: ShardedMap<O, Owner<W>>,
+    /// Other nodes' presences, by replica (see `replica.rs`).
+    pub(crate) replicas: HashMap<ReplicaId, ReplicaSet>,
     /// Topics with a pending diff, in the order they first changed.
     dirty: VecDeque<Bytes>,
-    refs: RefGen,
-    presences: usize,
+    pub(crate) refs: RefGen,
+    pub(crate) presences: usize,
 }
 
 impl<O, M, W> Registry<O, M, W>
@@ -103,6 +122,7 @@ where
         Self {
             topics: ShardedMap::default(),
             owners: ShardedMap::default(),
+            replicas: HashMap::new(),
             dirty: VecDeque::new(),
             refs: RefGen::new(ref_seed),
             presences: 0,
@@ -135,7 +155,7 @@ where
         let entry = self.topics.get_mut(&topic_name).expect("interned above");
         let key = entry.interned_key(key);
         entry.insert(Presence {
-            owner,
+            owner: Holder::Local(owner),
             key,
             meta,
             phx_ref,
@@ -221,7 +241,7 @@ where
     /// updates.
     pub fn lookup(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<&Presence<O, M>> {
         let entry = self.topics.get(topic)?;
-        let (_, index) = entry.find(&owner, key)?;
+        let (_, index) = entry.find(&Holder::Local(owner), key)?;
         entry.get(index)
     }
 
@@ -397,17 +417,17 @@ where
     /// name, the presence's ref and its position.
     fn find(&self, owner: &O, topic: &[u8], key: &[u8]) -> Option<(Bytes, Ref, usize)> {
         let (name, entry) = self.topics.get_key_value(topic)?;
-        let (phx_ref, index) = entry.find(owner, key)?;
+        let (phx_ref, index) = entry.find(&Holder::Local(*owner), key)?;
         Some((name.clone(), phx_ref, index))
     }
 
-    fn topic_has(&self, topic: &[u8], phx_ref: Ref) -> bool {
+    pub(crate) fn topic_has(&self, topic: &[u8], phx_ref: Ref) -> bool {
         self.topics
             .get(topic)
             .is_some_and(|t| t.by_ref(phx_ref).is_some())
     }
 
-    fn intern_topic(&mut self, topic: &[u8]) -> Bytes {
+    pub(crate) fn intern_topic(&mut self, topic: &[u8]) -> Bytes {
         if let Some((name, _)) = self.topics.get_key_value(topic) {
             return name.clone();
         }
@@ -419,7 +439,7 @@ where
 
     /// Removes the presence `phx_ref` from `topic_name`, records the leave,
     /// and returns whether the dispatcher must be woken.
-    fn remove_presence(&mut self, topic_name: &Bytes, phx_ref: Ref) -> bool {
+    pub(crate) fn remove_presence(&mut self, topic_name: &Bytes, phx_ref: Ref) -> bool {
         let topic = self
             .topics
             .get_mut(topic_name)
@@ -432,7 +452,7 @@ where
 
     /// Marks `topic_name` as having a pending diff. Returns true when it is
     /// the first dirty topic, i.e. the dispatcher is idle and must be woken.
-    fn mark_dirty(&mut self, topic_name: &Bytes) -> bool {
+    pub(crate) fn mark_dirty(&mut self, topic_name: &Bytes) -> bool {
         let topic = self
             .topics
             .get_mut(topic_name)
@@ -659,14 +679,12 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![3, 3, 1]
         );
-        let mut joined: Vec<u32> = parts
-            .iter()
-            .flat_map(|(j, _)| j.iter().map(|p| p.owner))
-            .collect();
-        let mut left: Vec<u32> = parts
-            .iter()
-            .flat_map(|(_, l)| l.iter().map(|p| p.owner))
-            .collect();
+        let local = |p: &&Presence<u32, &str>| match p.owner {
+            Holder::Local(owner) => owner,
+            Holder::Replica(..) => unreachable!("no replicas here"),
+        };
+        let mut joined: Vec<u32> = parts.iter().flat_map(|(j, _)| j.iter().map(local)).collect();
+        let mut left: Vec<u32> = parts.iter().flat_map(|(_, l)| l.iter().map(local)).collect();
         joined.sort();
         left.sort();
         assert_eq!((joined, left), (vec![10, 11, 12, 13], vec![0, 1, 2]));
@@ -816,7 +834,7 @@ mod tests {
             assert_eq!(r.untrack(owner, b"t", b"k").removed, 1);
             assert!(r.lookup(owner, b"t", b"k").is_none());
         }
-        assert_eq!(r.lookup(3, b"t", b"k").unwrap().owner, 3);
+        assert_eq!(r.lookup(3, b"t", b"k").unwrap().owner, Holder::Local(3));
         assert_eq!(
             r.counts(b"t"),
             Counts {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 
 use crate::cow_chunks::{CowChunks, Snapshot};
+use crate::owner::Holder;
 use crate::phx_ref::RefGen;
 use crate::ref_hash::ShardedRefMap;
 use crate::registry::{Bytes, Presence, Ref};
@@ -20,7 +21,7 @@ use crate::sharded_map::ShardedMap;
 #[allow(clippy::box_collection)]
 enum KeyRefs<O> {
     One(Ref),
-    Many(Box<HashMap<O, Ref>>),
+    Many(Box<HashMap<Holder<O>, Ref>>),
 }
 
 #[derive(Debug)]
@@ -84,7 +85,7 @@ where
     }
 
     /// The ref and position of `owner`'s presence under `key`: O(1).
-    pub(crate) fn find(&self, owner: &O, key: &[u8]) -> Option<(Ref, usize)> {
+    pub(crate) fn find(&self, owner: &Holder<O>, key: &[u8]) -> Option<(Ref, usize)> {
         let phx_ref = match self.keys.get(key)? {
             KeyRefs::One(r) => *r,
             KeyRefs::Many(by_owner) => *by_owner.get(owner)?,
