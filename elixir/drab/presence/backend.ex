@@ -34,4 +34,15 @@ defmodule Drab.Presence.Backend do
               {part_id(), topic(), joins :: grouped(), leaves :: grouped()} | :none
   @callback ack_part(handle(), part_id()) :: :ok
   @callback stats(handle()) :: %{atom() => non_neg_integer()}
+
+  # Cluster mode (Drab.Presence.Cluster): this node's changes out as deltas,
+  # other nodes' in as replicas, numbered by the receiving node.
+  @type replica :: non_neg_integer()
+  @callback set_replicator(handle(), pid() | nil) :: incarnation :: binary()
+  @callback delta_seq(handle()) :: seq :: non_neg_integer()
+  @callback take_delta(handle()) :: {seq :: pos_integer(), delta :: binary()} | :none
+  @callback local_state(handle()) :: {seq :: non_neg_integer(), [delta :: binary()]}
+  @callback apply_delta(handle(), replica(), binary()) :: :ok | {:error, :bad_delta}
+  @callback sync_replica(handle(), replica(), [binary()]) :: :ok | {:error, :bad_delta}
+  @callback drop_replica(handle(), replica()) :: dropped :: non_neg_integer()
 end

@@ -99,6 +99,36 @@ defmodule Drab.Presence.Native do
   @spec table_stats(table()) :: %{atom() => non_neg_integer()}
   def table_stats(_table), do: err()
 
+  @spec replication_set_replicator(table(), pid() | nil) :: incarnation :: binary()
+  def replication_set_replicator(_table, _pid), do: err()
+
+  @spec replication_delta_seq(table()) :: non_neg_integer()
+  def replication_delta_seq(_table), do: err()
+
+  @spec replication_take_delta(table()) :: {pos_integer(), binary()} | :none
+  def replication_take_delta(_table), do: err()
+
+  @spec replication_local_state(table()) :: {non_neg_integer(), [binary()]}
+  def replication_local_state(_table), do: err()
+
+  @spec replication_apply_delta(table(), non_neg_integer(), binary()) ::
+          :ok | :too_large | {:error, :bad_delta}
+  def replication_apply_delta(_table, _replica, _delta), do: err()
+
+  @spec replication_apply_delta_dirty(table(), non_neg_integer(), binary()) ::
+          :ok | {:error, :bad_delta}
+  def replication_apply_delta_dirty(_table, _replica, _delta), do: err()
+
+  @spec replication_sync_replica(table(), non_neg_integer(), [binary()]) ::
+          :ok | {:error, :bad_delta}
+  def replication_sync_replica(_table, _replica, _chunks), do: err()
+
+  @spec replication_drop_replica(table(), non_neg_integer()) :: non_neg_integer()
+  def replication_drop_replica(_table, _replica), do: err()
+
+  @spec replication_replica_len(table(), non_neg_integer()) :: non_neg_integer()
+  def replication_replica_len(_table, _replica), do: err()
+
   @spec test_panic() :: no_return()
   def test_panic, do: err()
 

@@ -37,6 +37,37 @@ defmodule Drab.Presence.Options do
         "where the table lives: `:nif`, in this VM. It cannot change while the table " <>
           "lives, that is until the VM restarts"
     ],
+    cluster: [
+      type: {:in, [:auto, false]},
+      default: :auto,
+      doc:
+        "`:auto` replicates presences with the same module on every connected node: " <>
+          "through `pubsub_server` when Phoenix.PubSub is loaded, else over Erlang " <>
+          "distribution with OTP's `:pg`. `false` keeps this node's presences to itself"
+    ],
+    heartbeat_period: [
+      type: {:integer_in, 10, 3_600_000},
+      default: 1_500,
+      doc:
+        "milliseconds between the heartbeats a node sends its peers in cluster mode; " <>
+          "a heartbeat carries the number of the last delta, so a lost one is repaired " <>
+          "within a period"
+    ],
+    down_period: [
+      type: {:integer_in, 10, 86_400_000},
+      default: 30_000,
+      doc:
+        "milliseconds without a word from a peer after which its presences leave. " <>
+          "Where nodes are connected by Erlang distribution, nodedown does it at once. " <>
+          "Must be longer than `heartbeat_period`"
+    ],
+    permdown_period: [
+      type: {:integer_in, 10, 604_800_000},
+      default: 1_200_000,
+      doc:
+        "milliseconds a peer may stay down before it is forgotten for good. " <>
+          "At least `down_period`"
+    ],
     # Drab's own keys, read by Drab.Presence.Config and passed over here.
     id: [type: :any, doc: false],
     module: [type: :atom, doc: false],
@@ -48,7 +79,11 @@ defmodule Drab.Presence.Options do
           pubsub_server: atom() | nil,
           diff_window: 0..60_000,
           max_meta_bytes: pos_integer(),
-          backend: :nif
+          backend: :nif,
+          cluster: :auto | false,
+          heartbeat_period: pos_integer(),
+          down_period: pos_integer(),
+          permdown_period: pos_integer()
         ]
 
   @doc """
@@ -82,7 +117,27 @@ defmodule Drab.Presence.Options do
     defaults =
       for {key, spec} <- @schema, Keyword.has_key?(spec, :default), do: {key, spec[:default]}
 
-    Keyword.merge(defaults, opts)
+    defaults
+    |> Keyword.merge(opts)
+    |> check_periods!()
+  end
+
+  # Periods that only make sense in one order.
+  defp check_periods!(opts) do
+    cond do
+      opts[:down_period] <= opts[:heartbeat_period] ->
+        raise ArgumentError,
+              "invalid value for :down_period: it must be longer than :heartbeat_period " <>
+                "(#{opts[:heartbeat_period]}), got: #{opts[:down_period]}"
+
+      opts[:permdown_period] < opts[:down_period] ->
+        raise ArgumentError,
+              "invalid value for :permdown_period: it must be at least :down_period " <>
+                "(#{opts[:down_period]}), got: #{opts[:permdown_period]}"
+
+      true ->
+        opts
+    end
   end
 
   @doc "The options rendered as a markdown list, for `@moduledoc`."

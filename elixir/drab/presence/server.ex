@@ -7,7 +7,7 @@ defmodule Drab.Presence.Server do
   # without subscriptions; subscribers that monitor it subscribe again.
   use Supervisor
 
-  alias Drab.Presence.{Broadcast, Dispatcher, Options, Runtime}
+  alias Drab.Presence.{Broadcast, Cluster, Dispatcher, Options, Runtime}
 
   @doc false
   @spec start_link(module(), keyword(), term()) :: Supervisor.on_start()
@@ -30,9 +30,34 @@ defmodule Drab.Presence.Server do
         type: :supervisor
       },
       {Dispatcher, {module, opts}}
+      | cluster_children(module, opts)
     ]
 
     Supervisor.init(children, strategy: :one_for_one, max_restarts: 10, max_seconds: 5)
+  end
+
+  # Cluster mode: the :pg scope (OTP 23+) its cluster processes meet in,
+  # then the cluster process, rest_for_one: a restarted scope has lost its
+  # members, so the cluster process must join it again.
+  defp cluster_children(module, opts) do
+    scope =
+      if Cluster.transport(opts) == :pg and Code.ensure_loaded?(:pg),
+        do: [%{id: :pg, start: {:pg, :start_link, [Cluster.pg_scope(module)]}}],
+        else: []
+
+    if Cluster.transport(opts) do
+      children = scope ++ [{Cluster, {module, opts}}]
+
+      [
+        %{
+          id: Cluster,
+          type: :supervisor,
+          start: {Supervisor, :start_link, [children, [strategy: :rest_for_one]]}
+        }
+      ]
+    else
+      []
+    end
   end
 
   @doc false

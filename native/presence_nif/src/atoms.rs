@@ -2,6 +2,7 @@
 
 rustler::atoms! {
     ok,
+    error,
     already_tracked,
     not_tracked,
     noproc,
@@ -13,6 +14,10 @@ rustler::atoms! {
     none,
     // Sent to the dispatcher on the first pending diff.
     drab_presence_pending,
+    // Sent to the replicator when this node's changes start waiting.
+    drab_presence_delta,
+    bad_delta,
+    replicas,
     // table_stats keys.
     presences,
     owners,

@@ -8,6 +8,7 @@ mod alloc;
 mod atoms;
 mod encode;
 mod error;
+mod replication;
 mod size;
 mod table;
 #[cfg(feature = "test-hooks")]

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 
+use presence_core::delta::DeltaWriter;
 use presence_core::{etf, Change, CoreError, PartLimits, Registry, Removed, Snapshot, Update};
 use rustler::{
     Binary, Encoder, Env, LocalPid, Monitor, NifResult, OwnedEnv, Resource, ResourceArc, Term,
@@ -76,10 +77,10 @@ const INLINE_TAKE_WORK: usize = 20_000;
 /// presences in one would hold its scheduler for tens of milliseconds.
 const DEPART_CHUNK: usize = 64;
 
-struct State {
-    registry: Registry<LocalPid, Meta, Monitor>,
+pub(crate) struct State {
+    pub(crate) registry: Registry<LocalPid, Meta, Monitor>,
     /// Told (`:drab_presence_pending`) when the first pending diff appears.
-    dispatcher: Option<LocalPid>,
+    pub(crate) dispatcher: Option<LocalPid>,
 }
 
 /// A presence table: the resource handed to Elixir. Its contents live
@@ -88,12 +89,18 @@ struct State {
 pub struct Table(Arc<Shared>);
 
 pub struct Shared {
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
     /// Diff parts taken from the registry and not yet acknowledged as
     /// broadcast. Writers never take this lock, so they never wait on a
     /// delivery. Lock order: `outbox`, then `state`; never `outbox` while
     /// `state` is held (taking diffs holds both, in that order).
     outbox: Mutex<Outbox>,
+    /// This node's changes for the other nodes (cluster mode). Lock order:
+    /// after `outbox`, before `state`.
+    pub(crate) replication: Mutex<Replication>,
+    /// Names this table's replica on other nodes: a node that restarts gets
+    /// a new one, so what others held of its previous life is dropped.
+    pub(crate) incarnation: uuid::Uuid,
     max_meta_bytes: AtomicUsize,
 }
 
@@ -130,6 +137,18 @@ struct DiffPart {
     leaves: Vec<Entry>,
 }
 
+/// This node's changes not yet sent to the other nodes, and how many
+/// deltas went out before them.
+#[derive(Default)]
+pub(crate) struct Replication {
+    /// Told (`:drab_presence_delta`) when changes start waiting; `None`
+    /// outside cluster mode, when no delta is recorded at all.
+    pub(crate) replicator: Option<LocalPid>,
+    pub(crate) pending: DeltaWriter,
+    /// The seq of the last delta handed out.
+    pub(crate) seq: u64,
+}
+
 #[rustler::resource_impl]
 impl Resource for Table {
     const IMPLEMENTS_DOWN: bool = true;
@@ -148,9 +167,18 @@ impl Resource for Table {
                 .depart(pid)
                 .map(|(_monitor, departure)| departure)
         };
-        let Some(departure) = departure else { return };
+        if let Some(departure) = departure {
+            self.remove_detached(env, departure);
+        }
+    }
+}
+
+impl Table {
+    /// Removes detached presences (an exited owner's, a dropped replica's):
+    /// inline when they fit in one chunk, else a chunk at a time from a
+    /// short-lived thread, handing the lock to writers between chunks.
+    pub(crate) fn remove_detached(&self, env: Env, mut departure: presence_core::Departure) {
         if departure.remaining() <= DEPART_CHUNK {
-            let mut departure = departure;
             self.write(env, |registry| {
                 let _hold = ExitHold::start();
                 registry.remove_departed(&mut departure, DEPART_CHUNK)
@@ -177,7 +205,7 @@ impl Resource for Table {
 }
 
 /// What a write did that may call for the dispatcher.
-trait WakesDispatcher {
+pub(crate) trait WakesDispatcher {
     fn wakes_dispatcher(&self) -> bool;
 }
 
@@ -218,13 +246,13 @@ impl Shared {
     /// The registry lock. parking_lot's: it can be handed over fairly, and
     /// a panic under it (caught by rustler) leaves no poison behind; core
     /// operations do not panic mid-change, so the data is safe to reuse.
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock()
     }
 
     /// Runs `change` under the lock, then, with the lock released, tells
     /// the dispatcher if this change made the first pending diff.
-    fn write<T: WakesDispatcher>(
+    pub(crate) fn write<T: WakesDispatcher>(
         &self,
         env: Env,
         change: impl FnOnce(&mut Registry<LocalPid, Meta, Monitor>) -> T,
@@ -297,6 +325,8 @@ fn table_new(max_meta_bytes: usize) -> ResourceArc<Table> {
             dispatcher: None,
         }),
         outbox: Mutex::new(Outbox::default()),
+        replication: Mutex::new(Replication::default()),
+        incarnation: uuid::Uuid::new_v4(),
         max_meta_bytes: AtomicUsize::new(max_meta_bytes),
     })))
 }
@@ -493,18 +523,22 @@ fn table_take_diffs(env: Env, table: ResourceArc<Table>, max_topics: usize) -> T
     if table.lock().registry.next_diff_work() > INLINE_TAKE_WORK {
         return atoms::too_large().encode(env);
     }
-    take_diffs(&table, max_topics, INLINE_TAKE_WORK).encode(env)
+    take_diffs(env, &table, max_topics, INLINE_TAKE_WORK).encode(env)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
-fn table_take_diffs_dirty(table: ResourceArc<Table>, max_topics: usize) -> (usize, usize) {
-    take_diffs(&table, max_topics, usize::MAX)
+fn table_take_diffs_dirty(env: Env, table: ResourceArc<Table>, max_topics: usize) -> (usize, usize) {
+    take_diffs(env, &table, max_topics, usize::MAX)
 }
 
-fn take_diffs(table: &Table, max_topics: usize, max_work: usize) -> (usize, usize) {
+/// Also records, in cluster mode, this node's own changes among the diffs
+/// for the other nodes: each node replicates what its subscribers are told,
+/// so joins that cancelled out within a window never cross the network.
+fn take_diffs(env: Env, table: &Table, max_topics: usize, max_work: usize) -> (usize, usize) {
     let mut outbox = table.outbox.lock();
     if outbox.parts.is_empty() {
         let diffs = table.lock().registry.take_diffs(max_topics, max_work);
+        crate::replication::record(env, table, &diffs);
         for diff in &diffs {
             for (joins, leaves) in diff.parts(PART_LIMITS, encode::listed_size) {
                 let id = outbox.next_id;

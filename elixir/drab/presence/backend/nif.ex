@@ -67,6 +67,32 @@ defmodule Drab.Presence.Backend.NIF do
   @impl true
   defdelegate stats(table), to: Native, as: :table_stats
 
+  @impl true
+  defdelegate set_replicator(table, pid), to: Native, as: :replication_set_replicator
+
+  @impl true
+  defdelegate delta_seq(table), to: Native, as: :replication_delta_seq
+
+  @impl true
+  defdelegate take_delta(table), to: Native, as: :replication_take_delta
+
+  @impl true
+  defdelegate local_state(table), to: Native, as: :replication_local_state
+
+  @impl true
+  def apply_delta(table, replica, delta) do
+    inline_or_dirty(
+      Native.replication_apply_delta(table, replica, delta),
+      fn -> Native.replication_apply_delta_dirty(table, replica, delta) end
+    )
+  end
+
+  @impl true
+  defdelegate sync_replica(table, replica, chunks), to: Native, as: :replication_sync_replica
+
+  @impl true
+  defdelegate drop_replica(table, replica), to: Native, as: :replication_drop_replica
+
   # Each such NIF does the work on the caller's scheduler when it is small,
   # and answers :too_large, having taken nothing, when it belongs on a dirty one.
   defp inline_or_dirty(:too_large, dirty), do: dirty.()
