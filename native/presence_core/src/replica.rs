@@ -144,13 +144,21 @@ where
         self.replicas.len()
     }
 
-    /// Every presence a process of this node holds, topic by topic, as
-    /// snapshots: O(topics) under the lock, walked after it.
-    pub fn local_snapshots(&self) -> Vec<(Bytes, crate::Snapshot<Presence<O, M>>)> {
+    /// Every presence on this node, topic by topic, as snapshots for a full
+    /// state: O(topics) under the lock, walked after it.
+    ///
+    /// Another node syncs from what they show, as a client does from a
+    /// list, so every topic is marked observed: a presence whose join was
+    /// still pending has its leave sent, or the other node would keep it.
+    pub fn observed_snapshots(&mut self) -> Vec<(Bytes, crate::Snapshot<Presence<O, M>>)> {
+        let next_seq = self.refs.next_seq();
         self.topics
-            .iter()
+            .iter_mut()
             .filter(|(_, topic)| !topic.is_empty())
-            .map(|(name, topic)| (name.clone(), topic.snapshot()))
+            .map(|(name, topic)| {
+                topic.observed_before_seq = next_seq;
+                (name.clone(), topic.snapshot())
+            })
             .collect()
     }
 }
@@ -264,12 +272,12 @@ mod tests {
     }
 
     #[test]
-    fn local_snapshots_list_every_topic() {
+    fn observed_snapshots_list_every_topic() {
         let mut r = Reg::new(0);
         r.track(1, b"a", b"k", "m", || Some(())).unwrap();
         r.track(1, b"b", b"k", "m", || Some(())).unwrap();
         r.replica_join(2, join("c", "k", "m", 1));
-        let snapshots = r.local_snapshots();
+        let snapshots = r.observed_snapshots();
         let local: usize = snapshots
             .iter()
             .map(|(_, s)| s.iter().filter(|p| p.is_local()).count())

@@ -115,6 +115,10 @@ impl<K: Hash + Eq, V, S: BuildHasher + Clone> ShardedMap<K, V, S> {
         self.shards.iter().flat_map(|shard| shard.iter())
     }
 
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
+        self.shards.iter_mut().flat_map(|shard| shard.iter_mut())
+    }
+
     /// Back to one map after a peak: 64 shards at their kept capacity
     /// would hold room for 4,096 entries however few are left.
     fn merge(&mut self) {

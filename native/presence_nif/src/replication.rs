@@ -91,7 +91,7 @@ fn replication_local_state(env: Env, table: ResourceArc<Table>) -> Term {
         // holding the replication lock across the snapshot orders it
         // against every delta handed out.
         let replication = table.replication.lock();
-        let snapshots = table.lock().registry.local_snapshots();
+        let snapshots = table.lock().registry.observed_snapshots();
         (replication.seq, snapshots)
     };
     let mut chunks = Vec::new();
