@@ -89,7 +89,8 @@ impl DeltaWriter {
             self.topic.extend_from_slice(topic);
         }
         self.out.push(JOIN);
-        self.out.extend_from_slice(&presence.shown_ref().to_be_bytes());
+        self.out
+            .extend_from_slice(&presence.shown_ref().to_be_bytes());
         match presence.prev_ref {
             None => self.out.push(0),
             Some(prev) => {

@@ -683,8 +683,14 @@ mod tests {
             Holder::Local(owner) => owner,
             Holder::Replica(..) => unreachable!("no replicas here"),
         };
-        let mut joined: Vec<u32> = parts.iter().flat_map(|(j, _)| j.iter().map(local)).collect();
-        let mut left: Vec<u32> = parts.iter().flat_map(|(_, l)| l.iter().map(local)).collect();
+        let mut joined: Vec<u32> = parts
+            .iter()
+            .flat_map(|(j, _)| j.iter().map(local))
+            .collect();
+        let mut left: Vec<u32> = parts
+            .iter()
+            .flat_map(|(_, l)| l.iter().map(local))
+            .collect();
         joined.sort();
         left.sort();
         assert_eq!((joined, left), (vec![10, 11, 12, 13], vec![0, 1, 2]));

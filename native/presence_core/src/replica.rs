@@ -170,7 +170,12 @@ mod tests {
 
     type Reg = Registry<u32, &'static str, ()>;
 
-    fn join<'a>(topic: &'a str, key: &'a str, meta: &'static str, r: Ref) -> RemoteJoin<'a, &'static str> {
+    fn join<'a>(
+        topic: &'a str,
+        key: &'a str,
+        meta: &'static str,
+        r: Ref,
+    ) -> RemoteJoin<'a, &'static str> {
         RemoteJoin {
             topic: topic.as_bytes(),
             key: key.as_bytes(),
@@ -209,7 +214,10 @@ mod tests {
         );
         let (joins, _) = drain(&mut r);
         assert!(joins.contains(&42) && joins.contains(&43));
-        assert!(r.get_by_key(b"t", b"alice").iter().any(|p| p.shown_ref() == 42));
+        assert!(r
+            .get_by_key(b"t", b"alice")
+            .iter()
+            .any(|p| p.shown_ref() == 42));
         r.replica_leave(7, 42);
         assert_eq!(drain(&mut r), (vec![], vec![42]));
         assert_eq!(r.replica_len(7), 1);

@@ -264,7 +264,7 @@ proptest! {
         }
         cluster.quiesce();
 
-        for topic in 0..TOPICS.len() {
+        for (topic, name) in TOPICS.iter().enumerate() {
             let mut union = View::new();
             for reg in &cluster.nodes {
                 union.extend(local(reg, topic));
@@ -274,7 +274,7 @@ proptest! {
                 prop_assert_eq!(&listed, &union, "node {} lists topic {}", node, topic);
                 prop_assert_eq!(&cluster.views[node][topic], &union, "node {}'s subscribers", node);
                 let users: BTreeSet<&Vec<u8>> = union.values().map(|(k, _)| k).collect();
-                let counts = cluster.nodes[node].counts(TOPICS[topic]);
+                let counts = cluster.nodes[node].counts(name);
                 prop_assert_eq!((counts.users, counts.connections), (users.len(), union.len()));
             }
         }

@@ -527,7 +527,11 @@ fn table_take_diffs(env: Env, table: ResourceArc<Table>, max_topics: usize) -> T
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
-fn table_take_diffs_dirty(env: Env, table: ResourceArc<Table>, max_topics: usize) -> (usize, usize) {
+fn table_take_diffs_dirty(
+    env: Env,
+    table: ResourceArc<Table>,
+    max_topics: usize,
+) -> (usize, usize) {
     take_diffs(env, &table, max_topics, usize::MAX)
 }
 
