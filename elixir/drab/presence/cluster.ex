@@ -307,7 +307,7 @@ defmodule Drab.Presence.Cluster do
   end
 
   defp receive_message(message, state) do
-    Logger.warning(
+    Logger.error(
       "#{inspect(state.module)} ignored a malformed cluster message: #{inspect(message, limit: 5)}"
     )
 
@@ -423,7 +423,8 @@ defmodule Drab.Presence.Cluster do
   defp join(:pg, module) do
     if Code.ensure_loaded?(:pg) do
       scope = pg_scope(module)
-      :ok = :pg.join(scope, module, self())
+      # By name: OTP 22 has no :pg (the API check keeps us to OTP 22).
+      :ok = apply(:pg, :join, [scope, module, self()])
       {:pg, scope, module}
     else
       # OTP 22: :pg2, which pubsub 1.x uses too.
@@ -459,7 +460,7 @@ defmodule Drab.Presence.Cluster do
 
   defp send_to(_state, _name, nil, _message), do: :ok
 
-  defp members({:pg, scope, group}), do: :pg.get_members(scope, group)
+  defp members({:pg, scope, group}), do: apply(:pg, :get_members, [scope, group])
   defp members({:pg2, group}), do: :pg2.get_members(group)
 
   defp schedule_heartbeat(state), do: Process.send_after(self(), :heartbeat, state.heartbeat_period)
