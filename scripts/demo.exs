@@ -4,9 +4,16 @@
 # topic keeps its own view from presence_diff broadcasts, as phoenix.js does.
 # At the end, counts, lists and every dashboard's view must agree.
 #
-#   scripts/demo [browsers]     (default 5000)
+#   scripts/demo [browsers] [--nodes N]     (default 5000 browsers, 1 node)
+#
+# With --nodes N, the app runs on N nodes of a local cluster (this VM and
+# N - 1 :peer nodes on 127.0.0.1, cluster mode over Erlang distribution),
+# browsers are spread over them as a load balancer would, and every node
+# must show every browser: counts, lists and each node's dashboards.
 
-browsers = String.to_integer(List.first(System.argv()) || "5000")
+{switches, args} = OptionParser.parse!(System.argv(), strict: [nodes: :integer])
+browsers = String.to_integer(List.first(args) || "5000")
+node_count = Keyword.get(switches, :nodes, 1)
 
 topics = [
   "__drab:same_path:/",
@@ -20,95 +27,155 @@ all_topics = topics ++ [shared]
 # users are keyed by user id (one user, many tabs); guests by browser id.
 Application.put_env(:drab, :presence, id: [session: :user_id])
 
-{:ok, _} = Drab.Presence.start_link(diff_window: 50)
+{:module, _, node_binary, _} =
+  defmodule Demo.Node do
+    # What each node of the app runs: Drab's config and Drab.Presence.
+    def start do
+      Application.put_env(:drab, :presence, id: [session: :user_id])
+      {:ok, pid} = Drab.Presence.start_link(diff_window: 50)
+      Process.unlink(pid)
+      :ok
+    end
 
-defmodule Demo.Dashboard do
-  # Keeps a topic's presences from presence_state + presence_diff, the way
-  # the phoenix.js Presence client does, and counts the diffs it received.
-  def start(topic) do
-    parent = self()
-
-    spawn_link(fn ->
-      :ok = Drab.Presence.subscribe(topic)
-      send(parent, {:subscribed, topic})
-      loop(topic, index(Drab.Presence.list(topic)), 0)
-    end)
+    def counts(topic),
+      do: {Drab.Presence.count_users(topic), Drab.Presence.count_connections(topic)}
   end
 
-  defp loop(topic, view, diffs) do
-    receive do
-      %{event: "presence_diff", payload: %{joins: joins, leaves: leaves}} ->
-        left = index(leaves)
-        loop(topic, view |> Map.drop(Map.keys(left)) |> Map.merge(index(joins)), diffs + 1)
+{:module, _, dashboard_binary, _} =
+  defmodule Demo.Dashboard do
+    # Keeps a topic's presences from presence_state + presence_diff, the way
+    # the phoenix.js Presence client does, and counts the diffs it received.
+    def start(topic, parent) do
+      spawn(fn ->
+        :ok = Drab.Presence.subscribe(topic)
+        send(parent, {:subscribed, topic, self()})
+        loop(topic, index(Drab.Presence.list(topic)), 0)
+      end)
+    end
 
-      {:report, from} ->
-        send(from, {:dashboard, topic, view, diffs})
-        loop(topic, view, diffs)
+    defp loop(topic, view, diffs) do
+      receive do
+        %{event: "presence_diff", payload: %{joins: joins, leaves: leaves}} ->
+          left = index(leaves)
+          loop(topic, view |> Map.drop(Map.keys(left)) |> Map.merge(index(joins)), diffs + 1)
+
+        {:report, from} ->
+          send(from, {:dashboard, topic, view, diffs})
+          loop(topic, view, diffs)
+      end
+    end
+
+    defp index(presences) do
+      for {key, %{metas: metas}} <- presences, meta <- metas, into: %{}, do: {meta.phx_ref, key}
     end
   end
 
-  defp index(presences) do
-    for {key, %{metas: metas}} <- presences, meta <- metas, into: %{}, do: {meta.phx_ref, key}
+{:module, _, browser_binary, _} =
+  defmodule Demo.Browser do
+    # A Drab channel process: Drab calls start/2 on connect and on subscribe,
+    # stop/2 on unsubscribe; nothing on disconnect: the process just ends.
+    def start(i, topic, shared) do
+      spawn(fn ->
+        assigns =
+          if rem(i, 3) == 0,
+            do: %{__client_id: "browser-#{i}", __session: %{user_id: rem(i, 700)}, __store: %{}},
+            else: %{__client_id: "browser-#{i}", __session: %{}, __store: %{}}
+
+        socket = %{topic: topic, channel_pid: self(), assigns: assigns}
+        {:ok, _} = Drab.Presence.start(socket, topic)
+        if rem(i, 4) == 0, do: {:ok, _} = Drab.Presence.start(socket, shared)
+
+        receive do
+          :unsubscribe ->
+            :ok = Drab.Presence.stop(socket, shared)
+            Process.sleep(:infinity)
+
+          :close_tab ->
+            exit(:normal)
+
+          :crash ->
+            exit(:connection_lost)
+        end
+      end)
+    end
   end
-end
 
-defmodule Demo.Browser do
-  # A Drab channel process: Drab calls start/2 on connect and on subscribe,
-  # stop/2 on unsubscribe; nothing on disconnect: the process just ends.
-  def start(i, topic, shared) do
-    spawn(fn ->
-      assigns =
-        if rem(i, 3) == 0,
-          do: %{__client_id: "browser-#{i}", __session: %{user_id: rem(i, 700)}, __store: %{}},
-          else: %{__client_id: "browser-#{i}", __session: %{}, __store: %{}}
+nodes =
+  if node_count > 1 do
+    unless Code.ensure_loaded?(:peer) do
+      IO.puts("--nodes needs OTP 25 or later (:peer), this is OTP #{System.otp_release()}")
+      System.halt(2)
+    end
 
-      socket = %{topic: topic, channel_pid: self(), assigns: assigns}
-      {:ok, _} = Drab.Presence.start(socket, topic)
-      if rem(i, 4) == 0, do: {:ok, _} = Drab.Presence.start(socket, shared)
+    unless Node.alive?() do
+      {_, 0} = System.cmd("epmd", ["-daemon"])
+      {:ok, _} = :net_kernel.start([:"demo#{System.pid()}@127.0.0.1", :longnames])
+    end
 
-      receive do
-        :unsubscribe ->
-          :ok = Drab.Presence.stop(socket, shared)
-          Process.sleep(:infinity)
+    code_path = Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
 
-        :close_tab ->
-          exit(:normal)
+    peers =
+      for n <- 2..node_count do
+        name = :"demo#{System.pid()}_#{n}"
 
-        :crash ->
-          exit(:connection_lost)
+        {:ok, _peer, peer} =
+          :peer.start_link(%{name: name, host: ~c"127.0.0.1", longnames: true, args: code_path})
+
+        {:ok, _} = :erpc.call(peer, :application, :ensure_all_started, [:drab_presence])
+        :ok = :erpc.call(peer, :logger, :set_primary_config, [:level, :warning])
+
+        # The demo's modules live only in this VM: load them there too.
+        for {module, binary} <- [
+              {Demo.Node, node_binary},
+              {Demo.Dashboard, dashboard_binary},
+              {Demo.Browser, browser_binary}
+            ] do
+          {:module, ^module} = :erpc.call(peer, :code, :load_binary, [module, ~c"demo", binary])
+        end
+
+        peer
       end
-    end)
+
+    [node() | peers]
+  else
+    [node()]
   end
-end
+
+for node <- nodes, do: :ok = :erpc.call(node, Demo.Node, :start, [])
 
 dashboards =
-  for topic <- all_topics, into: %{} do
-    pid = Demo.Dashboard.start(topic)
-    receive do: ({:subscribed, ^topic} -> :ok)
-    {topic, pid}
+  for node <- nodes, topic <- all_topics, into: %{} do
+    pid = :erpc.call(node, Demo.Dashboard, :start, [topic, self()])
+    receive do: ({:subscribed, ^topic, ^pid} -> :ok)
+    {{node, topic}, pid}
   end
 
 print_status = fn phase ->
   rows =
-    for topic <- all_topics do
-      :io_lib.format("  ~-52s ~8B users ~8B connections~n", [
-        topic,
-        Drab.Presence.count_users(topic),
-        Drab.Presence.count_connections(topic)
-      ])
+    for topic <- all_topics, node <- nodes do
+      {users, connections} = :erpc.call(node, Demo.Node, :counts, [topic])
+      name = if node_count > 1, do: "  #{node}", else: ""
+      :io_lib.format("  ~-52s ~8B users ~8B connections~s~n", [topic, users, connections, name])
     end
 
   IO.puts(["#{phase}\n" | rows])
 end
 
-IO.puts("drab_presence demo: #{browsers} browsers on #{length(topics)} Drab topics + #{shared}\n")
+IO.puts(
+  "drab_presence demo: #{browsers} browsers on #{length(topics)} Drab topics + #{shared}" <>
+    if(node_count > 1, do: ", spread over #{node_count} nodes\n", else: "\n")
+)
+
 started = System.monotonic_time(:millisecond)
 
 pids =
   for chunk <- Enum.chunk_every(1..browsers, div(browsers, 5) |> max(1)) do
     pids =
-      for i <- chunk,
-          do: {i, Demo.Browser.start(i, Enum.at(topics, rem(i, length(topics))), shared)}
+      for i <- chunk do
+        node = Enum.at(nodes, rem(i, node_count))
+        topic = Enum.at(topics, rem(i, length(topics)))
+        {i, :erpc.call(node, Demo.Browser, :start, [i, topic, shared])}
+      end
 
     Process.sleep(100)
     print_status.("connected #{List.last(Enum.to_list(chunk))} of #{browsers}")
@@ -142,31 +209,34 @@ expected =
     {topic, {members |> Enum.uniq() |> length(), length(members)}}
   end
 
-# Let the last diffs out before comparing the dashboards' views.
-Process.sleep(200)
+# Let the last diffs out (and, across nodes, the last deltas and the diffs
+# they make there) before comparing the dashboards' views.
+Process.sleep(if node_count > 1, do: 500, else: 200)
 
 failures =
-  for topic <- all_topics, reduce: [] do
+  for node <- nodes, topic <- all_topics, reduce: [] do
     failures ->
       {users, connections} = expected[topic]
-      listed = Drab.Presence.list(topic)
+      {counted_users, counted_connections} = :erpc.call(node, Demo.Node, :counts, [topic])
+      listed = :erpc.call(node, Drab.Presence, :list, [topic])
       listed_refs = for {key, %{metas: m}} <- listed, meta <- m, into: %{}, do: {meta.phx_ref, key}
-      send(dashboards[topic], {:report, self()})
+      dashboard = dashboards[{node, topic}]
+      send(dashboard, {:report, self()})
       {view, diffs} = receive do: ({:dashboard, ^topic, view, diffs} -> {view, diffs})
-      IO.puts("  #{topic}: dashboard applied #{diffs} presence_diffs")
+      where = if node_count > 1, do: "#{node} ", else: ""
+      IO.puts("  #{where}#{topic}: dashboard applied #{diffs} presence_diffs")
 
       checks = [
-        {Drab.Presence.count_users(topic) == users,
-         "count_users is #{Drab.Presence.count_users(topic)}, expected #{users}"},
-        {Drab.Presence.count_connections(topic) == connections,
-         "count_connections is #{Drab.Presence.count_connections(topic)}, expected #{connections}"},
+        {counted_users == users, "count_users is #{counted_users}, expected #{users}"},
+        {counted_connections == connections,
+         "count_connections is #{counted_connections}, expected #{connections}"},
         {map_size(listed) == users, "list/1 has #{map_size(listed)} keys, expected #{users}"},
         {map_size(listed_refs) == connections,
          "list/1 has #{map_size(listed_refs)} metas, expected #{connections}"},
         {view == listed_refs, "the dashboard's view differs from list/1"}
       ]
 
-      failures ++ for {false, message} <- checks, do: "#{topic}: #{message}"
+      failures ++ for {false, message} <- checks, do: "#{where}#{topic}: #{message}"
   end
 
 elapsed = System.monotonic_time(:millisecond) - started
@@ -174,7 +244,11 @@ IO.puts("\nelapsed: #{elapsed} ms, table: #{inspect(Drab.Presence.stats())}")
 
 case failures do
   [] ->
-    IO.puts("OK: counts, lists and dashboards match the #{length(alive)} browsers still online")
+    everywhere = if node_count > 1, do: " on each of #{node_count} nodes", else: ""
+
+    IO.puts(
+      "OK: counts, lists and dashboards#{everywhere} match the #{length(alive)} browsers still online"
+    )
 
   _ ->
     Enum.each(failures, &IO.puts("MISMATCH #{&1}"))
