@@ -86,7 +86,7 @@ defmodule Drab.Presence.ClusterRemote do
       spawn(fn ->
         :ok = module.subscribe(topic)
         send(caller, {:subscribed, self()})
-        dashboard_loop(module.list(topic))
+        dashboard_loop(module.list(topic), MapSet.new())
       end)
 
     receive do
@@ -96,14 +96,31 @@ defmodule Drab.Presence.ClusterRemote do
     end
   end
 
-  defp dashboard_loop(view) do
+  defp dashboard_loop(view, ever_left) do
     receive do
       %{event: "presence_diff", payload: payload} ->
-        dashboard_loop(Drab.PresenceCase.sync_diff(view, payload))
+        ever_left = Enum.into(Map.keys(payload.leaves), ever_left)
+        dashboard_loop(Drab.PresenceCase.sync_diff(view, payload), ever_left)
 
       {:view, from} ->
         send(from, {:view, self(), view})
-        dashboard_loop(view)
+        dashboard_loop(view, ever_left)
+
+      {:ever_left, from} ->
+        send(from, {:ever_left, self(), ever_left})
+        dashboard_loop(view, ever_left)
+    end
+  end
+
+  @doc "Every key a leave on the dashboard's topic has named so far."
+  @spec ever_left(pid()) :: MapSet.t()
+  def ever_left(dashboard) do
+    send(dashboard, {:ever_left, self()})
+
+    receive do
+      {:ever_left, ^dashboard, keys} -> keys
+    after
+      5_000 -> raise "dashboard did not answer"
     end
   end
 

@@ -45,4 +45,7 @@ defmodule Drab.Presence.Backend do
   @callback apply_delta(handle(), replica(), binary()) :: :ok | {:error, :bad_delta}
   @callback sync_replica(handle(), replica(), [binary()]) :: :ok | {:error, :bad_delta}
   @callback drop_replica(handle(), replica()) :: dropped :: non_neg_integer()
+  @callback replica_id(handle(), name :: binary()) :: replica()
+  @callback replica_ids(handle()) :: [{name :: binary(), replica()}]
+  @callback forget_replica(handle(), replica()) :: dropped :: non_neg_integer()
 end

@@ -112,10 +112,11 @@ defmodule Drab.Presence.Cluster do
       permdown_period: Keyword.fetch!(opts, :permdown_period),
       # {node, incarnation} => %{id, status: :syncing | :live | :down, seq, heard_at, down_at}
       replicas: %{},
-      next_id: 1,
       drop_next_delta?: false,
       refused_versions: MapSet.new()
     }
+
+    state = adopt_known_replicas(state)
 
     # Anything recorded before this process (a predecessor's leftovers) goes
     # out now; peers that find a gap resync.
@@ -215,11 +216,7 @@ defmodule Drab.Presence.Cluster do
   ## Messages from peers
 
   defp receive_message({:goodbye, name}, state) do
-    case state.replicas do
-      %{^name => %{status: status}} when status != :down -> forget(state, name)
-      %{^name => _} -> forget(state, name)
-      _ -> state
-    end
+    if Map.has_key?(state.replicas, name), do: forget(state, name), else: state
   end
 
   defp receive_message({:hello, from, name}, state) do
@@ -332,7 +329,7 @@ defmodule Drab.Presence.Cluster do
         state = forget_other_incarnations(state, node, name)
 
         replica = %{
-          id: state.next_id,
+          id: replica_id(state, name),
           status: :syncing,
           seq: 0,
           heard_at: now,
@@ -340,11 +337,7 @@ defmodule Drab.Presence.Cluster do
           down_at: nil
         }
 
-        state = %{
-          state
-          | replicas: Map.put(state.replicas, name, replica),
-            next_id: state.next_id + 1
-        }
+        state = %{state | replicas: Map.put(state.replicas, name, replica)}
 
         if request?, do: request_state(state, name, from), else: state
     end
@@ -397,8 +390,41 @@ defmodule Drab.Presence.Cluster do
 
   defp forget(state, name) do
     %{id: id} = state.replicas[name]
-    state.runtime.backend.drop_replica(state.runtime.table, id)
+    state.runtime.backend.forget_replica(state.runtime.table, id)
     %{state | replicas: Map.delete(state.replicas, name)}
+  end
+
+  # Replica ids live with the table, so that presences a predecessor of this
+  # process applied stay with their node.
+  defp replica_id(state, name),
+    do: state.runtime.backend.replica_id(state.runtime.table, :erlang.term_to_binary(name))
+
+  # A restarted cluster process finds the peers its predecessor knew in the
+  # table: each is synced anew when it speaks (its presences stay, and only
+  # what changed meanwhile makes diffs), dropped now if its node is gone
+  # (no nodedown will come), or after down_period if it stays silent.
+  defp adopt_known_replicas(state) do
+    now = now()
+    connected = MapSet.new(Node.list())
+
+    Enum.reduce(state.runtime.backend.replica_ids(state.runtime.table), state, fn {name, id}, acc ->
+      {node, _incarnation} = name = :erlang.binary_to_term(name)
+
+      replica = %{
+        id: id,
+        status: :syncing,
+        seq: 0,
+        heard_at: now,
+        requested_at: now,
+        down_at: nil
+      }
+
+      acc = %{acc | replicas: Map.put(acc.replicas, name, replica)}
+
+      if match?({:pubsub, _, _}, acc.transport) or MapSet.member?(connected, node),
+        do: acc,
+        else: down(acc, name, "its node was gone when this process started")
+    end)
   end
 
   defp put_replica(state, name, changes) do

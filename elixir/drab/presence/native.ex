@@ -126,6 +126,15 @@ defmodule Drab.Presence.Native do
   @spec replication_drop_replica(table(), non_neg_integer()) :: non_neg_integer()
   def replication_drop_replica(_table, _replica), do: err()
 
+  @spec replication_replica_id(table(), binary()) :: pos_integer()
+  def replication_replica_id(_table, _name), do: err()
+
+  @spec replication_replica_ids(table()) :: [{binary(), pos_integer()}]
+  def replication_replica_ids(_table), do: err()
+
+  @spec replication_forget_replica(table(), non_neg_integer()) :: non_neg_integer()
+  def replication_forget_replica(_table, _replica), do: err()
+
   @spec replication_replica_len(table(), non_neg_integer()) :: non_neg_integer()
   def replication_replica_len(_table, _replica), do: err()
 

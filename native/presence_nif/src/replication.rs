@@ -180,6 +180,47 @@ fn replication_drop_replica(env: Env, table: ResourceArc<Table>, replica: Replic
     count
 }
 
+/// The replica id of the peer named `name`, made on first use. Ids live
+/// as long as the table: a restarted replicator gets the same ones back.
+#[rustler::nif]
+fn replication_replica_id(table: ResourceArc<Table>, name: Binary) -> ReplicaId {
+    let mut replication = table.replication.lock();
+    if let Some(&id) = replication.replica_ids.get(name.as_slice()) {
+        return id;
+    }
+    replication.last_replica_id += 1;
+    let id = replication.last_replica_id;
+    replication.replica_ids.insert(name.to_vec(), id);
+    id
+}
+
+/// Every peer with a replica id, as `[{name, id}]`.
+#[rustler::nif]
+fn replication_replica_ids<'a>(env: Env<'a>, table: ResourceArc<Table>) -> Term<'a> {
+    let replication = table.replication.lock();
+    let ids: Vec<(Term<'a>, ReplicaId)> = replication
+        .replica_ids
+        .iter()
+        .map(|(name, &id)| (crate::encode::bytes_term(env, name), id))
+        .collect();
+    ids.encode(env)
+}
+
+/// Drops `replica`'s presences and forgets its id, for a peer gone for good.
+#[rustler::nif]
+fn replication_forget_replica(env: Env, table: ResourceArc<Table>, replica: ReplicaId) -> usize {
+    table
+        .replication
+        .lock()
+        .replica_ids
+        .retain(|_, &mut id| id != replica);
+    let departure = table.lock().registry.drop_replica(replica);
+    let Some(departure) = departure else { return 0 };
+    let count = departure.remaining();
+    table.remove_detached(env, departure);
+    count
+}
+
 /// Presences `replica` holds here.
 #[rustler::nif]
 fn replication_replica_len(table: ResourceArc<Table>, replica: ReplicaId) -> usize {

@@ -147,6 +147,11 @@ pub(crate) struct Replication {
     pub(crate) pending: DeltaWriter,
     /// The seq of the last delta handed out.
     pub(crate) seq: u64,
+    /// The replica id of each peer (by its name, as the replicator encodes
+    /// it), kept with the table so that a restarted replicator finds which
+    /// presences are whose.
+    pub(crate) replica_ids: std::collections::HashMap<Vec<u8>, presence_core::ReplicaId>,
+    pub(crate) last_replica_id: presence_core::ReplicaId,
 }
 
 #[rustler::resource_impl]

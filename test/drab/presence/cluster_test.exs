@@ -147,6 +147,27 @@ defmodule Drab.Presence.ClusterTest do
         assert_everywhere([node(), b], ctx, users: 3, connections: 3)
       end
 
+      test "a restarted cluster process keeps its peers' presences and goes on", ctx do
+        [b] = peers(1)
+        for n <- [node(), b], do: start_presence(n, ctx)
+        on(b, :owner, [ctx.module, ctx.topic, Enum.map(1..10, &"b#{&1}"), %{}])
+        assert_everywhere([node()], ctx, users: 10, connections: 10)
+        dashboard = on(node(), :dashboard, [ctx.module, ctx.topic])
+
+        cluster = Process.whereis(Cluster.name(ctx.module))
+        Process.exit(cluster, :kill)
+        wait_until(fn -> Process.whereis(Cluster.name(ctx.module)) not in [nil, cluster] end)
+        Process.sleep(300)
+        assert counts(node(), ctx) == {10, 10}
+
+        on(b, :owner, [ctx.module, ctx.topic, ["b-after"], %{}])
+        assert_everywhere([node()], ctx, users: 11, connections: 11)
+        wait_until(fn -> by_ref(on(node(), :view, [dashboard])) == by_ref(list(node(), ctx)) end)
+        assert [{_, %{status: :live}}] = Map.to_list(replicas(ctx))
+        # The resync changed nothing that was already there: no leave at all.
+        assert on(node(), :ever_left, [dashboard]) == MapSet.new()
+      end
+
       test "a lost last delta is repaired by the next heartbeat", ctx do
         [b] = peers(1)
         for n <- [node(), b], do: start_presence(n, ctx)

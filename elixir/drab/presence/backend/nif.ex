@@ -93,6 +93,15 @@ defmodule Drab.Presence.Backend.NIF do
   @impl true
   defdelegate drop_replica(table, replica), to: Native, as: :replication_drop_replica
 
+  @impl true
+  defdelegate replica_id(table, name), to: Native, as: :replication_replica_id
+
+  @impl true
+  defdelegate replica_ids(table), to: Native, as: :replication_replica_ids
+
+  @impl true
+  defdelegate forget_replica(table, replica), to: Native, as: :replication_forget_replica
+
   # Each such NIF does the work on the caller's scheduler when it is small,
   # and answers :too_large, having taken nothing, when it belongs on a dirty one.
   defp inline_or_dirty(:too_large, dirty), do: dirty.()
