@@ -11,6 +11,11 @@ defmodule Drab.Presence.ClusterTest do
   @moduletag timeout: 120_000
   @moduletag :capture_log
 
+  unless Code.ensure_loaded?(:peer) do
+    IO.puts("Skipping cluster_test.exs: it starts nodes with :peer, which needs OTP 25 or later")
+    @moduletag skip: "needs OTP 25+ (:peer)"
+  end
+
   # Short periods, so that losses and repairs show within a test.
   @opts [diff_window: 20, heartbeat_period: 200, down_period: 2_000, permdown_period: 4_000]
 
