@@ -206,10 +206,15 @@ defmodule Drab.Presence.Cluster do
   end
 
   @impl true
-  def terminate(_reason, state) do
-    # Peers drop this node's presences now rather than after down_period.
-    broadcast(state, {:goodbye, me(state)})
-    state.runtime.backend.set_replicator(state.runtime.table, nil)
+  def terminate(reason, state) do
+    # Stopping on purpose: peers drop this node's presences now rather than
+    # at nodedown or after down_period. A crash says nothing: the successor
+    # carries on with the same table, and peers keep what they have.
+    if reason in [:normal, :shutdown] or match?({:shutdown, _}, reason) do
+      broadcast(state, {:goodbye, me(state)})
+      state.runtime.backend.set_replicator(state.runtime.table, nil)
+    end
+
     :ok
   end
 
