@@ -143,14 +143,14 @@ defmodule Drab.Presence.Cluster do
   def handle_info(:drab_presence_delta, state) do
     %Runtime{backend: backend, table: table} = state.runtime
 
-    case backend.take_delta(table) do
-      :none ->
+    case {backend.take_delta(table), state} do
+      {:none, _} ->
         {:noreply, state}
 
-      {_seq, _delta} when state.drop_next_delta? ->
+      {{_seq, _delta}, %{drop_next_delta?: true}} ->
         {:noreply, %{state | drop_next_delta?: false}}
 
-      {seq, delta} ->
+      {{seq, delta}, _} ->
         broadcast(state, {:delta, self(), me(state), seq, delta})
         {:noreply, state}
     end
@@ -243,13 +243,15 @@ defmodule Drab.Presence.Cluster do
   defp receive_message({:heartbeat, from, name, seq}, state) do
     state = heard(state, name, from)
     now = now()
+    # Guards cannot read map fields before Elixir 1.11.
+    %{heartbeat_period: heartbeat_period} = state
 
     case state.replicas[name] do
       %{status: :live, seq: applied} when seq > applied ->
         request_state(state, name, from)
 
       # A request or its answer got lost (a peer restarting, a split).
-      %{status: :syncing, requested_at: at} when now - at > 2 * state.heartbeat_period ->
+      %{status: :syncing, requested_at: at} when now - at > 2 * heartbeat_period ->
         request_state(state, name, from)
 
       _ ->
@@ -366,13 +368,15 @@ defmodule Drab.Presence.Cluster do
   ## Peers going away
 
   defp expire(state, now) do
+    %{down_period: down_period, permdown_period: permdown_period} = state
+
     Enum.reduce(state.replicas, state, fn
-      {name, %{status: :down, down_at: at}}, acc when now - at >= acc.permdown_period ->
+      {name, %{status: :down, down_at: at}}, acc when now - at >= permdown_period ->
         forget(acc, name)
 
       {name, %{status: status, heard_at: at}}, acc
-      when status != :down and now - at >= acc.down_period ->
-        down(acc, name, "it was silent for #{acc.down_period} ms")
+      when status != :down and now - at >= down_period ->
+        down(acc, name, "it was silent for #{down_period} ms")
 
       _, acc ->
         acc
