@@ -169,7 +169,8 @@ defmodule Drab.Presence.Definition do
       @doc """
       Sizes of the table: `presences`, `owners` (processes), `topics`,
       `pending_topics` (topics with changes not taken for a diff yet),
-      `queued_parts` (diff parts taken but not yet broadcast),
+      `queued_parts` (diff parts taken but not yet broadcast), `replicas`
+      (other nodes whose presences are held here, in cluster mode),
       `max_meta_bytes`, and `nif_heap_bytes`, what the NIF holds on the Rust
       heap (for all presence modules together).
       """

@@ -645,6 +645,10 @@ fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
             ),
             (atoms::queued_parts().encode(env), queued_parts.encode(env)),
             (
+                atoms::replicas().encode(env),
+                registry.replica_count().encode(env),
+            ),
+            (
                 atoms::max_meta_bytes().encode(env),
                 table.max_meta_bytes.load(Ordering::Relaxed).encode(env),
             ),

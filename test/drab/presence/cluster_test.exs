@@ -48,6 +48,7 @@ defmodule Drab.Presence.ClusterTest do
           end
 
         assert_everywhere(nodes, ctx, users: 301, connections: 303)
+        assert %{replicas: 2, presences: 303, owners: 1} = ctx.module.stats()
 
         # An untrack, an exit and a new owner, on three different nodes.
         [owner_a, _owner_b, owner_c] = owners
