@@ -336,17 +336,35 @@ defmodule Drab.PresenceTest do
       assert Drab.Presence.list(topic) == before
     end
 
-    test "a dead pid", %{topic: topic, before: before} do
+    test "a dead pid is tracked as Phoenix tracks it: {:ok, ref}, gone at once",
+         %{topic: topic, before: before} do
+      :ok = Drab.Presence.subscribe(topic)
       dead = spawn(fn -> :ok end)
       ref = Process.monitor(dead)
       assert_receive {:DOWN, ^ref, _, _, _}
 
-      assert_raise ArgumentError, ~r/not alive/, fn ->
-        Drab.Presence.track(dead, topic, "ghost", %{})
-      end
+      assert {:ok, phx_ref} = Drab.Presence.track(dead, topic, "ghost", %{})
+      assert is_binary(phx_ref)
+      assert Drab.Presence.list(topic) == before
+      assert Drab.Presence.get_by_key(topic, "ghost") == []
+      assert Drab.Presence.count_connections(topic) == map_size(before)
+      assert Drab.Presence.update(dead, topic, "ghost", %{}) == {:error, :nopresence}
+      # A join and its leave inside one window: nothing to send.
+      refute_receive %{event: "presence_diff", payload: %{joins: %{"ghost" => _}}}, 100
+      refute_received %{event: "presence_diff", payload: %{leaves: %{"ghost" => _}}}
 
       assert_raise ArgumentError, ~r/expected a pid/, fn ->
         Drab.Presence.track(:not_a_pid, topic, "ghost", %{})
+      end
+
+      # A pid of another node (NEW_PID_EXT naming a node that is not us).
+      node = "elsewhere@nohost"
+
+      remote =
+        :erlang.binary_to_term(<<131, 88, 119, byte_size(node), node::binary, 1::32, 0::32, 1::32>>)
+
+      assert_raise ArgumentError, ~r/lives on :elsewhere@nohost/, fn ->
+        Drab.Presence.track(remote, topic, "ghost", %{})
       end
 
       assert Drab.Presence.list(topic) == before

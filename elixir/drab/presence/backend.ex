@@ -18,6 +18,8 @@ defmodule Drab.Presence.Backend do
   @callback new(keyword()) :: handle()
   @callback configure(handle(), keyword()) :: :ok
   @callback set_dispatcher(handle(), pid()) :: pending? :: boolean()
+  # A pid that is no longer alive is answered `{:ok, phx_ref}` with nothing
+  # kept, as Phoenix answers it: its presence is gone at once.
   @callback track(handle(), pid(), topic(), key(), map()) :: {:ok, binary()} | {:error, reason()}
   @callback untrack(handle(), pid(), topic(), key()) :: :ok
   @callback lookup(handle(), pid(), topic(), key()) ::

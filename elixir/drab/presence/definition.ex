@@ -57,7 +57,10 @@ defmodule Drab.Presence.Definition do
 
       Returns `{:ok, phx_ref}`, or `{:error, {:already_tracked, pid, topic, key}}`
       when `pid` is already tracked under `key` on `topic`. The presence leaves
-      on its own when `pid` exits.
+      on its own when `pid` exits. A `pid` that has already exited is answered
+      as Phoenix answers it, `{:ok, phx_ref}`, and its presence is gone at once:
+      neither listed nor counted. A pid of another node, or anything that is
+      not a pid, raises `ArgumentError`.
       """
       @spec track(pid(), Drab.Presence.topic(), Drab.Presence.key(), map()) ::
               {:ok, binary()} | {:error, term()}

@@ -218,10 +218,6 @@ defmodule Drab.Presence.Table do
               __STACKTRACE__
   end
 
-  defp refuse!(:noproc, pid, _meta, _module) do
-    raise ArgumentError, "cannot track #{inspect(pid)}: the process is not alive"
-  end
-
   # The message measures neither the meta (encoding a 100 MB term to say
   # how large it is would cost what refusing it early saved) nor the table
   # (stats/0 walks every topic under the lock).

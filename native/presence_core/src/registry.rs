@@ -180,6 +180,17 @@ where
         Ok(Change { phx_ref, wake })
     }
 
+    /// A track of an owner that is already gone, answered as Phoenix
+    /// answers it: with a ref, the presence leaving at once. Nothing is
+    /// kept, so nothing is listed or counted, and a diff window sees a join
+    /// and its leave cancel out.
+    pub fn track_gone(&mut self, _topic: &[u8], _key: &[u8], _meta: M) -> Change {
+        Change {
+            phx_ref: self.refs.next_ref(),
+            wake: false,
+        }
+    }
+
     /// Removes the presence of `owner` under `key` on `topic`, if any.
     pub fn untrack(&mut self, owner: O, topic: &[u8], key: &[u8]) -> Removed<W> {
         let Some((topic_name, phx_ref, _)) = self.find(&owner, topic, key) else {
@@ -543,6 +554,10 @@ mod tests {
         );
         assert!(r.is_empty());
         assert_eq!(r.topic_count(), 0);
+        let gone = r.track_gone(b"t", b"k", "a");
+        let next = r.track(2, b"t", b"k", "a", watch).unwrap();
+        assert_ne!(gone.phx_ref, next.phx_ref, "a gone owner's ref is never reused");
+        assert_eq!(r.len(), 1);
     }
 
     #[test]

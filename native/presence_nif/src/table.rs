@@ -368,7 +368,15 @@ fn table_track<'a>(
 ) -> NifResult<Result<Term<'a>, NifError>> {
     Ok(table.encode_meta(meta)?.and_then(|meta| {
         let change = table.write(env, |registry| {
-            registry.track(pid, &topic, &key, meta, || env.monitor(&table, &pid))
+            let tracked = registry.track(pid, &topic, &key, meta.clone(), || {
+                env.monitor(&table, &pid)
+            });
+            match tracked {
+                // A channel that tracks itself while it is dying must not
+                // crash on it: Phoenix answers {:ok, ref} there too.
+                Err(CoreError::OwnerGone) => Ok(registry.track_gone(&topic, &key, meta)),
+                other => other,
+            }
         })?;
         Ok(ref_term(env, change.phx_ref))
     }))
