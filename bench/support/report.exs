@@ -219,11 +219,24 @@ defmodule Bench.Report do
   @analysis_start "<!-- analysis: hand-written, kept by bench/run -->"
   @analysis_end "<!-- /analysis -->"
 
+  @cluster_start "<!-- cluster: written by bench/run --only cluster -->"
+  @cluster_end "<!-- /cluster -->"
+
   @doc """
   Writes the results as markdown. A hand-written analysis section of an
-  earlier RESULTS.md (between the analysis markers) is kept.
+  earlier RESULTS.md (between the analysis markers) is kept, and so is the
+  cluster section that `bench/run --only cluster` writes (bench/cluster.exs).
   """
   def write_markdown(report, path, env) do
+    cluster =
+      with {:ok, old} <- File.read(path),
+           [_, rest] <- String.split(old, @cluster_start, parts: 2),
+           [section, _] <- String.split(rest, @cluster_end, parts: 2) do
+        @cluster_start <> section <> @cluster_end <> "\n\n"
+      else
+        _ -> ""
+      end
+
     analysis =
       with {:ok, old} <- File.read(path),
            [_, rest] <- String.split(old, @analysis_start, parts: 2),
@@ -233,7 +246,7 @@ defmodule Bench.Report do
         _ -> @analysis_start <> "\n\n(No analysis yet.)\n\n" <> @analysis_end
       end
 
-    File.write!(path, markdown(report, env, analysis))
+    File.write!(path, markdown(report, env, cluster <> analysis))
   end
 
   defp markdown(report, env, analysis) do
