@@ -106,7 +106,7 @@ defmodule Bench.Cluster do
 
     sizes =
       if quick?,
-        do: %{n: 2_000, big: 20_000, idle_s: 3, track_timeout: 30_000, purge_timeout: 8_000},
+        do: %{n: 2_000, big: 20_000, idle_s: 2, track_timeout: 30_000, purge_timeout: 5_000},
         else: %{n: 10_000, big: 100_000, idle_s: 30, track_timeout: 120_000, purge_timeout: 60_000}
 
     # Compiled here once; every node loads these binaries.
@@ -292,7 +292,7 @@ defmodule Bench.Cluster do
 
     body =
       for {label, key} <- rows(sizes) do
-        cells = for {_impl, result} <- results, do: cell(result, key)
+        cells = for {_impl, result} <- results, do: cell(result, key, sizes)
         "| #{label} | #{Enum.join(cells, " | ")} | #{ratio(results, key)} |"
       end
 
@@ -302,13 +302,23 @@ defmodule Bench.Cluster do
       if(notes == [], do: "", else: "\n\n" <> Enum.join(notes, "\n"))
   end
 
-  defp cell({:unavailable, _}, _key), do: "n/a"
-  defp cell(%{error: _} = r, key), do: if(Map.has_key?(r, key), do: value(r[key]), else: "error")
-  defp cell(r, key), do: value(Map.get(r, key))
+  # The reason in the first row, so that an empty column says why.
+  defp cell({:unavailable, reason}, :visible_ms, _sizes), do: "n/a: #{reason}"
+  defp cell({:unavailable, _}, _key, _sizes), do: "n/a"
 
-  defp value(nil), do: "—"
-  defp value({:timeout, _}), do: "**not within the timeout**"
-  defp value(v), do: Report.fmt(v)
+  defp cell(%{error: _} = r, key, sizes),
+    do: if(Map.has_key?(r, key), do: value(r[key], key, sizes), else: "error")
+
+  defp cell(r, key, sizes), do: value(Map.get(r, key), key, sizes)
+
+  defp value(nil, _key, _sizes), do: "—"
+
+  defp value({:timeout, _}, key, sizes) do
+    timeout = if key == :purge_ms, do: sizes.purge_timeout, else: sizes.track_timeout
+    "**> #{Report.fmt(timeout)}** (timed out)"
+  end
+
+  defp value(v, _key, _sizes), do: Report.fmt(v)
 
   defp note({:unavailable, reason}), do: reason
   defp note(%{error: message}), do: "failed: " <> message
