@@ -220,14 +220,14 @@ defmodule Bench.Cluster do
     sent0 = sent(nodes)
     watch(impl, nodes, 2 * sizes.n + sizes.big, :big, sizes.track_timeout)
     t0 = ClusterNode.now_us()
-    _ = track_on(impl, [{c, group}], "big")
+    [done] = track_on(impl, [{c, group}], "big")
     reached = reached(nodes, :big, sizes.track_timeout + 5_000)
-    r = Map.put(r, :big_visible_ms, visible(reached, t0))
+    r = Map.merge(r, %{big_local_ms: ms(done - t0), big_visible_ms: visible(reached, t0)})
     Process.sleep(@settle_ms)
     r = Map.put(r, :big_bytes_per_presence, (sent(nodes) - sent0) / more)
 
     progress(
-      "    visible everywhere after #{show_ms(r.big_visible_ms)}; #{Report.fmt(r.big_bytes_per_presence)} bytes per presence"
+      "    visible everywhere after #{show_ms(r.big_visible_ms)} (local tracks #{show_ms(r.big_local_ms)}); #{Report.fmt(r.big_bytes_per_presence)} bytes per presence"
     )
 
     # 5: C dies.
@@ -276,6 +276,7 @@ defmodule Bench.Cluster do
       {"… the busiest node, bytes/s", :idle_max},
       {"one node up to #{big} (#{Report.fmt(sizes.big - sizes.n)} tracks): visible on every node, ms",
        :big_visible_ms},
+      {"… C's own tracks returned, ms", :big_local_ms},
       {"… bytes sent between nodes per presence", :big_bytes_per_presence},
       {"node holding #{big} halted: gone from both others' counts, ms after the halt", :purge_ms}
     ]
@@ -392,7 +393,9 @@ defmodule Bench.Cluster do
 
     Written by `#{if phoenix?, do: "ERL_LIBS=<built phoenix, phoenix_pubsub> ", else: ""}#{command}`
     on #{date}; it took #{round(elapsed_s())} s#{if quick?, do: " (--quick: smaller sizes)", else: ""}.
-    Same machine and versions as above, with Erlang/OTP #{:erlang.system_info(:otp_release)}'s `:peer`.
+    Same machine and versions as above, with Erlang/OTP #{:erlang.system_info(:otp_release)}'s `:peer`;
+    drab_presence at commit #{revision()}. Lower is better everywhere; the last
+    column is Phoenix ÷ Drab.Presence (PubSub).
     #{if phoenix?, do: "", else: "\n**Phoenix was not on the code path: nothing to compare with.**\n"}
     * Each implementation runs on 3 fresh `:peer` nodes on 127.0.0.1 (Erlang
       distribution over loopback TCP), started from a coordinator VM that only
@@ -412,7 +415,7 @@ defmodule Bench.Cluster do
       figures are coarser by up to that (a `list/1` of 30k takes tens of ms).
     * Bytes are the distribution ports' `send_oct`, summed over the three
       nodes and only between them, from just before the tracks to
-      #{@settle_ms} ms after the last node saw them (heartbeats included), divided
+      #{Report.fmt(@settle_ms)} ms after the last node saw them (heartbeats included), divided
       by the presences tracked. Idle traffic is the same counters over
       #{sizes.idle_s} s once that settled. Phoenix.Tracker sends a heartbeat
       only every `max_silent_periods` (10) broadcast periods when nothing
@@ -465,6 +468,15 @@ defmodule Bench.Cluster do
   end
 
   defp ms(us), do: us / 1_000
+
+  defp revision do
+    case System.cmd("git", ["rev-parse", "--short", "HEAD"], stderr_to_stdout: true) do
+      {commit, 0} -> String.trim(commit)
+      _ -> "unknown"
+    end
+  rescue
+    _ -> "unknown"
+  end
 
   defp show_ms({:timeout, stuck}),
     do:
