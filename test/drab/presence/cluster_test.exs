@@ -3,26 +3,15 @@ defmodule Drab.Presence.ClusterTest do
   # :peer nodes, each running the same presence module. Every test runs
   # over :pg, and again through a Phoenix.PubSub server when phoenix_pubsub
   # is on the code path (tagged :phoenix, skipped with a message otherwise).
-  use ExUnit.Case, async: false
+  use Drab.Presence.ClusterCase
 
   alias Drab.Presence.{Cluster, ClusterRemote}
 
-  @moduletag :cluster
   @moduletag timeout: 120_000
   @moduletag :capture_log
 
-  unless Code.ensure_loaded?(:peer) do
-    IO.puts("Skipping cluster_test.exs: it starts nodes with :peer, which needs OTP 25 or later")
-    @moduletag skip: "needs OTP 25+ (:peer)"
-  end
-
   # Short periods, so that losses and repairs show within a test.
   @opts [diff_window: 20, heartbeat_period: 200, down_period: 2_000, permdown_period: 4_000]
-
-  setup_all do
-    ensure_distributed!()
-    :ok
-  end
 
   for transport <- [:pg, :pubsub] do
     describe "over #{transport}" do
@@ -36,7 +25,7 @@ defmodule Drab.Presence.ClusterTest do
       end
 
       test "three nodes converge, and each node's diffs rebuild its list", ctx do
-        [b, c] = peers(2)
+        [b, c] = start_peers(2)
         nodes = [node(), b, c]
         for n <- nodes, do: start_presence(n, ctx)
         dashboards = for n <- nodes, do: {n, on(n, :dashboard, [ctx.module, ctx.topic])}
@@ -60,27 +49,25 @@ defmodule Drab.Presence.ClusterTest do
         # The order of a key's metas is not part of the contract (phoenix.js
         # keeps them in arrival order).
         for {n, dashboard} <- dashboards do
-          wait_until(fn -> by_ref(on(n, :view, [dashboard])) == by_ref(list(n, ctx)) end, fn ->
-            "#{n}'s dashboard differs from its list"
-          end)
+          wait_until(fn -> by_ref(on(n, :view, [dashboard])) == by_ref(list(n, ctx)) end)
         end
       end
 
       test "a node that starts late gets the full state", ctx do
-        [b] = peers(1)
+        [b] = start_peers(1)
         for n <- [node(), b], do: start_presence(n, ctx)
         on(node(), :owner, [ctx.module, ctx.topic, ["a1", "a2"], %{}])
         on(b, :owner, [ctx.module, ctx.topic, ["b1"], %{}])
         assert_everywhere([node(), b], ctx, users: 3, connections: 3)
 
-        [c] = peers(1)
+        [c] = start_peers(1)
         start_presence(c, ctx)
         assert_everywhere([node(), b, c], ctx, users: 3, connections: 3)
         assert list(c, ctx) == list(node(), ctx)
       end
 
       test "a node stopped, a node killed, and one restarted with a new incarnation", ctx do
-        [b, c] = peers(2)
+        [b, c] = start_peers(2)
         for n <- [node(), b, c], do: start_presence(n, ctx)
         on(node(), :owner, [ctx.module, ctx.topic, ["a"], %{}])
         on(b, :owner, [ctx.module, ctx.topic, Enum.map(1..50, &"b#{&1}"), %{}])
@@ -90,11 +77,11 @@ defmodule Drab.Presence.ClusterTest do
         stop_peer(c)
         assert_everywhere([node(), b], ctx, users: 51, connections: 51)
 
-        :erpc.cast(b, :erlang, :halt, [])
+        kill_peer(b)
         assert_everywhere([node()], ctx, users: 1, connections: 1)
 
         # The same name again: a new table, so a new incarnation.
-        [b2] = peers(1, [name_of(b)])
+        [b2] = start_peers(1, names: [name_of(b)])
         assert b2 == b
         start_presence(b, ctx)
         on(b, :owner, [ctx.module, ctx.topic, ["b-again"], %{}])
@@ -106,15 +93,14 @@ defmodule Drab.Presence.ClusterTest do
 
       test "a netsplit drops each side's presences on the other, and healing restores them", ctx do
         # Once split, b and c reconnect only when told to.
-        isolated = ~w(-kernel dist_auto_connect once -kernel prevent_overlapping_partitions false)
-        [b, c] = peers(2, [], isolated)
-        true = :erpc.call(b, :net_kernel, :connect_node, [c])
+        [b, c] = start_peers(2, isolated: true)
+        mesh([b, c])
         for n <- [node(), b, c], do: start_presence(n, ctx)
         on(b, :owner, [ctx.module, ctx.topic, ["b"], %{}])
         on(c, :owner, [ctx.module, ctx.topic, ["c"], %{}])
         assert_everywhere([node(), b, c], ctx, users: 2, connections: 2)
 
-        true = :erpc.call(b, :erlang, :disconnect_node, [c])
+        netsplit([b], [c])
         assert_everywhere([b], ctx, users: 1, connections: 1)
         assert_everywhere([c], ctx, users: 1, connections: 1)
         # This node still sees both sides.
@@ -124,7 +110,7 @@ defmodule Drab.Presence.ClusterTest do
         on(b, :owner, [ctx.module, ctx.topic, ["b-during"], %{}])
         assert_everywhere([node()], ctx, users: 3, connections: 3)
 
-        true = :erpc.call(b, :net_kernel, :connect_node, [c])
+        heal([b], [c])
         assert_everywhere([node(), b, c], ctx, users: 3, connections: 3)
         assert list(b, ctx) == list(c, ctx)
       end
@@ -139,7 +125,7 @@ defmodule Drab.Presence.ClusterTest do
           )
 
         ctx = %{ctx | opts: opts}
-        [b] = peers(1)
+        [b] = start_peers(1)
         for n <- [node(), b], do: start_presence(n, ctx)
         on(b, :owner, [ctx.module, ctx.topic, ["first"], %{}])
         assert_everywhere([node(), b], ctx, users: 1, connections: 1)
@@ -154,7 +140,7 @@ defmodule Drab.Presence.ClusterTest do
       end
 
       test "a restarted cluster process keeps its peers' presences and goes on", ctx do
-        [b] = peers(1)
+        [b] = start_peers(1)
         for n <- [node(), b], do: start_presence(n, ctx)
         on(b, :owner, [ctx.module, ctx.topic, Enum.map(1..10, &"b#{&1}"), %{}])
         assert_everywhere([node()], ctx, users: 10, connections: 10)
@@ -175,7 +161,7 @@ defmodule Drab.Presence.ClusterTest do
       end
 
       test "a lost last delta is repaired by the next heartbeat", ctx do
-        [b] = peers(1)
+        [b] = start_peers(1)
         for n <- [node(), b], do: start_presence(n, ctx)
         on(b, :owner, [ctx.module, ctx.topic, ["first"], %{}])
         assert_everywhere([node(), b], ctx, users: 1, connections: 1)
@@ -188,43 +174,6 @@ defmodule Drab.Presence.ClusterTest do
   end
 
   ## Nodes
-
-  defp ensure_distributed! do
-    unless Node.alive?() do
-      {_, 0} = System.cmd("epmd", ["-daemon"])
-      name = :"drab_test_#{System.unique_integer([:positive])}_#{System.pid()}@127.0.0.1"
-      {:ok, _} = :net_kernel.start([name, :longnames])
-    end
-  end
-
-  # Starts `count` peers (named `names` when given) with this node's code
-  # paths, and stops them when the test ends.
-  defp peers(count, names \\ [], args \\ []) do
-    names = names ++ for _ <- 1..count, do: :"peer#{System.unique_integer([:positive])}"
-
-    for name <- Enum.take(names, count) do
-      args = Enum.flat_map(:code.get_path(), &[~c"-pa", &1]) ++ Enum.map(args, &to_charlist/1)
-
-      {:ok, peer, node} =
-        :peer.start_link(%{name: name, host: ~c"127.0.0.1", longnames: true, args: args})
-
-      Process.unlink(peer)
-      Process.put({:peer, node}, peer)
-      ExUnit.Callbacks.on_exit(fn -> stop_peer(peer) end)
-      {:ok, _} = :erpc.call(node, :application, :ensure_all_started, [:elixir])
-      {:ok, _} = :erpc.call(node, :application, :ensure_all_started, [:drab_presence])
-      :ok = :erpc.call(node, :logger, :set_primary_config, [:level, :warning])
-      node
-    end
-  end
-
-  defp stop_peer(node) when is_atom(node), do: stop_peer(Process.get({:peer, node}))
-
-  defp stop_peer(peer) when is_pid(peer) do
-    :peer.stop(peer)
-  catch
-    :exit, _ -> :ok
-  end
 
   defp name_of(node), do: node |> Atom.to_string() |> String.split("@") |> hd() |> String.to_atom()
 
@@ -255,21 +204,11 @@ defmodule Drab.Presence.ClusterTest do
 
   defp assert_everywhere(nodes, ctx, users: users, connections: connections) do
     for node <- nodes do
-      wait_until(fn -> counts(node, ctx) == {users, connections} end, fn ->
-        "#{node} counts #{inspect(counts(node, ctx))}, expected #{inspect({users, connections})}"
-      end)
+      wait_until(fn -> counts(node, ctx) == {users, connections} end, 5_000)
 
       {_, _, list} = on(node, :summary, [ctx.module, ctx.topic])
       assert map_size(list) == users
       assert list |> Enum.map(fn {_, %{metas: m}} -> length(m) end) |> Enum.sum() == connections
-    end
-  end
-
-  defp wait_until(fun, message \\ fn -> "condition never became true" end, tries \\ 500) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk(message.())
-      true -> Process.sleep(10) && wait_until(fun, message, tries - 1)
     end
   end
 end
