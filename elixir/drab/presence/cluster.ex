@@ -112,6 +112,8 @@ defmodule Drab.Presence.Cluster do
       permdown_period: Keyword.fetch!(opts, :permdown_period),
       # {node, incarnation} => %{id, status: :syncing | :live | :down, seq, heard_at, down_at}
       replicas: %{},
+      # {seq announced, when}
+      last_heartbeat: {nil, now()},
       drop_next_delta?: false,
       refused_versions: MapSet.new()
     }
@@ -156,11 +158,24 @@ defmodule Drab.Presence.Cluster do
     end
   end
 
+  # A heartbeat goes out each period in which this node sent a delta, so a
+  # lost last delta is noticed within a period; a quiet node only says it
+  # is alive, every third of down_period (Phoenix.Tracker is as quiet).
   def handle_info(:heartbeat, state) do
     schedule_heartbeat(state)
     seq = current_seq(state)
-    broadcast(state, {:heartbeat, self(), me(state), seq})
-    {:noreply, expire(state, now())}
+    now = now()
+    {last_seq, last_at} = state.last_heartbeat
+
+    state =
+      if seq != last_seq or now - last_at >= quiet_period(state) do
+        broadcast(state, {:heartbeat, self(), me(state), seq})
+        %{state | last_heartbeat: {seq, now}}
+      else
+        state
+      end
+
+    {:noreply, expire(state, now)}
   end
 
   def handle_info({:nodedown, node}, state) do
@@ -251,7 +266,7 @@ defmodule Drab.Presence.Cluster do
         request_state(state, name, from)
 
       # A request or its answer got lost (a peer restarting, a split).
-      %{status: :syncing, requested_at: at} when now - at > 2 * heartbeat_period ->
+      %{status: :syncing, requested_at: at} when now - at >= 2 * heartbeat_period ->
         request_state(state, name, from)
 
       _ ->
@@ -497,6 +512,8 @@ defmodule Drab.Presence.Cluster do
 
   defp members({:pg, scope, group}), do: apply(:pg, :get_members, [scope, group])
   defp members({:pg2, group}), do: :pg2.get_members(group)
+
+  defp quiet_period(state), do: max(state.heartbeat_period, div(state.down_period, 3))
 
   defp schedule_heartbeat(state), do: Process.send_after(self(), :heartbeat, state.heartbeat_period)
 

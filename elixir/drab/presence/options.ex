@@ -49,9 +49,9 @@ defmodule Drab.Presence.Options do
       type: {:integer_in, 10, 3_600_000},
       default: 1_500,
       doc:
-        "milliseconds between the heartbeats a node sends its peers in cluster mode; " <>
-          "a heartbeat carries the number of the last delta, so a lost one is repaired " <>
-          "within a period"
+        "in cluster mode, milliseconds between heartbeats while this node's presences " <>
+          "change: a heartbeat carries the number of the last delta, so a lost one is " <>
+          "repaired within a period. A quiet node heartbeats every third of `down_period`"
     ],
     down_period: [
       type: {:integer_in, 10, 86_400_000},

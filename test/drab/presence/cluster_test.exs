@@ -160,6 +160,22 @@ defmodule Drab.Presence.ClusterTest do
         assert on(node(), :ever_left, [dashboard]) == MapSet.new()
       end
 
+      test "a peer silent past down_period leaves, and comes back when it speaks", ctx do
+        [b] = start_peers(1)
+        for n <- [node(), b], do: start_presence(n, ctx)
+        on(b, :owner, [ctx.module, ctx.topic, ["b"], %{}])
+        assert_everywhere([node()], ctx, users: 1, connections: 1)
+
+        # Silent, but its node still connected: no nodedown will come.
+        cluster_b = call(b, Process, :whereis, [Cluster.name(ctx.module)])
+        :ok = call(b, :sys, :suspend, [cluster_b])
+        assert_everywhere([node()], ctx, users: 0, connections: 0)
+        assert [{_, %{status: :down}}] = Map.to_list(replicas(ctx))
+
+        :ok = call(b, :sys, :resume, [cluster_b])
+        assert_everywhere([node()], ctx, users: 1, connections: 1)
+      end
+
       test "a lost last delta is repaired by the next heartbeat", ctx do
         [b] = start_peers(1)
         for n <- [node(), b], do: start_presence(n, ctx)
