@@ -1,7 +1,8 @@
 defmodule Mix.Tasks.Compile.PresenceNif do
   @moduledoc """
-  Builds the `presence_nif` crate with cargo and copies the library to
-  `priv/native/`, where `Drab.Presence.Native` loads it.
+  Builds the `presence_nif` crate and the `presence_sidecar` binary with
+  cargo and copies them to `priv/native/`, where `Drab.Presence.Native`
+  loads the library and `Drab.Presence.Backend.Sidecar` starts the binary.
 
   hex.pm is out of reach here, so the rustler mix package is not an option;
   this is the small part of it we need. Cargo decides what is stale, so the
@@ -11,6 +12,7 @@ defmodule Mix.Tasks.Compile.PresenceNif do
   use Mix.Task.Compiler
 
   @crate "presence_nif"
+  @sidecar "presence_sidecar"
 
   @impl Mix.Task.Compiler
   def run(_args) do
@@ -18,11 +20,12 @@ defmodule Mix.Tasks.Compile.PresenceNif do
     # crates are small enough that an optimised build costs seconds.
     profile = System.get_env("DRAB_PRESENCE_CARGO_PROFILE", "release")
     features = if Mix.env() == :test, do: ["--features", "test-hooks"], else: []
-    args = ["build", "--package", @crate, "--profile", profile] ++ features
+    args = ["build", "--package", @crate, "--package", @sidecar, "--profile", profile] ++ features
 
     with {:ok, cargo} <- find_cargo(),
          :ok <- cargo_build(cargo, args),
-         :ok <- install(profile) do
+         :ok <- install(profile),
+         :ok <- install_sidecar(profile) do
       {:ok, []}
     else
       {:error, message} ->
@@ -79,6 +82,24 @@ defmodule Mix.Tasks.Compile.PresenceNif do
     end
   end
 
+  defp install_sidecar(profile) do
+    target_dir = if profile == "dev", do: "debug", else: profile
+    exe = if match?({:win32, _}, :os.type()), do: @sidecar <> ".exe", else: @sidecar
+    source = Path.join(["target", target_dir, exe])
+    dest = Path.join([Mix.Project.app_path(), "priv/native", @sidecar])
+
+    if File.exists?(source) do
+      # A running sidecar keeps its old file: rename over it, never write into it.
+      tmp = dest <> ".tmp"
+      File.cp!(source, tmp)
+      File.chmod!(tmp, 0o755)
+      File.rename!(tmp, dest)
+      :ok
+    else
+      {:error, "cargo reported success but #{source} is missing"}
+    end
+  end
+
   defp library_names do
     case :os.type() do
       {:win32, _} -> {"#{@crate}.dll", "#{@crate}.dll"}
@@ -124,6 +145,7 @@ defmodule DrabPresence.MixProject do
       licenses: ["MIT"],
       files: ~w(elixir native/presence_core/src native/presence_core/Cargo.toml
                 native/presence_nif/src native/presence_nif/Cargo.toml
+                native/presence_sidecar/src native/presence_sidecar/Cargo.toml
                 Cargo.toml Cargo.lock mix.exs README.md)
     ]
   end

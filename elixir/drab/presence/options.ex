@@ -31,11 +31,12 @@ defmodule Drab.Presence.Options do
           "A restart with a new value applies it to the running table"
     ],
     backend: [
-      type: {:in, [:nif]},
+      type: {:in, [:nif, :sidecar]},
       default: :nif,
       doc:
-        "where the table lives: `:nif`, in this VM. It cannot change while the table " <>
-          "lives, that is until the VM restarts"
+        "where the table lives: `:nif`, in this VM, or `:sidecar`, in an OS process of its " <>
+          "own spoken to through a port (restarted and replayed if it dies). It cannot " <>
+          "change while the table lives, that is until the VM restarts"
     ],
     cluster: [
       type: {:in, [:auto, false]},
@@ -79,7 +80,7 @@ defmodule Drab.Presence.Options do
           pubsub_server: atom() | nil,
           diff_window: 0..60_000,
           max_meta_bytes: pos_integer(),
-          backend: :nif,
+          backend: :nif | :sidecar,
           cluster: :auto | false,
           heartbeat_period: pos_integer(),
           down_period: pos_integer(),

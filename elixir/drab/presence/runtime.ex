@@ -63,4 +63,5 @@ defmodule Drab.Presence.Runtime do
   end
 
   defp backend_module(:nif), do: Drab.Presence.Backend.NIF
+  defp backend_module(:sidecar), do: Drab.Presence.Backend.Sidecar
 end

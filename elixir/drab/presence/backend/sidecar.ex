@@ -1,0 +1,327 @@
+defmodule Drab.Presence.Backend.Sidecar do
+  @moduledoc false
+  # The table in a sidecar OS process (native/presence_sidecar), behind a
+  # port. Same calls, results and errors as Backend.NIF.
+  #
+  # The caller writes its request straight to the port and waits for the
+  # reply, which the port owner routes back by request id: no process
+  # serialises callers, and no caller waits for another's request to be
+  # handled by one. Counts are read from ETS (kept by the port owner from
+  # the replies), without crossing the port. Listings arrive in chunks.
+  #
+  # A caller whose sidecar died while it waited sends its request again
+  # once a new sidecar has been replayed (see PortOwner); a request that
+  # got no reply was not journaled, so sending it again is what makes it
+  # count once.
+  @behaviour Drab.Presence.Backend
+
+  alias Drab.Presence.Sidecar.{Handle, Instance, Wire}
+
+  # How often a waiting caller checks that its sidecar is still the same.
+  @recheck_ms 50
+  # How long a caller waits for a restarting sidecar before giving up.
+  @unavailable_ms 10_000
+
+  @doc "The sidecar executable built by the mix compiler."
+  @spec executable() :: Path.t()
+  def executable do
+    Path.join([:code.priv_dir(:drab_presence) |> List.to_string(), "native", "presence_sidecar"])
+  end
+
+  @impl true
+  def new(opts) do
+    max = Keyword.fetch!(opts, :max_meta_bytes)
+    path = executable()
+
+    File.exists?(path) ||
+      raise ArgumentError,
+            "the presence sidecar executable is missing (#{path}): build drab_presence with " <>
+              "cargo available, or use backend: :nif"
+
+    Process.whereis(Drab.Presence.Application) ||
+      raise ArgumentError,
+            "backend: :sidecar needs the :drab_presence application started (its supervisor " <>
+              "keeps the sidecar running)"
+
+    handle = Handle.new(max, pool_size(), path)
+
+    spec = %{
+      id: {Instance, handle.id},
+      start: {Instance, :start_link, [handle, opts]},
+      type: :supervisor
+    }
+
+    case Supervisor.start_child(Drab.Presence.Application, spec) do
+      {:ok, _pid} ->
+        handle
+
+      {:error, reason} ->
+        Supervisor.delete_child(Drab.Presence.Application, {Instance, handle.id})
+        raise ArgumentError, "cannot start the presence sidecar: #{describe(reason)}"
+    end
+  end
+
+  defp describe({:shutdown, {:failed_to_start_child, _child, message}}) when is_binary(message),
+    do: message
+
+  defp describe(reason), do: inspect(reason)
+
+  # Enough processes that a mass disconnect's DOWNs spread over the
+  # schedulers, few enough to stay a pool.
+  defp pool_size, do: System.schedulers_online() |> max(2) |> min(16)
+
+  @doc false
+  # Stops a table's sidecar and its processes, for tests that make many.
+  @spec close(Handle.t()) :: :ok
+  def close(%Handle{} = handle) do
+    _ = Supervisor.terminate_child(Drab.Presence.Application, {Instance, handle.id})
+    _ = Supervisor.delete_child(Drab.Presence.Application, {Instance, handle.id})
+    Handle.unpublish(handle)
+    :ok
+  end
+
+  @doc false
+  # The OS pid of the running sidecar, for tests and benches that kill it.
+  @spec os_pid(Handle.t()) :: non_neg_integer() | nil
+  def os_pid(%Handle{} = handle) do
+    case Handle.current(handle) do
+      {_, nil} -> nil
+      {_, port} -> port |> Port.info(:os_pid) |> elem(1)
+    end
+  end
+
+  @impl true
+  def configure(%Handle{} = handle, opts) do
+    max = Keyword.fetch!(opts, :max_meta_bytes)
+    :atomics.put(handle.max_meta, 1, max)
+    {0, _} = call(handle, :configure, <<max::64>>)
+    :ok
+  end
+
+  @impl true
+  def set_dispatcher(handle, pid) when is_pid(pid) do
+    {0, <<pending>>} = call(handle, :set_dispatcher, <<Wire.pid_id(pid)::64>>)
+    pending == 1
+  end
+
+  @impl true
+  def track(handle, pid, topic, key, meta) do
+    with {:ok, encoded} <- encode_meta(handle, meta) do
+      if Process.alive?(pid) do
+        body = [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key), encoded]
+
+        case call(handle, :track, body) do
+          {0, <<ref::64, _::binary>>} -> {:ok, Wire.ref_string(ref)}
+          {status, _} -> error(status)
+        end
+      else
+        {:error, :noproc}
+      end
+    end
+  end
+
+  @impl true
+  def untrack(handle, pid, topic, key) do
+    {0, _} = call(handle, :untrack, [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key)])
+    :ok
+  end
+
+  @impl true
+  def lookup(handle, pid, topic, key) do
+    case call(handle, :lookup, [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key)]) do
+      {0, <<ref::64, meta::binary>>} -> {:ok, {:erlang.binary_to_term(meta), ref}}
+      {status, _} -> error(status)
+    end
+  end
+
+  @impl true
+  def update(handle, pid, topic, key, meta, expected_ref) do
+    with {:ok, encoded} <- encode_meta(handle, meta) do
+      expected = if expected_ref, do: <<1, expected_ref::64>>, else: <<0, 0::64>>
+      body = [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key), expected, encoded]
+
+      case call(handle, :update, body) do
+        {0, <<ref::64, _::binary>>} -> {:ok, Wire.ref_string(ref)}
+        {status, _} -> error(status)
+      end
+    end
+  end
+
+  @impl true
+  def counts(%Handle{counts: counts}, topic) do
+    case :ets.lookup(counts, topic) do
+      [{_, users, connections}] -> {users, connections}
+      [] -> {0, 0}
+    end
+  end
+
+  @impl true
+  def list(handle, topic), do: listing(handle, :list, Wire.str(topic))
+
+  @impl true
+  def get_by_key(handle, topic, key),
+    do: listing(handle, :get_by_key, [Wire.str(topic), Wire.str(key)])
+
+  @impl true
+  def take_diffs(handle, max_topics) do
+    {0, <<queued::64, pending::64>>} = call(handle, :take_diffs, <<max_topics::32>>)
+    {queued, pending}
+  end
+
+  @impl true
+  def next_part(handle) do
+    case call(handle, :next_part, []) do
+      {0, <<0>>} ->
+        :none
+
+      {0,
+       <<1, id::64, tl::32, topic::binary-size(tl), jl::32, joins::binary-size(jl), ll::32,
+         leaves::binary-size(ll)>>} ->
+        {id, :binary.copy(topic), :erlang.binary_to_term(joins), :erlang.binary_to_term(leaves)}
+    end
+  end
+
+  @impl true
+  def ack_part(handle, id) do
+    {0, _} = call(handle, :ack_part, <<id::64>>)
+    :ok
+  end
+
+  @impl true
+  def stats(handle) do
+    {0, <<presences::64, owners::64, topics::64, pending::64, queued::64, max::64, heap::64>>} =
+      call(handle, :stats, [])
+
+    %{
+      presences: presences,
+      owners: owners,
+      topics: topics,
+      pending_topics: pending,
+      queued_parts: queued,
+      max_meta_bytes: max,
+      nif_heap_bytes: heap
+    }
+  end
+
+  # The NIF refuses an oversized meta before encoding it when its size
+  # shows; external_size/1 is that bound here (it may overestimate a
+  # little, so only a meta well past the limit is refused unencoded). The
+  # exact check, on the encoded bytes, is the sidecar's.
+  defp encode_meta(handle, meta) do
+    max = :atomics.get(handle.max_meta, 1)
+
+    if :erlang.external_size(meta) > 2 * max + 1_024 do
+      {:error, :meta_too_large}
+    else
+      encoded = :erlang.term_to_binary(meta)
+      if byte_size(encoded) > max, do: {:error, :meta_too_large}, else: {:ok, encoded}
+    end
+  end
+
+  defp error(6), do: raise(ArgumentError, "the presence sidecar could not read a request")
+  defp error(status), do: {:error, Wire.reason(status)}
+
+  ## Requests
+
+  defp listing(handle, op, body) do
+    case call(handle, op, body, &collect/3) do
+      {0, [{_continues, last}]} -> :erlang.binary_to_term(last)
+      {0, chunks} -> merge(chunks)
+    end
+  end
+
+  # Chunks of a listing, newest first: each is a map of whole keys, except
+  # that a key too large for one chunk continues in the next.
+  defp merge(chunks) do
+    chunks
+    |> Enum.reverse()
+    |> Enum.reduce(nil, fn {continues, term}, acc ->
+      chunk = :erlang.binary_to_term(term)
+
+      cond do
+        acc == nil -> chunk
+        continues -> Map.merge(acc, chunk, fn _key, a, b -> %{metas: a.metas ++ b.metas} end)
+        true -> Map.merge(acc, chunk)
+      end
+    end)
+  end
+
+  defp collect(status, <<continues, term::binary>>, acc),
+    do: {status, [{continues == 1, term} | acc]}
+
+  defp call(handle, op, body, collect \\ nil) do
+    {epoch, port} = await_port(handle, System.monotonic_time(:millisecond))
+    id = :erlang.unique_integer([:positive])
+    frame = [Wire.op(op), <<id::64, reply_to()::64>> | List.wrap(body)]
+
+    try do
+      Port.command(port, frame)
+    rescue
+      # Closed under us: the sidecar died; wait for its successor below.
+      ArgumentError -> :closed
+    end
+
+    case await_reply(handle, epoch, id, collect, [], @recheck_ms) do
+      :retry -> call(handle, op, body, collect)
+      result -> result
+    end
+  end
+
+  defp await_reply(handle, epoch, id, collect, acc, timeout) do
+    receive do
+      {:drab_presence_reply, ^id, 7, body} ->
+        {_, acc} = collect.(7, body, acc)
+        await_reply(handle, epoch, id, collect, acc, timeout)
+
+      {:drab_presence_reply, ^id, status, body} when collect == nil ->
+        {status, body}
+
+      {:drab_presence_reply, ^id, status, body} ->
+        collect.(status, body, acc)
+    after
+      timeout ->
+        cond do
+          timeout == 0 ->
+            :retry
+
+          match?({^epoch, _}, Handle.current(handle)) ->
+            await_reply(handle, epoch, id, collect, acc, timeout)
+
+          # The port owner routes every reply of a sidecar before it moves
+          # to the next: one last look, then the request goes again.
+          true ->
+            await_reply(handle, epoch, id, collect, acc, 0)
+        end
+    end
+  end
+
+  defp await_port(handle, since) do
+    case Handle.current(handle) do
+      {epoch, port} when port != nil ->
+        {epoch, port}
+
+      {_epoch, nil} ->
+        if System.monotonic_time(:millisecond) - since > @unavailable_ms do
+          exit(
+            {:sidecar_unavailable,
+             "the presence sidecar did not come back in #{@unavailable_ms} ms"}
+          )
+        end
+
+        Process.sleep(2)
+        await_port(handle, since)
+    end
+  end
+
+  defp reply_to do
+    case Process.get(__MODULE__) do
+      nil ->
+        id = Wire.pid_id(self())
+        Process.put(__MODULE__, id)
+        id
+
+      id ->
+        id
+    end
+  end
+end

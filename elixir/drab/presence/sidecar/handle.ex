@@ -1,0 +1,78 @@
+defmodule Drab.Presence.Sidecar.Handle do
+  @moduledoc false
+  # What callers of a sidecar table hold: the names of its ETS tables and
+  # processes, the meta limit, and where to find the current port.
+  #
+  # The BEAM-side state, written only by the port owner from the sidecar's
+  # replies, in the order the sidecar applied them:
+  #
+  #   * journal: `{{owner, topic, key}, ref, meta}`, every presence the
+  #     sidecar holds (ordered_set: an owner's presences are one range);
+  #     replayed into a restarted sidecar;
+  #   * leaves: `{seq, topic, key, ref, meta}`, presences removed since the
+  #     last diff that is known delivered; their leaves are owed again
+  #     after a restart;
+  #   * counts: `{topic, users, connections}` and `{{topic, key}, n}`, so
+  #     that counting reads ETS (O(1)) instead of crossing the port.
+
+  @enforce_keys [:id, :journal, :leaves, :counts, :max_meta, :monitors, :owner, :path]
+  defstruct @enforce_keys
+
+  @type t :: %__MODULE__{
+          id: pos_integer(),
+          journal: atom(),
+          leaves: atom(),
+          counts: atom(),
+          max_meta: :atomics.atomics_ref(),
+          monitors: tuple(),
+          owner: atom(),
+          path: Path.t()
+        }
+
+  @doc "A handle for a new table; `create_tables/1` makes its tables."
+  @spec new(pos_integer(), pos_integer(), Path.t()) :: t()
+  def new(max_meta_bytes, pool_size, path) do
+    id = :erlang.unique_integer([:positive])
+    name = fn suffix -> :"drab_presence_sidecar_#{id}_#{suffix}" end
+    max_meta = :atomics.new(1, signed: false)
+    :atomics.put(max_meta, 1, max_meta_bytes)
+
+    %__MODULE__{
+      id: id,
+      journal: name.(:journal),
+      leaves: name.(:leaves),
+      counts: name.(:counts),
+      max_meta: max_meta,
+      monitors: List.to_tuple(for i <- 1..pool_size, do: name.("monitor#{i}")),
+      owner: name.(:port_owner),
+      path: path
+    }
+  end
+
+  @doc false
+  @spec create_tables(t()) :: :ok
+  def create_tables(%__MODULE__{} = h) do
+    :ets.new(h.journal, [:ordered_set, :public, :named_table])
+    :ets.new(h.leaves, [:ordered_set, :public, :named_table])
+    :ets.new(h.counts, [:set, :public, :named_table, read_concurrency: true])
+    :ok
+  end
+
+  @doc "The monitor process in charge of `owner`."
+  @spec monitor_for(t(), non_neg_integer()) :: atom()
+  def monitor_for(%__MODULE__{monitors: monitors}, owner),
+    do: elem(monitors, :erlang.phash2(owner, tuple_size(monitors)))
+
+  @doc "`{epoch, port}` of the running sidecar, `{epoch, nil}` while it restarts."
+  @spec current(t()) :: {non_neg_integer(), port() | nil}
+  def current(%__MODULE__{id: id}), do: :persistent_term.get({__MODULE__, id}, {0, nil})
+
+  @doc false
+  @spec publish(t(), non_neg_integer(), port() | nil) :: :ok
+  def publish(%__MODULE__{id: id}, epoch, port),
+    do: :persistent_term.put({__MODULE__, id}, {epoch, port})
+
+  @doc false
+  @spec unpublish(t()) :: boolean()
+  def unpublish(%__MODULE__{id: id}), do: :persistent_term.erase({__MODULE__, id})
+end

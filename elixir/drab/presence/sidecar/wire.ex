@@ -1,0 +1,88 @@
+defmodule Drab.Presence.Sidecar.Wire do
+  @moduledoc false
+  # The BEAM side of the sidecar protocol (native/presence_sidecar/src/
+  # protocol.rs documents it): op and status codes, and local pids as the
+  # u64 the sidecar keys owners and reply addresses by.
+
+  @version 1
+
+  @ops %{
+    hello: 1,
+    configure: 2,
+    set_dispatcher: 3,
+    track: 16,
+    untrack: 17,
+    lookup: 18,
+    update: 19,
+    exit: 20,
+    counts: 21,
+    list: 22,
+    get_by_key: 23,
+    take_diffs: 24,
+    next_part: 25,
+    ack_part: 26,
+    stats: 27,
+    replay: 32,
+    recovery_leaves: 33
+  }
+
+  @doc "The protocol version this library speaks."
+  @spec version() :: pos_integer()
+  def version, do: @version
+
+  @doc "The byte of an op."
+  @spec op(atom()) :: byte()
+  def op(name), do: Map.fetch!(@ops, name)
+
+  @doc "The error reason of a reply status, as the NIF names it."
+  @spec reason(byte()) :: atom()
+  def reason(1), do: :already_tracked
+  def reason(2), do: :not_tracked
+  def reason(3), do: :noproc
+  def reason(4), do: :stale
+  def reason(5), do: :meta_too_large
+  def reason(6), do: :bad_frame
+  def reason(8), do: :refused
+
+  @doc """
+  A local pid as a u64, `serial <<< 32 ||| number`: unique among live local
+  processes and ordered as the pids are, so metas of one key list in the
+  same (owner) order as with the NIF.
+  """
+  @spec pid_id(pid()) :: non_neg_integer()
+  def pid_id(pid) do
+    <<131, tag, rest::binary>> = :erlang.term_to_binary(pid)
+    true = tag in [88, 103]
+    <<number::32, serial::32, _creation::binary>> = skip_atom(rest)
+    Bitwise.bor(Bitwise.bsl(serial, 32), number)
+  end
+
+  @doc "What `id_pid/2` needs to turn ids back into pids on this node."
+  @spec pid_template() :: {binary(), binary()}
+  def pid_template do
+    <<131, tag, rest::binary>> = bin = :erlang.term_to_binary(self())
+    <<_number::32, _serial::32, creation::binary>> = after_atom = skip_atom(rest)
+    prefix = binary_part(bin, 0, byte_size(bin) - byte_size(after_atom))
+    true = tag in [88, 103]
+    {prefix, creation}
+  end
+
+  @doc "The local pid of an id from `pid_id/1`."
+  @spec id_pid({binary(), binary()}, non_neg_integer()) :: pid()
+  def id_pid({prefix, creation}, id) do
+    number = Bitwise.band(id, 0xFFFFFFFF)
+    serial = Bitwise.bsr(id, 32)
+    :erlang.binary_to_term(<<prefix::binary, number::32, serial::32, creation::binary>>)
+  end
+
+  defp skip_atom(<<t, len::16, _::binary-size(len), rest::binary>>) when t in [100, 118], do: rest
+  defp skip_atom(<<t, len, _::binary-size(len), rest::binary>>) when t in [115, 119], do: rest
+
+  @doc "A phx_ref as the NIF renders it: the ref's 8 bytes in url-safe base64."
+  @spec ref_string(non_neg_integer()) :: binary()
+  def ref_string(ref), do: Base.url_encode64(<<ref::64>>, padding: false)
+
+  @doc "A byte string field: u32 length, then the bytes."
+  @spec str(binary()) :: iodata()
+  def str(bytes), do: [<<byte_size(bytes)::32>>, bytes]
+end

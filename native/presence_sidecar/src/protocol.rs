@@ -1,0 +1,865 @@
+//! The sidecar's wire protocol, version [`VERSION`].
+//!
+//! Every message is one `{:packet, 4}` frame: a big-endian `u32` length,
+//! then that many bytes (tokio-util's `LengthDelimitedCodec` on this side).
+//! Integers are big-endian; a byte string (`str`) is a `u32` length and the
+//! bytes. Metas travel as `term_to_binary/1` of a map and are never decoded
+//! here: listings splice them (`presence_core::etf`).
+//!
+//! ```text
+//! request = op:u8 id:u64 reply_to:u64 body
+//! reply   = op:u8 id:u64 reply_to:u64 status:u8 body
+//! ```
+//!
+//! `id` is the caller's request id, `reply_to` names the process the reply
+//! is for (a local pid as `serial << 32 | number`; 0 for the port owner
+//! itself). Both are echoed untouched, so the BEAM routes a reply without
+//! keeping any table of requests. A request the sidecar cannot read gets a
+//! reply with status [`Status::BadFrame`] (op and ids zero when even the
+//! header is short) and a message; nothing it reads can make it panic.
+//!
+//! The first frame must be `Hello` with this [`VERSION`]; any other version
+//! is answered with [`Status::Refused`] and a message, and the sidecar exits.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The protocol version this sidecar speaks.
+pub const VERSION: u16 = 1;
+/// First bytes of a `Hello` body.
+pub const MAGIC: &[u8; 4] = b"DRPS";
+/// The largest frame read: a meta of the largest `max_meta_bytes` (1 GiB)
+/// with its header. A longer length prefix cannot be skipped safely, so it
+/// ends the sidecar (the BEAM restarts and replays it).
+pub const MAX_FRAME: usize = (1 << 30) + 64 * 1024;
+
+/// Request kinds, echoed in the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    Hello = 1,
+    Configure = 2,
+    SetDispatcher = 3,
+    Track = 16,
+    Untrack = 17,
+    Lookup = 18,
+    Update = 19,
+    Exit = 20,
+    Counts = 21,
+    List = 22,
+    GetByKey = 23,
+    TakeDiffs = 24,
+    NextPart = 25,
+    AckPart = 26,
+    Stats = 27,
+    Replay = 32,
+    RecoveryLeaves = 33,
+}
+
+impl Op {
+    pub const ALL: [Op; 17] = [
+        Op::Hello,
+        Op::Configure,
+        Op::SetDispatcher,
+        Op::Track,
+        Op::Untrack,
+        Op::Lookup,
+        Op::Update,
+        Op::Exit,
+        Op::Counts,
+        Op::List,
+        Op::GetByKey,
+        Op::TakeDiffs,
+        Op::NextPart,
+        Op::AckPart,
+        Op::Stats,
+        Op::Replay,
+        Op::RecoveryLeaves,
+    ];
+
+    pub fn from_u8(byte: u8) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| *op as u8 == byte)
+    }
+}
+
+/// Outcome of a request. Errors map one to one onto the NIF's atoms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    AlreadyTracked = 1,
+    NotTracked = 2,
+    Noproc = 3,
+    Stale = 4,
+    MetaTooLarge = 5,
+    /// The request could not be read; the body is a UTF-8 message.
+    BadFrame = 6,
+    /// One chunk of a streamed listing; more follow, the last has `Ok`.
+    More = 7,
+    /// `Hello` with a version this sidecar does not speak; it exits next.
+    Refused = 8,
+}
+
+impl Status {
+    pub fn from_u8(byte: u8) -> Option<Status> {
+        use Status::*;
+        [
+            Ok,
+            AlreadyTracked,
+            NotTracked,
+            Noproc,
+            Stale,
+            MetaTooLarge,
+            BadFrame,
+            More,
+            Refused,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == byte)
+    }
+}
+
+/// What was wrong with a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The frame ended before a field did.
+    Truncated,
+    /// Bytes left over after the last field.
+    Trailing(usize),
+    UnknownOp(u8),
+    UnknownStatus(u8),
+    BadMagic,
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Truncated => f.write_str("truncated frame"),
+            FrameError::Trailing(n) => write!(f, "{n} trailing bytes after the last field"),
+            FrameError::UnknownOp(op) => write!(f, "unknown op {op}"),
+            FrameError::UnknownStatus(s) => write!(f, "unknown status {s}"),
+            FrameError::BadMagic => f.write_str("hello without the DRPS magic"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// A presence replayed into a restarted sidecar, with the ref it had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayEntry {
+    pub owner: u64,
+    pub topic: Bytes,
+    pub key: Bytes,
+    pub old_ref: u64,
+    pub meta: Bytes,
+}
+
+/// A presence subscribers may still show, to be sent as a leave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaveEntry {
+    pub topic: Bytes,
+    pub key: Bytes,
+    pub phx_ref: u64,
+    pub meta: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Hello {
+        version: u16,
+    },
+    Configure {
+        max_meta_bytes: u64,
+    },
+    SetDispatcher {
+        dispatcher: u64,
+    },
+    Track {
+        owner: u64,
+        topic: Bytes,
+        key: Bytes,
+        meta: Bytes,
+    },
+    Untrack {
+        owner: u64,
+        topic: Bytes,
+        key: Bytes,
+    },
+    Lookup {
+        owner: u64,
+        topic: Bytes,
+        key: Bytes,
+    },
+    Update {
+        owner: u64,
+        topic: Bytes,
+        key: Bytes,
+        expected_ref: Option<u64>,
+        meta: Bytes,
+    },
+    /// The owner's process is gone (told by the BEAM's monitor pool).
+    Exit {
+        owner: u64,
+    },
+    Counts {
+        topic: Bytes,
+    },
+    List {
+        topic: Bytes,
+    },
+    GetByKey {
+        topic: Bytes,
+        key: Bytes,
+    },
+    TakeDiffs {
+        max_topics: u32,
+    },
+    NextPart,
+    AckPart {
+        part: u64,
+    },
+    Stats,
+    Replay {
+        entries: Vec<ReplayEntry>,
+    },
+    RecoveryLeaves {
+        entries: Vec<LeaveEntry>,
+    },
+}
+
+impl Request {
+    pub fn op(&self) -> Op {
+        match self {
+            Request::Hello { .. } => Op::Hello,
+            Request::Configure { .. } => Op::Configure,
+            Request::SetDispatcher { .. } => Op::SetDispatcher,
+            Request::Track { .. } => Op::Track,
+            Request::Untrack { .. } => Op::Untrack,
+            Request::Lookup { .. } => Op::Lookup,
+            Request::Update { .. } => Op::Update,
+            Request::Exit { .. } => Op::Exit,
+            Request::Counts { .. } => Op::Counts,
+            Request::List { .. } => Op::List,
+            Request::GetByKey { .. } => Op::GetByKey,
+            Request::TakeDiffs { .. } => Op::TakeDiffs,
+            Request::NextPart => Op::NextPart,
+            Request::AckPart { .. } => Op::AckPart,
+            Request::Stats => Op::Stats,
+            Request::Replay { .. } => Op::Replay,
+            Request::RecoveryLeaves { .. } => Op::RecoveryLeaves,
+        }
+    }
+}
+
+/// Who a message is from and for: echoed from request to reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Header {
+    pub id: u64,
+    pub reply_to: u64,
+}
+
+/// A frame's header and request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub header: Header,
+    pub request: Request,
+}
+
+/// Reads fields off a frame, refusing (never panicking on) short input.
+pub struct Reader {
+    buf: Bytes,
+}
+
+impl Reader {
+    pub fn new(buf: Bytes) -> Self {
+        Reader { buf }
+    }
+
+    fn need(&self, n: usize) -> Result<(), FrameError> {
+        if self.buf.remaining() < n {
+            Err(FrameError::Truncated)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn u8(&mut self) -> Result<u8, FrameError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+
+    pub fn u16(&mut self) -> Result<u16, FrameError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+
+    pub fn u32(&mut self) -> Result<u32, FrameError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
+
+    pub fn u64(&mut self) -> Result<u64, FrameError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64())
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<Bytes, FrameError> {
+        self.need(n)?;
+        Ok(self.buf.split_to(n))
+    }
+
+    pub fn str(&mut self) -> Result<Bytes, FrameError> {
+        let len = self.u32()? as usize;
+        self.bytes(len)
+    }
+
+    /// Everything left.
+    pub fn rest(&mut self) -> Bytes {
+        self.buf.split_off(0)
+    }
+
+    pub fn finish(&self) -> Result<(), FrameError> {
+        match self.buf.remaining() {
+            0 => Ok(()),
+            n => Err(FrameError::Trailing(n)),
+        }
+    }
+
+    /// A count of entries that each take at least `min_size` bytes: a
+    /// garbage count cannot make us reserve more than the frame could hold.
+    fn count(&mut self, min_size: usize) -> Result<usize, FrameError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_size) > self.buf.remaining() {
+            return Err(FrameError::Truncated);
+        }
+        Ok(n)
+    }
+}
+
+pub fn put_str(out: &mut BytesMut, bytes: &[u8]) {
+    out.put_u32(bytes.len() as u32);
+    out.put_slice(bytes);
+}
+
+/// Reads a request frame's header alone, so that a frame whose body is bad
+/// can still be answered to its sender.
+pub fn decode_header(frame: &[u8]) -> Option<(u8, Header)> {
+    let mut r = Reader::new(Bytes::copy_from_slice(frame.get(..17)?));
+    let op = r.u8().ok()?;
+    let id = r.u64().ok()?;
+    let reply_to = r.u64().ok()?;
+    Some((op, Header { id, reply_to }))
+}
+
+impl Envelope {
+    pub fn decode(frame: Bytes) -> Result<Envelope, FrameError> {
+        let mut r = Reader::new(frame);
+        let op_byte = r.u8()?;
+        let op = Op::from_u8(op_byte).ok_or(FrameError::UnknownOp(op_byte))?;
+        let header = Header {
+            id: r.u64()?,
+            reply_to: r.u64()?,
+        };
+        let request = match op {
+            Op::Hello => {
+                if r.bytes(4)? != MAGIC[..] {
+                    return Err(FrameError::BadMagic);
+                }
+                Request::Hello { version: r.u16()? }
+            }
+            Op::Configure => Request::Configure {
+                max_meta_bytes: r.u64()?,
+            },
+            Op::SetDispatcher => Request::SetDispatcher {
+                dispatcher: r.u64()?,
+            },
+            Op::Track => Request::Track {
+                owner: r.u64()?,
+                topic: r.str()?,
+                key: r.str()?,
+                meta: r.rest(),
+            },
+            Op::Untrack => Request::Untrack {
+                owner: r.u64()?,
+                topic: r.str()?,
+                key: r.str()?,
+            },
+            Op::Lookup => Request::Lookup {
+                owner: r.u64()?,
+                topic: r.str()?,
+                key: r.str()?,
+            },
+            Op::Update => {
+                let owner = r.u64()?;
+                let topic = r.str()?;
+                let key = r.str()?;
+                let has_expected = r.u8()?;
+                let expected = r.u64()?;
+                Request::Update {
+                    owner,
+                    topic,
+                    key,
+                    expected_ref: (has_expected != 0).then_some(expected),
+                    meta: r.rest(),
+                }
+            }
+            Op::Exit => Request::Exit { owner: r.u64()? },
+            Op::Counts => Request::Counts { topic: r.str()? },
+            Op::List => Request::List { topic: r.str()? },
+            Op::GetByKey => Request::GetByKey {
+                topic: r.str()?,
+                key: r.str()?,
+            },
+            Op::TakeDiffs => Request::TakeDiffs {
+                max_topics: r.u32()?,
+            },
+            Op::NextPart => Request::NextPart,
+            Op::AckPart => Request::AckPart { part: r.u64()? },
+            Op::Stats => Request::Stats,
+            Op::Replay => {
+                let n = r.count(8 + 4 + 4 + 8 + 4)?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(ReplayEntry {
+                        owner: r.u64()?,
+                        topic: r.str()?,
+                        key: r.str()?,
+                        old_ref: r.u64()?,
+                        meta: r.str()?,
+                    });
+                }
+                Request::Replay { entries }
+            }
+            Op::RecoveryLeaves => {
+                let n = r.count(4 + 4 + 8 + 4)?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(LeaveEntry {
+                        topic: r.str()?,
+                        key: r.str()?,
+                        phx_ref: r.u64()?,
+                        meta: r.str()?,
+                    });
+                }
+                Request::RecoveryLeaves { entries }
+            }
+        };
+        r.finish()?;
+        Ok(Envelope { header, request })
+    }
+
+    /// The frame body (without the length prefix), as the BEAM writes it.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(64);
+        out.put_u8(self.request.op() as u8);
+        out.put_u64(self.header.id);
+        out.put_u64(self.header.reply_to);
+        match &self.request {
+            Request::Hello { version } => {
+                out.put_slice(MAGIC);
+                out.put_u16(*version);
+            }
+            Request::Configure { max_meta_bytes } => out.put_u64(*max_meta_bytes),
+            Request::SetDispatcher { dispatcher } => out.put_u64(*dispatcher),
+            Request::Track {
+                owner,
+                topic,
+                key,
+                meta,
+            } => {
+                out.put_u64(*owner);
+                put_str(&mut out, topic);
+                put_str(&mut out, key);
+                out.put_slice(meta);
+            }
+            Request::Untrack { owner, topic, key } | Request::Lookup { owner, topic, key } => {
+                out.put_u64(*owner);
+                put_str(&mut out, topic);
+                put_str(&mut out, key);
+            }
+            Request::Update {
+                owner,
+                topic,
+                key,
+                expected_ref,
+                meta,
+            } => {
+                out.put_u64(*owner);
+                put_str(&mut out, topic);
+                put_str(&mut out, key);
+                out.put_u8(expected_ref.is_some() as u8);
+                out.put_u64(expected_ref.unwrap_or(0));
+                out.put_slice(meta);
+            }
+            Request::Exit { owner } => out.put_u64(*owner),
+            Request::Counts { topic } | Request::List { topic } => put_str(&mut out, topic),
+            Request::GetByKey { topic, key } => {
+                put_str(&mut out, topic);
+                put_str(&mut out, key);
+            }
+            Request::TakeDiffs { max_topics } => out.put_u32(*max_topics),
+            Request::NextPart | Request::Stats => {}
+            Request::AckPart { part } => out.put_u64(*part),
+            Request::Replay { entries } => {
+                out.put_u32(entries.len() as u32);
+                for e in entries {
+                    out.put_u64(e.owner);
+                    put_str(&mut out, &e.topic);
+                    put_str(&mut out, &e.key);
+                    out.put_u64(e.old_ref);
+                    put_str(&mut out, &e.meta);
+                }
+            }
+            Request::RecoveryLeaves { entries } => {
+                out.put_u32(entries.len() as u32);
+                for e in entries {
+                    put_str(&mut out, &e.topic);
+                    put_str(&mut out, &e.key);
+                    out.put_u64(e.phx_ref);
+                    put_str(&mut out, &e.meta);
+                }
+            }
+        }
+        out.freeze()
+    }
+}
+
+/// A reply: the request's op and header, a status, and a body whose shape
+/// depends on both (see [`Body`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub op: u8,
+    pub header: Header,
+    pub status: Status,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(18 + self.body.len());
+        out.put_u8(self.op);
+        out.put_u64(self.header.id);
+        out.put_u64(self.header.reply_to);
+        out.put_u8(self.status as u8);
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    pub fn decode(frame: Bytes) -> Result<Reply, FrameError> {
+        let mut r = Reader::new(frame);
+        let op = r.u8()?;
+        let header = Header {
+            id: r.u64()?,
+            reply_to: r.u64()?,
+        };
+        let status_byte = r.u8()?;
+        let status = Status::from_u8(status_byte).ok_or(FrameError::UnknownStatus(status_byte))?;
+        Ok(Reply {
+            op,
+            header,
+            status,
+            body: r.rest(),
+        })
+    }
+}
+
+/// Flags of a write's reply, read by the port owner.
+pub mod flags {
+    /// Track: the owner had no presence before; the BEAM must watch it.
+    pub const NEW_OWNER: u8 = 1;
+    /// Untrack: the owner's last presence went; the BEAM may stop watching.
+    pub const RELEASED: u8 = 1;
+    /// The first pending diff appeared: tell the dispatcher.
+    pub const WAKE: u8 = 2;
+    /// Untrack removed a presence; update changed the meta.
+    pub const CHANGED: u8 = 4;
+}
+
+/// The body of a successful reply, per op. The port owner journals writes
+/// from these (`owner`, `topic`, `key`, `meta` are the request's own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Hello {
+        version: u16,
+    },
+    /// Configure, RecoveryLeaves: nothing to say.
+    Empty,
+    SetDispatcher {
+        pending: bool,
+    },
+    Track {
+        phx_ref: u64,
+        flags: u8,
+        owner: u64,
+        topic: Bytes,
+        key: Bytes,
+        meta: Bytes,
+    },
+    Untrack {
+        flags: u8,
+        owner: u64,
+        topic: Bytes,
+        key: Bytes,
+    },
+    /// The meta with its refs, as `term_to_binary/1` writes it.
+    Lookup {
+        phx_ref: u64,
+        meta_term: Bytes,
+    },
+    Update {
+        phx_ref: u64,
+        flags: u8,
+        owner: u64,
+        topic: Bytes,
+        key: Bytes,
+        meta: Bytes,
+    },
+    Exit {
+        flags: u8,
+        owner: u64,
+        removed: u64,
+    },
+    Counts {
+        users: u64,
+        connections: u64,
+    },
+    /// List and GetByKey: one chunk, `%{key => %{metas: [...]}}` in external
+    /// format (or `[]` for GetByKey of nothing). `continues` says its first
+    /// key is the previous chunk's last, split for size.
+    Chunk {
+        continues: bool,
+        term: Bytes,
+    },
+    TakeDiffs {
+        queued: u64,
+        pending: u64,
+    },
+    /// NextPart: `None` when the outbox is empty.
+    Part(Option<PartBody>),
+    AckPart {
+        outbox_empty: bool,
+    },
+    Stats(Stats),
+    Replay {
+        flags: u8,
+        refs: Vec<u64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartBody {
+    pub part: u64,
+    pub topic: Bytes,
+    pub joins: Bytes,
+    pub leaves: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    pub presences: u64,
+    pub owners: u64,
+    pub topics: u64,
+    pub pending_topics: u64,
+    pub queued_parts: u64,
+    pub max_meta_bytes: u64,
+    pub heap_bytes: u64,
+}
+
+impl Body {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        match self {
+            Body::Hello { version } => out.put_u16(*version),
+            Body::Empty => {}
+            Body::SetDispatcher { pending } => out.put_u8(*pending as u8),
+            Body::Track {
+                phx_ref,
+                flags,
+                owner,
+                topic,
+                key,
+                meta,
+            }
+            | Body::Update {
+                phx_ref,
+                flags,
+                owner,
+                topic,
+                key,
+                meta,
+            } => {
+                out.reserve(40 + topic.len() + key.len() + meta.len());
+                out.put_u64(*phx_ref);
+                out.put_u8(*flags);
+                out.put_u64(*owner);
+                put_str(&mut out, topic);
+                put_str(&mut out, key);
+                out.put_slice(meta);
+            }
+            Body::Untrack {
+                flags,
+                owner,
+                topic,
+                key,
+            } => {
+                out.put_u8(*flags);
+                out.put_u64(*owner);
+                put_str(&mut out, topic);
+                put_str(&mut out, key);
+            }
+            Body::Lookup { phx_ref, meta_term } => {
+                out.put_u64(*phx_ref);
+                out.put_slice(meta_term);
+            }
+            Body::Exit {
+                flags,
+                owner,
+                removed,
+            } => {
+                out.put_u8(*flags);
+                out.put_u64(*owner);
+                out.put_u64(*removed);
+            }
+            Body::Counts { users, connections } => {
+                out.put_u64(*users);
+                out.put_u64(*connections);
+            }
+            Body::Chunk { continues, term } => {
+                out.put_u8(*continues as u8);
+                out.put_slice(term);
+            }
+            Body::TakeDiffs { queued, pending } => {
+                out.put_u64(*queued);
+                out.put_u64(*pending);
+            }
+            Body::Part(None) => out.put_u8(0),
+            Body::Part(Some(p)) => {
+                out.put_u8(1);
+                out.put_u64(p.part);
+                put_str(&mut out, &p.topic);
+                put_str(&mut out, &p.joins);
+                put_str(&mut out, &p.leaves);
+            }
+            Body::AckPart { outbox_empty } => out.put_u8(*outbox_empty as u8),
+            Body::Stats(s) => {
+                for v in [
+                    s.presences,
+                    s.owners,
+                    s.topics,
+                    s.pending_topics,
+                    s.queued_parts,
+                    s.max_meta_bytes,
+                    s.heap_bytes,
+                ] {
+                    out.put_u64(v);
+                }
+            }
+            Body::Replay { flags, refs } => {
+                out.put_u8(*flags);
+                out.put_u32(refs.len() as u32);
+                for r in refs {
+                    out.put_u64(*r);
+                }
+            }
+        }
+        out.freeze()
+    }
+
+    /// Reads the body of a successful (`Ok` or `More`) reply to `op`.
+    pub fn decode(op: Op, body: Bytes) -> Result<Body, FrameError> {
+        let mut r = Reader::new(body);
+        let body = match op {
+            Op::Hello => Body::Hello { version: r.u16()? },
+            Op::Configure | Op::RecoveryLeaves => Body::Empty,
+            Op::SetDispatcher => Body::SetDispatcher {
+                pending: r.u8()? != 0,
+            },
+            Op::Track | Op::Update => {
+                let phx_ref = r.u64()?;
+                let flags = r.u8()?;
+                let owner = r.u64()?;
+                let topic = r.str()?;
+                let key = r.str()?;
+                let meta = r.rest();
+                if op == Op::Track {
+                    Body::Track {
+                        phx_ref,
+                        flags,
+                        owner,
+                        topic,
+                        key,
+                        meta,
+                    }
+                } else {
+                    Body::Update {
+                        phx_ref,
+                        flags,
+                        owner,
+                        topic,
+                        key,
+                        meta,
+                    }
+                }
+            }
+            Op::Untrack => Body::Untrack {
+                flags: r.u8()?,
+                owner: r.u64()?,
+                topic: r.str()?,
+                key: r.str()?,
+            },
+            Op::Lookup => Body::Lookup {
+                phx_ref: r.u64()?,
+                meta_term: r.rest(),
+            },
+            Op::Exit => Body::Exit {
+                flags: r.u8()?,
+                owner: r.u64()?,
+                removed: r.u64()?,
+            },
+            Op::Counts => Body::Counts {
+                users: r.u64()?,
+                connections: r.u64()?,
+            },
+            Op::List | Op::GetByKey => Body::Chunk {
+                continues: r.u8()? != 0,
+                term: r.rest(),
+            },
+            Op::TakeDiffs => Body::TakeDiffs {
+                queued: r.u64()?,
+                pending: r.u64()?,
+            },
+            Op::NextPart => match r.u8()? {
+                0 => Body::Part(None),
+                _ => Body::Part(Some(PartBody {
+                    part: r.u64()?,
+                    topic: r.str()?,
+                    joins: r.str()?,
+                    leaves: r.str()?,
+                })),
+            },
+            Op::AckPart => Body::AckPart {
+                outbox_empty: r.u8()? != 0,
+            },
+            Op::Stats => Body::Stats(Stats {
+                presences: r.u64()?,
+                owners: r.u64()?,
+                topics: r.u64()?,
+                pending_topics: r.u64()?,
+                queued_parts: r.u64()?,
+                max_meta_bytes: r.u64()?,
+                heap_bytes: r.u64()?,
+            }),
+            Op::Replay => {
+                let flags = r.u8()?;
+                let n = r.count(8)?;
+                let mut refs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    refs.push(r.u64()?);
+                }
+                Body::Replay { flags, refs }
+            }
+        };
+        r.finish()?;
+        Ok(body)
+    }
+}
