@@ -22,7 +22,16 @@ end
 
 # Drab.Presence runs for the whole suite, unlinked from any test process;
 # tests use their own topics. Tests of restarts start and stop other modules.
-{:ok, presence} = Drab.Presence.start_link(diff_window: 20)
+# The backend comes from DRAB_PRESENCE_BACKEND (Drab.PresenceCase.backend/0):
+# scripts/test runs the suite once per backend. Tests of NIF internals are
+# tagged :nif_only.
+backend = Drab.PresenceCase.backend()
+IO.puts("Backend: #{backend}")
+{:ok, presence} = Drab.Presence.start_link(diff_window: 20, backend: backend)
 Process.unlink(presence)
 
-ExUnit.start(exclude: if(phoenix?, do: [], else: [:phoenix]) ++ if(drab?, do: [], else: [:drab]))
+ExUnit.start(
+  exclude:
+    if(phoenix?, do: [], else: [:phoenix]) ++
+      if(drab?, do: [], else: [:drab]) ++ if(backend == :nif, do: [], else: [:nif_only])
+)

@@ -394,7 +394,7 @@ defmodule Drab.PresenceTest do
 
     test "calls before the module is started" do
       defmodule NeverStarted do
-        use Drab.Presence, otp_app: :drab_presence
+        use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend()
       end
 
       for call <- [
@@ -407,6 +407,7 @@ defmodule Drab.PresenceTest do
       end
     end
 
+    @tag :nif_only
     test "a Rust panic is an exception; the VM and the table carry on",
          %{topic: topic, before: before} do
       assert_raise ErlangError, ~r/nif_panicked/, fn -> Drab.Presence.Native.test_panic() end

@@ -9,6 +9,31 @@ defmodule Drab.PresenceCase do
     end
   end
 
+  @doc """
+  The backend every API suite runs on: `DRAB_PRESENCE_BACKEND` (`nif`, the
+  default, or `sidecar`). Test presence modules pass it as `backend:`, and
+  the test helper skips tests tagged `:nif_only` (NIF internals: scheduler
+  holds, reloads, panics) on the sidecar. One set of tests, run once per
+  backend by scripts/test.
+  """
+  @spec backend() :: :nif | :sidecar
+  def backend do
+    case System.get_env("DRAB_PRESENCE_BACKEND", "nif") do
+      "nif" -> :nif
+      "sidecar" -> :sidecar
+      other -> raise ArgumentError, "DRAB_PRESENCE_BACKEND must be nif or sidecar, got: #{other}"
+    end
+  end
+
+  @doc "The `Drab.Presence.Backend` module of `backend/0`."
+  @spec backend_module() :: module()
+  def backend_module do
+    case backend() do
+      :nif -> Drab.Presence.Backend.NIF
+      :sidecar -> Drab.Presence.Backend.Sidecar
+    end
+  end
+
   setup context do
     {:ok, topic: "topic:#{inspect(context.module)}.#{context.test}"}
   end

@@ -221,7 +221,7 @@ defmodule Drab.Presence.Soak do
   # out (its name is taken): try again. Only the chaos process, which traps
   # exits, restarts the presence module during the churn.
   defp start_presence(opts, tries \\ 100) do
-    case Presence.start_link(diff_window: opts[:diff_window]) do
+    case Presence.start_link(diff_window: opts[:diff_window], backend: Drab.PresenceCase.backend()) do
       {:ok, pid} ->
         Process.unlink(pid)
         pid

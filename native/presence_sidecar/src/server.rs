@@ -107,7 +107,12 @@ where
     drop(tx);
     let written = writer.await.unwrap_or(Ok(()));
     served?;
-    written.map_err(ServerError::Output)
+    match written {
+        // The BEAM closed the port (its reading end) as it closed stdin:
+        // nobody is left to read what we had to say.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(ServerError::Output),
+    }
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(

@@ -137,7 +137,7 @@ defmodule Drab.Presence.ConfigTest do
 
     test "invalid options are refused up front with a clear message" do
       defmodule BadOptions do
-        use Drab.Presence, otp_app: :drab_presence
+        use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend()
       end
 
       assert_raise ArgumentError, ~r/unknown presence options \[:diff_windw\]/, fn ->

@@ -6,6 +6,9 @@ defmodule Drab.Presence.FreshVMTest do
   # by; it is built from halves.
   use Drab.PresenceCase, async: true
 
+  # NIF internals: scheduler holds, reloads, clean VMs on the NIF.
+  @moduletag :nif_only
+
   @moduletag timeout: 120_000
   @atom_name "me" <> "tas"
 

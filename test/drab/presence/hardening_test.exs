@@ -11,7 +11,10 @@ defmodule Drab.Presence.HardeningTest do
   @moduletag timeout: 120_000
 
   defmodule Fetching do
-    use Drab.Presence, otp_app: :drab_presence, diff_window: 30
+    use Drab.Presence,
+      otp_app: :drab_presence,
+      backend: Drab.PresenceCase.backend(),
+      diff_window: 30
 
     @impl true
     def fetch("fetch-exit:" <> _, _presences), do: exit(:timeout)
@@ -20,23 +23,32 @@ defmodule Drab.Presence.HardeningTest do
   end
 
   defmodule Killable do
-    use Drab.Presence, otp_app: :drab_presence, diff_window: 10
+    use Drab.Presence,
+      otp_app: :drab_presence,
+      backend: Drab.PresenceCase.backend(),
+      diff_window: 10
   end
 
   defmodule Bulk do
-    use Drab.Presence, otp_app: :drab_presence, diff_window: 500
+    use Drab.Presence,
+      otp_app: :drab_presence,
+      backend: Drab.PresenceCase.backend(),
+      diff_window: 500
   end
 
   defmodule Windowed do
-    use Drab.Presence, otp_app: :drab_presence, diff_window: 200
+    use Drab.Presence,
+      otp_app: :drab_presence,
+      backend: Drab.PresenceCase.backend(),
+      diff_window: 200
   end
 
   defmodule Opts do
-    use Drab.Presence, otp_app: :drab_presence
+    use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend()
   end
 
   defmodule Limits do
-    use Drab.Presence, otp_app: :drab_presence
+    use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend()
   end
 
   describe "a fetch/2 that exits or throws" do
@@ -270,6 +282,7 @@ defmodule Drab.Presence.HardeningTest do
     end
   end
 
+  @tag :nif_only
   test "the NIF heap falls back near its baseline after 200k topics come and go" do
     baseline = settled_stats()
     owners = for _ <- 1..2_000, do: spawn(fn -> Process.sleep(:infinity) end)
@@ -371,7 +384,7 @@ defmodule Drab.Presence.HardeningTest do
   defp mb(bytes), do: "#{Float.round(bytes / 1_048_576, 1)} MB"
 
   defmodule Busy do
-    use Drab.Presence, otp_app: :drab_presence, diff_window: 0
+    use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend(), diff_window: 0
   end
 
   test "stats/0 while the dispatcher takes diffs never deadlocks", %{topic: topic} do

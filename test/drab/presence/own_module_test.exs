@@ -2,7 +2,10 @@ defmodule Drab.Presence.OwnModuleTest do
   use Drab.PresenceCase, async: true
 
   defmodule WithExtras do
-    use Drab.Presence, otp_app: :drab_presence, diff_window: 10
+    use Drab.Presence,
+      otp_app: :drab_presence,
+      backend: Drab.PresenceCase.backend(),
+      diff_window: 10
 
     @impl true
     def fetch(topic, presences) do
@@ -84,7 +87,10 @@ defmodule Drab.Presence.RestartTest do
   use Drab.PresenceCase, async: true
 
   defmodule Restarting do
-    use Drab.Presence, otp_app: :drab_presence, diff_window: 10
+    use Drab.Presence,
+      otp_app: :drab_presence,
+      backend: Drab.PresenceCase.backend(),
+      diff_window: 10
   end
 
   test "a killed dispatcher loses no presence and sends what was pending", %{topic: topic} do

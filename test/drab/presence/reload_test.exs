@@ -4,6 +4,9 @@ defmodule Drab.Presence.ReloadTest do
   # so the suite's VM is never touched.
   use Drab.PresenceCase, async: false
 
+  # NIF internals: scheduler holds, reloads, clean VMs on the NIF.
+  @moduletag :nif_only
+
   @moduletag timeout: 120_000
   @script Path.expand("../../fresh_vm/reload.exs", __DIR__)
 

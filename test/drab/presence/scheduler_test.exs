@@ -8,6 +8,9 @@ defmodule Drab.Presence.SchedulerTest do
   # measures latencies.
   use Drab.PresenceCase, async: false
 
+  # NIF internals: scheduler holds, reloads, clean VMs on the NIF.
+  @moduletag :nif_only
+
   @moduletag timeout: 180_000
 
   # Ticks are 1 ms apart: a gap this long means the scheduler was held.

@@ -10,7 +10,7 @@ defmodule Drab.Presence.SetupTest do
   end
 
   defmodule OwnPresence do
-    use Drab.Presence, otp_app: :drab_presence
+    use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend()
   end
 
   defp problems(env) do

@@ -1,0 +1,303 @@
+//! Every message round-trips; no byte string makes decoding panic.
+
+use bytes::Bytes;
+use presence_sidecar::protocol::{
+    Body, Envelope, Header, LeaveEntry, Op, PartBody, ReplayEntry, Reply, Request, Stats, Status,
+};
+use proptest::prelude::*;
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// `term_to_binary(%{a: 1})`
+const META: &[u8] = &[131, 116, 0, 0, 0, 1, 100, 0, 1, 97, 97, 1];
+
+fn every_request() -> Vec<Request> {
+    vec![
+        Request::Hello { version: 1 },
+        Request::Configure {
+            max_meta_bytes: 65_536,
+        },
+        Request::SetDispatcher { dispatcher: 7 },
+        Request::Track {
+            owner: 1 << 40 | 9,
+            topic: b("room:1"),
+            key: b("ann"),
+            meta: Bytes::from_static(META),
+        },
+        Request::Untrack {
+            owner: 3,
+            topic: b("t"),
+            key: b(""),
+        },
+        Request::Lookup {
+            owner: 3,
+            topic: b("t"),
+            key: b("k"),
+        },
+        Request::Update {
+            owner: 3,
+            topic: b("t"),
+            key: b("k"),
+            expected_ref: Some(u64::MAX),
+            meta: Bytes::from_static(META),
+        },
+        Request::Update {
+            owner: 3,
+            topic: b("t"),
+            key: b("k"),
+            expected_ref: None,
+            meta: Bytes::from_static(META),
+        },
+        Request::Exit { owner: 12 },
+        Request::Counts { topic: b("t") },
+        Request::List { topic: b("t") },
+        Request::GetByKey {
+            topic: b("t"),
+            key: b("k"),
+        },
+        Request::TakeDiffs { max_topics: 256 },
+        Request::NextPart,
+        Request::AckPart { part: 4 },
+        Request::Stats,
+        Request::Replay {
+            entries: vec![
+                ReplayEntry {
+                    owner: 1,
+                    topic: b("t"),
+                    key: b("k"),
+                    old_ref: 99,
+                    meta: Bytes::from_static(META),
+                };
+                3
+            ],
+        },
+        Request::RecoveryLeaves {
+            entries: vec![LeaveEntry {
+                topic: b("t"),
+                key: b("k"),
+                phx_ref: 5,
+                meta: Bytes::from_static(META),
+            }],
+        },
+    ]
+}
+
+#[test]
+fn every_request_round_trips() {
+    let requests = every_request();
+    // Every op is covered.
+    for op in Op::ALL {
+        assert!(requests.iter().any(|r| r.op() == op), "{op:?} not covered");
+    }
+    for (i, request) in requests.into_iter().enumerate() {
+        let envelope = Envelope {
+            header: Header {
+                id: i as u64 + 1,
+                reply_to: u64::MAX - i as u64,
+            },
+            request,
+        };
+        assert_eq!(Envelope::decode(envelope.encode()).unwrap(), envelope);
+    }
+}
+
+fn every_body() -> Vec<(Op, Body)> {
+    vec![
+        (Op::Hello, Body::Hello { version: 1 }),
+        (Op::Configure, Body::Empty),
+        (Op::RecoveryLeaves, Body::Empty),
+        (Op::SetDispatcher, Body::SetDispatcher { pending: true }),
+        (
+            Op::Track,
+            Body::Track {
+                phx_ref: 77,
+                flags: 3,
+                owner: 5,
+                topic: b("t"),
+                key: b("k"),
+                meta: Bytes::from_static(META),
+            },
+        ),
+        (
+            Op::Untrack,
+            Body::Untrack {
+                flags: 5,
+                owner: 5,
+                topic: b("t"),
+                key: b("k"),
+            },
+        ),
+        (
+            Op::Lookup,
+            Body::Lookup {
+                phx_ref: 1,
+                meta_term: Bytes::from_static(META),
+            },
+        ),
+        (
+            Op::Update,
+            Body::Update {
+                phx_ref: 78,
+                flags: 4,
+                owner: 5,
+                topic: b("t"),
+                key: b("k"),
+                meta: Bytes::from_static(META),
+            },
+        ),
+        (
+            Op::Exit,
+            Body::Exit {
+                flags: 2,
+                owner: 5,
+                removed: 40_000,
+            },
+        ),
+        (
+            Op::Counts,
+            Body::Counts {
+                users: 2,
+                connections: 3,
+            },
+        ),
+        (
+            Op::List,
+            Body::Chunk {
+                continues: true,
+                term: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),
+            },
+        ),
+        (
+            Op::GetByKey,
+            Body::Chunk {
+                continues: false,
+                term: Bytes::from_static(&[131, 106]),
+            },
+        ),
+        (
+            Op::TakeDiffs,
+            Body::TakeDiffs {
+                queued: 3,
+                pending: 0,
+            },
+        ),
+        (Op::NextPart, Body::Part(None)),
+        (
+            Op::NextPart,
+            Body::Part(Some(PartBody {
+                part: 9,
+                topic: b("t"),
+                joins: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),
+                leaves: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),
+            })),
+        ),
+        (Op::AckPart, Body::AckPart { outbox_empty: true }),
+        (
+            Op::Stats,
+            Body::Stats(Stats {
+                presences: 1,
+                owners: 2,
+                topics: 3,
+                pending_topics: 4,
+                queued_parts: 5,
+                max_meta_bytes: 6,
+                heap_bytes: 7,
+            }),
+        ),
+        (
+            Op::Replay,
+            Body::Replay {
+                flags: 2,
+                refs: vec![1, 2, 3],
+            },
+        ),
+    ]
+}
+
+#[test]
+fn every_reply_round_trips() {
+    let bodies = every_body();
+    for op in Op::ALL {
+        assert!(bodies.iter().any(|(o, _)| *o == op), "{op:?} not covered");
+    }
+    for (op, body) in bodies {
+        let reply = Reply {
+            op: op as u8,
+            header: Header {
+                id: 1,
+                reply_to: 2,
+            },
+            status: Status::Ok,
+            body: body.encode(),
+        };
+        let decoded = Reply::decode(reply.encode()).unwrap();
+        assert_eq!(decoded, reply);
+        assert_eq!(Body::decode(op, decoded.body).unwrap(), body);
+    }
+}
+
+#[test]
+fn short_and_long_frames_are_errors() {
+    for request in every_request() {
+        let frame = Envelope {
+            header: Header::default(),
+            request,
+        }
+        .encode();
+        // Every strict prefix is refused, except where the tail is a
+        // free-length meta (a shorter meta is still a frame).
+        for len in 0..frame.len() {
+            let _ = Envelope::decode(frame.slice(..len));
+        }
+        assert!(Envelope::decode(frame.slice(..16)).is_err());
+    }
+    let mut long = Envelope {
+        header: Header::default(),
+        request: Request::Stats,
+    }
+    .encode()
+    .to_vec();
+    long.push(0);
+    assert!(Envelope::decode(long.into()).is_err());
+}
+
+#[test]
+fn a_huge_entry_count_is_refused_without_allocating_it() {
+    let mut frame = vec![Op::Replay as u8];
+    frame.extend_from_slice(&[0; 16]);
+    frame.extend_from_slice(&u32::MAX.to_be_bytes());
+    assert!(Envelope::decode(frame.into()).is_err());
+}
+
+proptest! {
+    #[test]
+    fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let frame = Bytes::from(bytes);
+        let _ = Envelope::decode(frame.clone());
+        if let Ok(reply) = Reply::decode(frame) {
+            for op in Op::ALL {
+                let _ = Body::decode(op, reply.body.clone());
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_requests_never_panic(
+        i in 0usize..18,
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        cut in any::<usize>(),
+    ) {
+        let requests = every_request();
+        let request = requests[i % requests.len()].clone();
+        let mut frame = Envelope { header: Header::default(), request }.encode().to_vec();
+        for (at, byte) in flips {
+            let len = frame.len();
+            frame[at % len] = byte;
+        }
+        let cut = cut % (frame.len() + 1);
+        let _ = Envelope::decode(Bytes::from(frame[..cut].to_vec()));
+        let _ = Envelope::decode(Bytes::from(frame));
+    }
+}
