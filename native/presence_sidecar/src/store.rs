@@ -82,7 +82,10 @@ impl Store {
         Store {
             registry: Registry::new(ref_seed),
             outbox: VecDeque::new(),
-            next_part_id: 0,
+            // Part ids differ between sidecars: an acknowledgement retried
+            // after a restart must not remove the new sidecar's part that
+            // happens to have the same number.
+            next_part_id: ref_seed >> 1,
             max_meta_bytes,
             dispatcher: None,
             recovery_leaves: HashMap::new(),

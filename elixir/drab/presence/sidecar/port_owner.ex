@@ -268,7 +268,14 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   # Writes are journaled (and counted) before their caller hears of them,
   # so a caller that saw :ok finds its presence in any later replay.
-  defp reply(<<op, id::64, to::64, status, body::binary>>, state) do
+  defp reply(<<_op, _id::64, _to::64, 6, message::binary>>, state) do
+    # The answer to a frame the sidecar could not read: its ids may be
+    # garbage too, so it goes nowhere but the log.
+    Logger.error("Drab.Presence sidecar refused a frame: #{inspect(message, limit: 200)}")
+    state
+  end
+
+  defp reply(<<op, id::64, to::64, status, body::binary>> = frame, state) do
     state = if status == 0, do: journal(op, to, body, state), else: state
 
     if to != 0 do
@@ -276,6 +283,16 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     end
 
     state
+  rescue
+    # Never from our sidecar; but a reply we cannot read must not take the
+    # journal down with this process.
+    error in [ArgumentError, MatchError, CaseClauseError] ->
+      Logger.error(
+        "Drab.Presence sidecar sent a reply that could not be handled " <>
+          "(#{Exception.message(error)}): #{inspect(frame, limit: 32)}"
+      )
+
+      state
   end
 
   defp reply(frame, state) do
