@@ -4,16 +4,24 @@
 # topic keeps its own view from presence_diff broadcasts, as phoenix.js does.
 # At the end, counts, lists and every dashboard's view must agree.
 #
-#   scripts/demo [browsers] [--nodes N]     (default 5000 browsers, 1 node)
+#   scripts/demo [browsers] [--nodes N] [--backend nif|sidecar]
+#                                  (default 5000 browsers, 1 node, the NIF)
 #
 # With --nodes N, the app runs on N nodes of a local cluster (this VM and
 # N - 1 :peer nodes on 127.0.0.1, cluster mode over Erlang distribution),
 # browsers are spread over them as a load balancer would, and every node
 # must show every browser: counts, lists and each node's dashboards.
 
-{switches, args} = OptionParser.parse!(System.argv(), strict: [nodes: :integer])
+{switches, args} = OptionParser.parse!(System.argv(), strict: [nodes: :integer, backend: :string])
 browsers = String.to_integer(List.first(args) || "5000")
 node_count = Keyword.get(switches, :nodes, 1)
+
+backend =
+  case Keyword.get(switches, :backend, "nif") do
+    "nif" -> :nif
+    "sidecar" -> :sidecar
+    other -> raise ArgumentError, "--backend takes nif or sidecar, got: #{other}"
+  end
 
 topics = [
   "__drab:same_path:/",
@@ -30,8 +38,9 @@ Application.put_env(:drab, :presence, id: [session: :user_id])
 {:module, _, node_binary, _} =
   defmodule Demo.Node do
     # What each node of the app runs: Drab's config and Drab.Presence.
-    def start do
-      Application.put_env(:drab, :presence, id: [session: :user_id])
+    # The backend is chosen the way an app chooses it: in that same config.
+    def start(backend) do
+      Application.put_env(:drab, :presence, id: [session: :user_id], backend: backend)
       {:ok, pid} = Drab.Presence.start_link(diff_window: 50)
       Process.unlink(pid)
       :ok
@@ -141,7 +150,7 @@ nodes =
     [node()]
   end
 
-for node <- nodes, do: :ok = :erpc.call(node, Demo.Node, :start, [])
+for node <- nodes, do: :ok = :erpc.call(node, Demo.Node, :start, [backend])
 
 dashboards =
   for node <- nodes, topic <- all_topics, into: %{} do
