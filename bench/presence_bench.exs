@@ -63,7 +63,12 @@ defmodule Bench.Main do
   # for profiling and targeted runs.
   defp only_churn(churn) do
     phoenix? = start_systems()
-    adapters = if phoenix?, do: [Adapter.Drab, Adapter.Phoenix], else: [Adapter.Drab]
+
+    adapters =
+      if phoenix?,
+        do: [Adapter.Drab, Adapter.Sidecar, Adapter.Phoenix],
+        else: [Adapter.Drab, Adapter.Sidecar]
+
     warm_up(adapters)
     Report.print_header()
     report = run_churn(Report.new(), adapters, churn)
@@ -75,7 +80,12 @@ defmodule Bench.Main do
     idle_tick = idle_tick()
 
     phoenix? = start_systems()
-    adapters = if phoenix?, do: [Adapter.Drab, Adapter.Phoenix], else: [Adapter.Drab]
+
+    adapters =
+      if phoenix?,
+        do: [Adapter.Drab, Adapter.Sidecar, Adapter.Phoenix],
+        else: [Adapter.Drab, Adapter.Sidecar]
+
     out = opts[:out] || if(phoenix? and not quick?, do: __DIR__, else: Path.join(__DIR__, "tmp"))
 
     progress(
@@ -148,6 +158,7 @@ defmodule Bench.Main do
         Supervisor.start_link([{Phoenix.PubSub, name: Bench.PubSub}], strategy: :one_for_one)
 
       :ok = Adapter.Drab.start(Bench.PubSub)
+      :ok = Adapter.Sidecar.start(Bench.PubSub)
       :ok = Adapter.Phoenix.start(Bench.PubSub)
     else
       IO.puts("""
@@ -158,6 +169,7 @@ defmodule Bench.Main do
       """)
 
       :ok = Adapter.Drab.start(nil)
+      :ok = Adapter.Sidecar.start(nil)
     end
 
     phoenix?
@@ -268,6 +280,7 @@ defmodule Bench.Main do
 
   defp system(Adapter.Drab), do: :drab
   defp system(Adapter.Phoenix), do: :phoenix
+  defp system(Adapter.Sidecar), do: :sidecar
 
   defp write_outputs(report, out, run) do
     File.mkdir_p!(out)

@@ -82,6 +82,59 @@ defmodule Bench.Adapter.Drab do
   end
 end
 
+defmodule Bench.SidecarPresence do
+  @moduledoc false
+  # Our side on the sidecar backend, otherwise on the same defaults.
+  use Drab.Presence, otp_app: :drab_presence, backend: :sidecar
+end
+
+defmodule Bench.Adapter.Sidecar do
+  @moduledoc false
+  @behaviour Bench.Adapter
+  alias Bench.SidecarPresence, as: P
+
+  @impl true
+  def name, do: "Drab.Presence (sidecar)"
+
+  @impl true
+  def start(pubsub) do
+    {:ok, _} = P.start_link(pubsub_server: pubsub)
+    :ok
+  end
+
+  @impl true
+  def track(pid, topic, key, meta), do: P.track(pid, topic, key, meta)
+  @impl true
+  def untrack(pid, topic, key), do: P.untrack(pid, topic, key)
+  @impl true
+  def update(pid, topic, key, meta), do: P.update(pid, topic, key, meta)
+  @impl true
+  def list(topic), do: P.list(topic)
+  @impl true
+  def count_users(topic), do: P.count_users(topic)
+  @impl true
+  def count_connections(topic), do: P.count_connections(topic)
+  @impl true
+  def subscribe(topic), do: P.subscribe(topic)
+  @impl true
+  def presences, do: P.stats().presences
+  @impl true
+  def native_bytes, do: P.stats().nif_heap_bytes
+
+  @impl true
+  def quiesce do
+    dispatcher = Process.whereis(Module.concat(P, Dispatcher))
+
+    Bench.Harness.wait_until(
+      fn -> P.stats().pending_topics == 0 and Bench.Adapter.idle?(dispatcher) end,
+      "Drab.Presence (sidecar) diffs to go out",
+      120_000
+    )
+
+    :ok
+  end
+end
+
 if Code.ensure_loaded?(Phoenix.Presence) do
   defmodule Bench.PhoenixPresence do
     @moduledoc false

@@ -83,24 +83,40 @@ defmodule Bench.Report do
 
   def get(report, size, metric, system), do: get_in(report.values, [{size, metric}, system])
 
-  @doc "The table rows: {workload, what, size, drab, phoenix, ratio}, as strings."
+  @doc """
+  The table rows: {workload, what, size, drab, sidecar, phoenix, ratio,
+  sidecar cost}, as strings. `drab` is the NIF backend; the sidecar cost is
+  how many times the NIF's figure the sidecar's is (lower is better).
+  """
   def rows(report, metrics \\ @metrics) do
     for {metric, workload, what} <- metrics,
         size <- report.sizes,
         Map.has_key?(report.values, {size, metric}) do
       drab = get(report, size, metric, :drab)
+      sidecar = get(report, size, metric, :sidecar)
       phoenix = get(report, size, metric, :phoenix)
-      [workload, what, size, fmt(drab), fmt(phoenix), ratio(metric, phoenix, drab)]
+
+      [
+        workload,
+        what,
+        size,
+        fmt(drab),
+        fmt(sidecar),
+        fmt(phoenix),
+        ratio(metric, phoenix, drab),
+        ratio(metric, sidecar, drab)
+      ]
     end
   end
 
   @doc "Prints the rows of one size to the console."
   def print_size(report, size) do
     for metrics <- [@metrics, @details],
-        [workload, what, ^size, drab, phoenix, ratio] <- rows(report, metrics) do
+        [workload, what, ^size, drab, sidecar, phoenix, ratio, cost] <- rows(report, metrics) do
       IO.puts(
         "    #{String.pad_trailing("#{workload}: #{what}", 92)} " <>
-          "#{String.pad_leading(drab, 11)} #{String.pad_leading(phoenix, 11)}  #{ratio}"
+          "#{String.pad_leading(drab, 11)} #{String.pad_leading(sidecar, 11)} " <>
+          "#{String.pad_leading(phoenix, 11)}  #{ratio}  #{cost}"
       )
     end
 
@@ -330,19 +346,21 @@ defmodule Bench.Report do
 
     ## Results
 
-    Lower is better everywhere; the last column is Phoenix ÷ Drab, how many
-    times lower our figure is.
+    Lower is better everywhere. Drab.Presence runs on each backend: the NIF
+    (the default) and the sidecar (`backend: :sidecar`). Phoenix ÷ Drab is how
+    many times lower the NIF's figure is; sidecar ÷ NIF, what the sidecar costs
+    over the NIF (for metrics where higher is better, the inverse).
 
-    | Workload | Measure | N | Drab.Presence | Phoenix.Presence | Phoenix ÷ Drab |
-    |---|---|---|--:|--:|--:|
+    | Workload | Measure | N | Drab.Presence (NIF) | Drab.Presence (sidecar) | Phoenix.Presence | Phoenix ÷ Drab | sidecar ÷ NIF |
+    |---|---|---|--:|--:|--:|--:|--:|
     #{table(rows(report))}
 
     #{errors(report)}
 
     ### Details
 
-    | Workload | Measure | N | Drab.Presence | Phoenix.Presence | Phoenix ÷ Drab |
-    |---|---|---|--:|--:|--:|
+    | Workload | Measure | N | Drab.Presence (NIF) | Drab.Presence (sidecar) | Phoenix.Presence | Phoenix ÷ Drab | sidecar ÷ NIF |
+    |---|---|---|--:|--:|--:|--:|--:|
     #{table(rows(report, @details))}
 
     ### Longest stalls while the ticker ran
@@ -391,6 +409,7 @@ defmodule Bench.Report do
   end
 
   defp system_name(:drab), do: "Drab.Presence"
+  defp system_name(:sidecar), do: "Drab.Presence (sidecar)"
   defp system_name(:phoenix), do: "Phoenix.Presence"
 
   defp table(rows), do: Enum.map_join(rows, "\n", &("| " <> Enum.join(&1, " | ") <> " |"))

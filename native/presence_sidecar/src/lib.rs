@@ -6,6 +6,7 @@
 //! batches. The core knows nothing of ports: this crate is the adapter.
 
 pub mod alloc;
+pub mod pipe;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use presence_sidecar::{alloc::CountingAllocator, server};
+use presence_sidecar::{alloc::CountingAllocator, pipe, server};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -27,7 +27,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(server::run(server::stdin(), tokio::io::stdout())) {
+    // The pipes register with the runtime's reactor: create them inside it.
+    let served = runtime.block_on(async { server::run(pipe::stdin(), pipe::stdout()).await });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("presence_sidecar: {e}");

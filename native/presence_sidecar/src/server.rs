@@ -57,11 +57,6 @@ impl ServerError {
     }
 }
 
-/// The process's stdin, as the request stream.
-pub fn stdin() -> tokio::io::Stdin {
-    tokio::io::stdin()
-}
-
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(4)

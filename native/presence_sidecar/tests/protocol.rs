@@ -225,10 +225,7 @@ fn every_reply_round_trips() {
     for (op, body) in bodies {
         let reply = Reply {
             op: op as u8,
-            header: Header {
-                id: 1,
-                reply_to: 2,
-            },
+            header: Header { id: 1, reply_to: 2 },
             status: Status::Ok,
             body: body.encode(),
         };

@@ -47,7 +47,10 @@ impl Client {
     }
 }
 
-fn start() -> (Client, tokio::task::JoinHandle<Result<(), server::ServerError>>) {
+fn start() -> (
+    Client,
+    tokio::task::JoinHandle<Result<(), server::ServerError>>,
+) {
     let (ours, theirs) = duplex(1 << 20);
     let (read, write) = tokio::io::split(theirs);
     let task = tokio::spawn(server::run(read, write));
@@ -58,7 +61,10 @@ fn start() -> (Client, tokio::task::JoinHandle<Result<(), server::ServerError>>)
     (client, task)
 }
 
-async fn started() -> (Client, tokio::task::JoinHandle<Result<(), server::ServerError>>) {
+async fn started() -> (
+    Client,
+    tokio::task::JoinHandle<Result<(), server::ServerError>>,
+) {
     let (mut client, task) = start();
     let reply = client.call(Request::Hello { version: VERSION }).await;
     assert_eq!(reply.status, Status::Ok);
@@ -173,7 +179,10 @@ async fn garbage_gets_an_error_reply_and_the_server_goes_on() {
 #[tokio::test]
 async fn an_oversized_length_ends_the_server_with_an_error() {
     let (mut c, task) = started().await;
-    c.io.get_mut().write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    c.io.get_mut()
+        .write_all(&u32::MAX.to_be_bytes())
+        .await
+        .unwrap();
     let r = c.recv().await;
     assert_eq!(r.status, Status::BadFrame);
     let err = task.await.unwrap().unwrap_err();

@@ -139,8 +139,15 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
       {:error, message} ->
         {:error,
-         "the presence sidecar (#{inspect(port)}) refused protocol version " <>
+         "the presence sidecar (#{state_path(port)}) did not accept protocol version " <>
            "#{Wire.version()}: #{message}"}
+    end
+  end
+
+  defp state_path(port) do
+    case Port.info(port, :os_pid) do
+      {:os_pid, os_pid} -> "OS pid #{os_pid}"
+      nil -> inspect(port)
     end
   end
 
