@@ -70,6 +70,10 @@ defmodule Drab.Presence.Cluster do
       opts[:cluster] == false ->
         nil
 
+      # A sidecar table is this node's alone: replication runs on the NIF.
+      opts[:backend] == :sidecar ->
+        nil
+
       opts[:pubsub_server] && Code.ensure_loaded?(Phoenix.PubSub) ->
         {:pubsub, opts[:pubsub_server]}
 

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use presence_core::{etf, CoreError, PartLimits, Presence, Registry, Snapshot, Update};
+use presence_core::{etf, CoreError, Holder, PartLimits, Presence, Registry, Snapshot, Update};
 
 use crate::protocol::{flags, Body, LeaveEntry, PartBody, ReplayEntry, Stats, Status};
 
@@ -402,7 +402,7 @@ impl Store {
                 continue;
             };
             let old = Entry {
-                owner: e.owner,
+                owner: Holder::Local(e.owner),
                 key: Arc::from(&*e.key),
                 meta: meta.clone(),
                 phx_ref: e.old_ref,
@@ -435,7 +435,7 @@ impl Store {
                 .entry(e.topic)
                 .or_default()
                 .push(Entry {
-                    owner: 0,
+                    owner: Holder::Local(0),
                     key: Arc::from(&*e.key),
                     meta: Arc::from(&*e.meta),
                     phx_ref: e.phx_ref,

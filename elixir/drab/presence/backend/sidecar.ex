@@ -115,7 +115,9 @@ defmodule Drab.Presence.Backend.Sidecar do
           {status, _} -> error(status)
         end
       else
-        {:error, :noproc}
+        # As the NIF (and Phoenix) answer a process that is gone: a ref,
+        # and nothing kept.
+        {:ok, Wire.ref_string(:rand.uniform(0xFFFFFFFFFFFFFFFF))}
       end
     end
   end
@@ -201,6 +203,35 @@ defmodule Drab.Presence.Backend.Sidecar do
       max_meta_bytes: max,
       nif_heap_bytes: heap
     }
+  end
+
+  ## Cluster mode: the NIF's alone for now. Drab.Presence.Cluster.transport/1
+  ## starts no cluster process for a sidecar table, so these never run.
+
+  @impl true
+  def set_replicator(_handle, _pid), do: no_cluster()
+  @impl true
+  def delta_seq(_handle), do: no_cluster()
+  @impl true
+  def take_delta(_handle), do: no_cluster()
+  @impl true
+  def local_state(_handle), do: no_cluster()
+  @impl true
+  def apply_delta(_handle, _replica, _delta), do: no_cluster()
+  @impl true
+  def sync_replica(_handle, _replica, _deltas), do: no_cluster()
+  @impl true
+  def drop_replica(_handle, _replica), do: no_cluster()
+  @impl true
+  def replica_id(_handle, _name), do: no_cluster()
+  @impl true
+  def replica_ids(_handle), do: no_cluster()
+  @impl true
+  def forget_replica(_handle, _replica), do: no_cluster()
+
+  defp no_cluster do
+    raise ArgumentError,
+          "cluster mode runs on the NIF backend only: a sidecar table is this node's alone"
   end
 
   # The NIF refuses an oversized meta before encoding it when its size
