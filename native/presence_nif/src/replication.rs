@@ -119,14 +119,7 @@ fn replication_apply_delta<'a>(
     replica: ReplicaId,
     delta: Binary,
 ) -> Term<'a> {
-    match delta::validate(&delta) {
-        Err(error) => bad_delta(env, error),
-        Ok(records) if records > INLINE_APPLY_RECORDS => atoms::too_large().encode(env),
-        Ok(_) => {
-            apply(env, &table, replica, &delta, false);
-            atoms::ok().encode(env)
-        }
-    }
+    apply_checked(env, &table, replica, &delta, INLINE_APPLY_RECORDS)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -136,10 +129,23 @@ fn replication_apply_delta_dirty<'a>(
     replica: ReplicaId,
     delta: Binary,
 ) -> Term<'a> {
-    match delta::validate(&delta) {
+    apply_checked(env, &table, replica, &delta, usize::MAX)
+}
+
+/// Validates the whole delta, then applies it if it has at most
+/// `max_records` changes.
+fn apply_checked<'a>(
+    env: Env<'a>,
+    table: &Table,
+    replica: ReplicaId,
+    delta: &[u8],
+    max_records: usize,
+) -> Term<'a> {
+    match delta::validate(delta) {
         Err(error) => bad_delta(env, error),
+        Ok(records) if records > max_records => atoms::too_large().encode(env),
         Ok(_) => {
-            apply(env, &table, replica, &delta, false);
+            apply(env, table, replica, delta, false);
             atoms::ok().encode(env)
         }
     }
