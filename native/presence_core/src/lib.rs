@@ -15,6 +15,7 @@ pub mod delta;
 mod diff;
 mod error;
 pub mod etf;
+pub mod heap;
 mod owner;
 mod phx_ref;
 mod ref_hash;

@@ -556,7 +556,10 @@ mod tests {
         assert_eq!(r.topic_count(), 0);
         let gone = r.track_gone(b"t", b"k", "a");
         let next = r.track(2, b"t", b"k", "a", watch).unwrap();
-        assert_ne!(gone.phx_ref, next.phx_ref, "a gone owner's ref is never reused");
+        assert_ne!(
+            gone.phx_ref, next.phx_ref,
+            "a gone owner's ref is never reused"
+        );
         assert_eq!(r.len(), 1);
     }
 

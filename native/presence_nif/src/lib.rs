@@ -4,7 +4,6 @@
 //! Errors cross as atoms (see `error.rs`, `atoms.rs`); shaping them into Phoenix's
 //! return values happens once, in Elixir.
 
-mod alloc;
 mod atoms;
 mod encode;
 mod error;
@@ -15,6 +14,6 @@ mod table;
 mod test_hooks;
 
 #[global_allocator]
-static ALLOCATOR: alloc::CountingAllocator = alloc::CountingAllocator;
+static ALLOCATOR: presence_core::heap::CountingAllocator = presence_core::heap::CountingAllocator;
 
 rustler::init!("Elixir.Drab.Presence.Native");

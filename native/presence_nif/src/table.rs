@@ -662,7 +662,7 @@ fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
             ),
             (
                 atoms::nif_heap_bytes().encode(env),
-                crate::alloc::held_bytes().encode(env),
+                presence_core::heap::held_bytes().encode(env),
             ),
         ],
     )

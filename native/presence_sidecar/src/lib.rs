@@ -5,7 +5,6 @@
 //! applies requests to a [`store::Store`] in order and writes replies in
 //! batches. The core knows nothing of ports: this crate is the adapter.
 
-pub mod alloc;
 pub mod pipe;
 pub mod protocol;
 pub mod server;

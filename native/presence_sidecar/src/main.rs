@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use presence_sidecar::{alloc::CountingAllocator, pipe, server};
+use presence_core::heap::CountingAllocator;
+use presence_sidecar::{pipe, server};
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;

@@ -215,7 +215,7 @@ fn handle(store: &mut Store, envelope: Envelope, tx: &mpsc::UnboundedSender<Byte
         Request::TakeDiffs { max_topics } => store.take_diffs(max_topics),
         Request::NextPart => store.next_part(),
         Request::AckPart { part } => store.ack_part(part),
-        Request::Stats => store.stats(crate::alloc::held_bytes() as u64),
+        Request::Stats => store.stats(presence_core::heap::held_bytes() as u64),
         Request::Replay { entries } => store.replay(entries),
         Request::RecoveryLeaves { entries } => store.recovery_leaves(entries),
     };

@@ -1,5 +1,7 @@
-//! Counts the bytes the NIF holds on the Rust heap, so `stats/0` can report
-//! memory the VM's own `:erlang.memory/0` does not see.
+//! A global allocator that counts the bytes held on the Rust heap, so that
+//! `stats/0` reports memory the VM's own `:erlang.memory/0` does not see:
+//! the NIF library's, or the sidecar process's. Each binary that installs it
+//! (`#[global_allocator]`) gets its own count.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +10,7 @@ pub struct CountingAllocator;
 
 static HELD: AtomicUsize = AtomicUsize::new(0);
 
-/// Bytes currently allocated by this library (requested sizes, without the
+/// Bytes currently allocated by the binary that installed the allocator (requested sizes, without the
 /// allocator's own overhead).
 pub fn held_bytes() -> usize {
     HELD.load(Ordering::Relaxed)
