@@ -35,51 +35,61 @@ defmodule Bench.DrabPresence do
   use Drab.Presence, otp_app: :drab_presence
 end
 
+defmodule Bench.Adapter.Ours do
+  @moduledoc false
+  # Our side through a presence module: one adapter per backend, the same code.
+  defmacro __using__(presence: presence, name: name) do
+    quote do
+      @behaviour Bench.Adapter
+      alias unquote(presence), as: P
+
+      @impl true
+      def name, do: unquote(name)
+
+      @impl true
+      def start(pubsub) do
+        {:ok, _} = P.start_link(pubsub_server: pubsub)
+        :ok
+      end
+
+      @impl true
+      def track(pid, topic, key, meta), do: P.track(pid, topic, key, meta)
+      @impl true
+      def untrack(pid, topic, key), do: P.untrack(pid, topic, key)
+      @impl true
+      def update(pid, topic, key, meta), do: P.update(pid, topic, key, meta)
+      @impl true
+      def list(topic), do: P.list(topic)
+      @impl true
+      def count_users(topic), do: P.count_users(topic)
+      @impl true
+      def count_connections(topic), do: P.count_connections(topic)
+      @impl true
+      def subscribe(topic), do: P.subscribe(topic)
+      @impl true
+      def presences, do: P.stats().presences
+      @impl true
+      def native_bytes, do: P.stats().nif_heap_bytes
+
+      @impl true
+      def quiesce do
+        dispatcher = Process.whereis(Module.concat(P, Dispatcher))
+
+        Bench.Harness.wait_until(
+          fn -> P.stats().pending_topics == 0 and Bench.Adapter.idle?(dispatcher) end,
+          "#{unquote(name)} diffs to go out",
+          120_000
+        )
+
+        :ok
+      end
+    end
+  end
+end
+
 defmodule Bench.Adapter.Drab do
   @moduledoc false
-  @behaviour Bench.Adapter
-  alias Bench.DrabPresence, as: P
-
-  @impl true
-  def name, do: "Drab.Presence"
-
-  @impl true
-  def start(pubsub) do
-    {:ok, _} = P.start_link(pubsub_server: pubsub)
-    :ok
-  end
-
-  @impl true
-  def track(pid, topic, key, meta), do: P.track(pid, topic, key, meta)
-  @impl true
-  def untrack(pid, topic, key), do: P.untrack(pid, topic, key)
-  @impl true
-  def update(pid, topic, key, meta), do: P.update(pid, topic, key, meta)
-  @impl true
-  def list(topic), do: P.list(topic)
-  @impl true
-  def count_users(topic), do: P.count_users(topic)
-  @impl true
-  def count_connections(topic), do: P.count_connections(topic)
-  @impl true
-  def subscribe(topic), do: P.subscribe(topic)
-  @impl true
-  def presences, do: P.stats().presences
-  @impl true
-  def native_bytes, do: P.stats().nif_heap_bytes
-
-  @impl true
-  def quiesce do
-    dispatcher = Process.whereis(Module.concat(P, Dispatcher))
-
-    Bench.Harness.wait_until(
-      fn -> P.stats().pending_topics == 0 and Bench.Adapter.idle?(dispatcher) end,
-      "Drab.Presence diffs to go out",
-      120_000
-    )
-
-    :ok
-  end
+  use Bench.Adapter.Ours, presence: Bench.DrabPresence, name: "Drab.Presence"
 end
 
 defmodule Bench.SidecarPresence do
@@ -90,49 +100,7 @@ end
 
 defmodule Bench.Adapter.Sidecar do
   @moduledoc false
-  @behaviour Bench.Adapter
-  alias Bench.SidecarPresence, as: P
-
-  @impl true
-  def name, do: "Drab.Presence (sidecar)"
-
-  @impl true
-  def start(pubsub) do
-    {:ok, _} = P.start_link(pubsub_server: pubsub)
-    :ok
-  end
-
-  @impl true
-  def track(pid, topic, key, meta), do: P.track(pid, topic, key, meta)
-  @impl true
-  def untrack(pid, topic, key), do: P.untrack(pid, topic, key)
-  @impl true
-  def update(pid, topic, key, meta), do: P.update(pid, topic, key, meta)
-  @impl true
-  def list(topic), do: P.list(topic)
-  @impl true
-  def count_users(topic), do: P.count_users(topic)
-  @impl true
-  def count_connections(topic), do: P.count_connections(topic)
-  @impl true
-  def subscribe(topic), do: P.subscribe(topic)
-  @impl true
-  def presences, do: P.stats().presences
-  @impl true
-  def native_bytes, do: P.stats().nif_heap_bytes
-
-  @impl true
-  def quiesce do
-    dispatcher = Process.whereis(Module.concat(P, Dispatcher))
-
-    Bench.Harness.wait_until(
-      fn -> P.stats().pending_topics == 0 and Bench.Adapter.idle?(dispatcher) end,
-      "Drab.Presence (sidecar) diffs to go out",
-      120_000
-    )
-
-    :ok
-  end
+  use Bench.Adapter.Ours, presence: Bench.SidecarPresence, name: "Drab.Presence (sidecar)"
 end
 
 if Code.ensure_loaded?(Phoenix.Presence) do

@@ -179,6 +179,10 @@ fn replication_sync_replica<'a>(
 /// of its own, as an exited owner's presences do.
 #[rustler::nif]
 fn replication_drop_replica(env: Env, table: ResourceArc<Table>, replica: ReplicaId) -> usize {
+    drop_replica(env, &table, replica)
+}
+
+fn drop_replica(env: Env, table: &Table, replica: ReplicaId) -> usize {
     let departure = table.lock().registry.drop_replica(replica);
     let Some(departure) = departure else { return 0 };
     let count = departure.remaining();
@@ -220,11 +224,7 @@ fn replication_forget_replica(env: Env, table: ResourceArc<Table>, replica: Repl
         .lock()
         .replica_ids
         .retain(|_, &mut id| id != replica);
-    let departure = table.lock().registry.drop_replica(replica);
-    let Some(departure) = departure else { return 0 };
-    let count = departure.remaining();
-    table.remove_detached(env, departure);
-    count
+    drop_replica(env, &table, replica)
 }
 
 /// Presences `replica` holds here.
