@@ -104,6 +104,33 @@ defmodule Drab.Presence do
   them after `subscribe/1`, as `%Drab.Presence.Broadcast{}` (or
   `%Phoenix.Socket.Broadcast{}` when Phoenix is loaded).
 
+  ## Server-side callbacks (Phoenix 1.7)
+
+  A presence module may define Phoenix 1.7's `init/1` and `handle_metas/4`,
+  with the same arguments and at the same moments as Phoenix.Presence:
+
+      defmodule MyAppWeb.Presence do
+        use Drab.Presence, otp_app: :my_app, pubsub_server: MyApp.PubSub
+
+        def init(_opts), do: {:ok, %{}}
+
+        def handle_metas(topic, %{joins: joins, leaves: leaves}, presences, state) do
+          Phoenix.PubSub.local_broadcast(MyApp.PubSub, "proxy:" <> topic, {:metas, joins, leaves})
+          {:ok, state}
+        end
+      end
+
+  They run in a process of the module's own, one call at a time, after the
+  diff is broadcast and in the order diffs go out, so a topic's calls come
+  in the order of its changes; never in the caller of `track/4` and the
+  like. With `diff_window: 0` there is one call per operation, as in
+  Phoenix; with a window, one per (part of a) coalesced diff. `presences`
+  is built from the diffs since that process started, as Phoenix builds it.
+  A `handle_metas/4` that raises or returns something other than
+  `{:ok, state}` is logged and the state kept (Phoenix crashes its tracker).
+  `fetchers_pids/0` returns processes that exit when the pending diffs
+  have been fetched, broadcast and handed to `handle_metas/4`.
+
   ## Performance
 
   `track/4`, `untrack/3` and `update/4` run in the caller, in a NIF that
@@ -145,6 +172,30 @@ defmodule Drab.Presence do
 
   @doc "Drab's unsubscribe hook."
   @callback stop(socket(), topic()) :: :ok
+
+  @doc """
+  Phoenix 1.7's client state: called once with `%{}` when the module starts,
+  in the process that then calls `handle_metas/4`. Required when
+  `handle_metas/4` is defined: without it, `start_link/1` raises
+  Phoenix's `ArgumentError`.
+  """
+  @callback init(state :: term()) :: {:ok, new_state :: term()}
+
+  @doc """
+  Phoenix 1.7's server-side diff callback: called after each
+  `presence_diff` is broadcast, with its topic, the diff as broadcast
+  (`%{joins: ..., leaves: ...}`, through `fetch/2`), the topic's presences
+  as `%{key => [meta]}` built from the diffs, and the client state. Returns
+  `{:ok, new_state}`. See "Server-side callbacks" in `Drab.Presence`.
+  """
+  @callback handle_metas(
+              topic(),
+              diff :: %{joins: presences(), leaves: presences()},
+              presences :: %{optional(String.t()) => [map()]},
+              state :: term()
+            ) :: {:ok, new_state :: term()}
+
+  @optional_callbacks init: 1, handle_metas: 4
 
   @doc """
   Defines a presence module of your own.

@@ -180,6 +180,24 @@ defmodule Drab.Presence.Definition do
       @spec stats() :: %{atom() => non_neg_integer()}
       def stats, do: Table.stats(__MODULE__)
 
+      @doc """
+      Phoenix 1.7's `fetchers_pids/0`: processes that exit once every diff
+      pending at the call has been passed through `fetch/2`, broadcast, and
+      handed to `handle_metas/4`. Wait for them in tests as Phoenix's docs
+      show:
+
+          on_exit(fn ->
+            for pid <- MyPresence.fetchers_pids() do
+              ref = Process.monitor(pid)
+              assert_receive {:DOWN, ^ref, _, _, _}, 1000
+            end
+          end)
+
+      `[]` while the module is not running.
+      """
+      @spec fetchers_pids() :: [pid()]
+      def fetchers_pids, do: Drab.Presence.Dispatcher.fetchers(__MODULE__)
+
       defoverridable fetch: 2, start: 2, stop: 2, child_spec: 1
     end
   end

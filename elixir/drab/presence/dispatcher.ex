@@ -18,7 +18,7 @@ defmodule Drab.Presence.Dispatcher do
   use GenServer
   require Logger
 
-  alias Drab.Presence.{Broadcast, Runtime}
+  alias Drab.Presence.{Broadcast, Metas, Runtime}
 
   # Work per message, so a backlog over many topics does not keep other
   # messages (and shutdown) waiting.
@@ -41,6 +41,40 @@ defmodule Drab.Presence.Dispatcher do
   @spec name(module()) :: atom()
   def name(module), do: Module.concat(module, Dispatcher)
 
+  # How long a fetcher waits for the dispatcher and the callback process.
+  @fetcher_patience_ms 60_000
+
+  @doc """
+  Phoenix's `fetchers_pids/0`: processes that exit once every diff pending
+  now has been fetched and broadcast, and handed to `handle_metas/4`.
+  Phoenix runs `fetch/2` in short-lived tasks, and tests wait for those to
+  exit; here a process stands for the work, so the same wait works. `[]`
+  while the module is not running.
+  """
+  @spec fetchers(module()) :: [pid()]
+  def fetchers(module) do
+    case Process.whereis(name(module)) do
+      nil ->
+        []
+
+      dispatcher ->
+        metas = Metas.name(module)
+
+        [
+          spawn(fn ->
+            # A dispatcher or callback process that goes away has no more
+            # work to wait for.
+            try do
+              GenServer.call(dispatcher, :await_idle, @fetcher_patience_ms)
+              if Process.whereis(metas), do: Metas.sync(metas, @fetcher_patience_ms)
+            catch
+              :exit, _ -> :ok
+            end
+          end)
+        ]
+    end
+  end
+
   @impl true
   def init({module, opts}) do
     runtime = Runtime.ensure(module, opts)
@@ -54,13 +88,23 @@ defmodule Drab.Presence.Dispatcher do
       busy?: false,
       next_take_at: now(),
       window_start: now(),
-      rest_pending?: false
+      rest_pending?: false,
+      # handle_metas/4's process, when the module defines it.
+      metas: if(Metas.enabled?(module), do: Metas.name(module)),
+      # Fetchers waiting for the next idle moment.
+      idle_waiters: []
     }
 
     # Diffs left by a predecessor (pending or unacknowledged) go out now.
     pending? = runtime.backend.set_dispatcher(runtime.table, self())
     {:ok, if(pending?, do: schedule(%{state | busy?: true}, 0), else: state)}
   end
+
+  @impl true
+  def handle_call(:await_idle, _from, %{busy?: false} = state), do: {:reply, :ok, state}
+
+  def handle_call(:await_idle, from, state),
+    do: {:noreply, %{state | idle_waiters: [from | state.idle_waiters]}}
 
   @impl true
   def handle_info(:drab_presence_pending, %{busy?: true} = state), do: {:noreply, state}
@@ -83,7 +127,8 @@ defmodule Drab.Presence.Dispatcher do
 
       case backend.take_diffs(table, @topics_per_step) do
         {0, 0} ->
-          {:noreply, %{state | busy?: false, rest_pending?: false}}
+          for waiter <- state.idle_waiters, do: GenServer.reply(waiter, :ok)
+          {:noreply, %{state | busy?: false, rest_pending?: false, idle_waiters: []}}
 
         {_queued, still_pending} ->
           rest_pending? = still_pending > 0
@@ -140,9 +185,10 @@ defmodule Drab.Presence.Dispatcher do
   # fetch/2 is user code: one that raises, throws or exits (a GenServer.call
   # timing out) loses that part of that topic's diff, not the dispatcher
   # and with it every other topic's.
-  defp deliver(%{module: module, runtime: runtime}, topic, joins, leaves) do
+  defp deliver(%{module: module, runtime: runtime, metas: metas}, topic, joins, leaves) do
     payload = %{joins: module.fetch(topic, joins), leaves: module.fetch(topic, leaves)}
     Broadcast.local_broadcast(runtime.delivery, topic, payload)
+    if metas, do: Metas.diff(metas, topic, payload)
   catch
     kind, reason ->
       Logger.error(

@@ -7,12 +7,14 @@ defmodule Drab.Presence.Server do
   # without subscriptions; subscribers that monitor it subscribe again.
   use Supervisor
 
-  alias Drab.Presence.{Broadcast, Cluster, Dispatcher, Options, Runtime}
+  alias Drab.Presence.{Broadcast, Cluster, Dispatcher, Metas, Options, Runtime}
 
   @doc false
   @spec start_link(module(), keyword(), term()) :: Supervisor.on_start()
   def start_link(module, defaults, opts) do
     opts = Options.validate!(defaults, opts)
+    # Phoenix.Presence's check, raised here as options errors are.
+    Metas.check!(module)
     # In the caller, so that a restart with options the running table
     # cannot take raises here, with the reason, not in a child's init.
     Runtime.ensure(module, opts)
@@ -32,6 +34,12 @@ defmodule Drab.Presence.Server do
       {Dispatcher, {module, opts}}
       | cluster_children(module, opts)
     ]
+
+    # Before the dispatcher, which hands it every diff it broadcasts.
+    children =
+      if Metas.enabled?(module),
+        do: List.insert_at(children, 1, {Metas, {module, opts}}),
+        else: children
 
     Supervisor.init(children, strategy: :one_for_one, max_restarts: 10, max_seconds: 5)
   end
