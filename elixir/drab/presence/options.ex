@@ -20,8 +20,10 @@ defmodule Drab.Presence.Options do
       type: {:integer_in, 0, 60_000},
       default: 50,
       doc:
-        "milliseconds during which changes to a topic are gathered into one `presence_diff`; " <>
-          "0 sends as soon as the dispatcher runs"
+        "milliseconds during which changes to a topic are gathered into one `presence_diff`. " <>
+          "`0` is Phoenix.Presence's behaviour: one `presence_diff` per operation, in the " <>
+          "order of the operations on each topic, nothing cancelled or merged (see \"Diffs\" " <>
+          "in `Drab.Presence`)"
     ],
     max_meta_bytes: [
       type: {:integer_in, 1, 1_073_741_824},

@@ -31,3 +31,4 @@ pub use owner::{Departure, Holder, ReplicaId};
 pub use phx_ref::{encode_ref, RefGen};
 pub use registry::{Bytes, Change, Counts, Presence, Ref, Registry, Removed, Update};
 pub use replica::RemoteJoin;
+pub use topic::Op;

@@ -113,7 +113,14 @@ impl<W> Owner<W> {
             Handles::One(only) => Departing::One(Some(only)),
             Handles::Many(by_ref) => Departing::Many(by_ref.into_iter()),
         };
-        (self.watch, Departure { handles, remaining })
+        (
+            self.watch,
+            Departure {
+                handles,
+                remaining,
+                group: 0,
+            },
+        )
     }
 }
 
@@ -127,6 +134,9 @@ impl<W> Owner<W> {
 pub struct Departure {
     handles: Departing,
     remaining: usize,
+    /// Groups its leaves into one op per topic (`diff_window: 0`); given on
+    /// its first removal, 0 until then.
+    pub(crate) group: u64,
 }
 
 #[derive(Debug)]
@@ -143,6 +153,7 @@ impl Departure {
         Self {
             remaining: handles.len(),
             handles: Departing::Handles(handles.into_iter()),
+            group: 0,
         }
     }
 
@@ -152,6 +163,7 @@ impl Departure {
         Self {
             remaining: presences.len(),
             handles: Departing::Replica(presences.into_iter()),
+            group: 0,
         }
     }
 

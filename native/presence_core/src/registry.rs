@@ -110,6 +110,11 @@ pub struct Registry<O, M, W> {
     dirty: VecDeque<Bytes>,
     pub(crate) refs: RefGen,
     pub(crate) presences: usize,
+    /// `diff_window: 0`: every operation is recorded as a diff of its own
+    /// instead of being coalesced (see [`Registry::set_exact`]).
+    pub(crate) exact: bool,
+    /// The last group handed to a departure (see [`crate::topic::Op`]).
+    last_group: u64,
 }
 
 impl<O, M, W> Registry<O, M, W>
@@ -126,7 +131,31 @@ where
             dirty: VecDeque::new(),
             refs: RefGen::new(ref_seed),
             presences: 0,
+            exact: false,
+            last_group: 0,
         }
+    }
+
+    /// Switches between coalescing a topic's changes until its diff is
+    /// taken (the default) and recording each operation as a diff of its
+    /// own, in order, with nothing cancelled or merged (Phoenix.Presence's
+    /// behaviour, `diff_window: 0`). Switching on with diffs pending turns
+    /// each pending diff into one operation first: O(presences of those
+    /// topics), once.
+    pub fn set_exact(&mut self, exact: bool) {
+        if exact && !self.exact {
+            for name in &self.dirty {
+                if let Some(topic) = self.topics.get_mut(&**name) {
+                    topic.seal(&self.refs);
+                }
+            }
+        }
+        self.exact = exact;
+    }
+
+    /// Whether each operation is its own diff (see [`Registry::set_exact`]).
+    pub fn is_exact(&self) -> bool {
+        self.exact
     }
 
     /// Adds a presence of `owner` under `key` on `topic`.
@@ -154,13 +183,14 @@ where
         let phx_ref = self.refs.next_ref();
         let entry = self.topics.get_mut(&topic_name).expect("interned above");
         let key = entry.interned_key(key);
-        entry.insert(Presence {
+        let index = entry.insert(Presence {
             owner: Holder::Local(owner),
             key,
             meta,
             phx_ref,
             prev_ref: None,
         });
+        entry.record_join(&self.refs, index, self.exact);
         self.presences += 1;
         let handle = Handle {
             topic: topic_name.clone(),
@@ -182,13 +212,31 @@ where
 
     /// A track of an owner that is already gone, answered as Phoenix
     /// answers it: with a ref, the presence leaving at once. Nothing is
-    /// kept, so nothing is listed or counted, and a diff window sees a join
-    /// and its leave cancel out.
-    pub fn track_gone(&mut self, _topic: &[u8], _key: &[u8], _meta: M) -> Change {
-        Change {
-            phx_ref: self.refs.next_ref(),
-            wake: false,
+    /// kept, so nothing is listed or counted. Coalescing, the join and its
+    /// leave cancel out; with single operations, both are sent, as
+    /// Phoenix sends them.
+    pub fn track_gone(&mut self, owner: O, topic: &[u8], key: &[u8], meta: M) -> Change {
+        let phx_ref = self.refs.next_ref();
+        if !self.exact {
+            return Change {
+                phx_ref,
+                wake: false,
+            };
         }
+        let topic_name = self.intern_topic(topic);
+        let entry = self.topics.get_mut(&topic_name).expect("interned above");
+        let presence = Presence {
+            owner: Holder::Local(owner),
+            key: entry.interned_key(key),
+            meta,
+            phx_ref,
+            prev_ref: None,
+        };
+        entry.push_op(0, Vec::from([presence.clone()]), Vec::new());
+        entry.push_op(0, Vec::new(), Vec::from([presence]));
+        entry.joins_from_seq = self.refs.next_seq();
+        let wake = self.mark_dirty(&topic_name);
+        Change { phx_ref, wake }
     }
 
     /// Removes the presence of `owner` under `key` on `topic`, if any.
@@ -228,9 +276,14 @@ where
     /// Removes up to `max` presences of `departure`; returns what it removed.
     pub fn remove_departed(&mut self, departure: &mut Departure, max: usize) -> Removed<W> {
         let mut removed = Removed::nothing();
+        if departure.group == 0 {
+            self.last_group += 1;
+            departure.group = self.last_group;
+        }
         for handle in departure.take(max) {
             if self.topic_has(&handle.topic, handle.phx_ref) {
-                removed.wake |= self.remove_presence(&handle.topic, handle.phx_ref);
+                removed.wake |=
+                    self.remove_presence_in(&handle.topic, handle.phx_ref, departure.group);
                 removed.removed += 1;
             }
         }
@@ -291,7 +344,16 @@ where
         let new_ref = self.refs.next_ref();
         let before = entry.replace(index, meta, new_ref);
         owner_entry.rename(old_ref, new_ref);
-        entry.record_leave(&self.refs, before);
+        if self.exact {
+            // Phoenix's update: the old meta leaves, the new one joins, in
+            // one diff.
+            let after = entry.get(index).expect("replaced above").clone();
+            entry.push_op(0, Vec::from([after]), Vec::from([before]));
+            entry.joins_from_seq = self.refs.next_seq();
+        } else {
+            entry.record_leave(&self.refs, before);
+            entry.coalesced_joins = true;
+        }
         let wake = self.mark_dirty(&topic_name);
         Ok(Update::Changed(Change {
             phx_ref: new_ref,
@@ -374,12 +436,14 @@ where
             let topic_name = self.dirty.pop_front().expect("front checked above");
             let diff = TopicDiff {
                 topic: topic_name.clone(),
+                ops: std::mem::take(&mut topic.ops),
                 leaves: std::mem::take(&mut topic.pending_leaves),
-                entries: (!topic.is_empty()).then(|| topic.snapshot()),
+                entries: (topic.coalesced_joins && !topic.is_empty()).then(|| topic.snapshot()),
                 refs: self.refs.clone(),
                 joins_from_seq: topic.joins_from_seq,
             };
             topic.joins_from_seq = next_seq;
+            topic.coalesced_joins = false;
             topic.dirty = false;
             if topic.is_empty() {
                 self.topics.remove(&topic_name);
@@ -451,12 +515,22 @@ where
     /// Removes the presence `phx_ref` from `topic_name`, records the leave,
     /// and returns whether the dispatcher must be woken.
     pub(crate) fn remove_presence(&mut self, topic_name: &Bytes, phx_ref: Ref) -> bool {
+        self.remove_presence_in(topic_name, phx_ref, 0)
+    }
+
+    /// [`Registry::remove_presence`], the leave recorded as part of the
+    /// operation `group` (0: an operation of its own).
+    fn remove_presence_in(&mut self, topic_name: &Bytes, phx_ref: Ref, group: u64) -> bool {
         let topic = self
             .topics
             .get_mut(topic_name)
             .expect("handles point at live topics");
         let removed = topic.remove(phx_ref).expect("handles point at live refs");
-        topic.record_leave(&self.refs, removed);
+        if self.exact {
+            topic.push_op(group, Vec::new(), Vec::from([removed]));
+        } else {
+            topic.record_leave(&self.refs, removed);
+        }
         self.presences -= 1;
         self.mark_dirty(topic_name)
     }
@@ -554,7 +628,7 @@ mod tests {
         );
         assert!(r.is_empty());
         assert_eq!(r.topic_count(), 0);
-        let gone = r.track_gone(b"t", b"k", "a");
+        let gone = r.track_gone(1, b"t", b"k", "a");
         let next = r.track(2, b"t", b"k", "a", watch).unwrap();
         assert_ne!(
             gone.phx_ref, next.phx_ref,
@@ -671,6 +745,99 @@ mod tests {
         let join = diffs[0].joins().next().unwrap();
         assert_eq!((leave.phx_ref, leave.meta), (old, "x"));
         assert_eq!((join.meta, join.prev_ref), ("y", Some(old)));
+    }
+
+    /// Each part as (joined refs, left refs).
+    fn sent(r: &mut Reg) -> Vec<(Vec<Ref>, Vec<Ref>)> {
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        diffs
+            .iter()
+            .flat_map(|d| d.parts(PartLimits::UNLIMITED, |_| 1))
+            .map(|(j, l)| {
+                let mut j: Vec<Ref> = j.iter().map(|p| p.phx_ref).collect();
+                let mut l: Vec<Ref> = l.iter().map(|p| p.phx_ref).collect();
+                j.sort();
+                l.sort();
+                (j, l)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exact_mode_sends_each_operation_in_order() {
+        let mut r = reg();
+        r.set_exact(true);
+        let a = r.track(1, b"t", b"a", "x", watch).unwrap().phx_ref;
+        let Update::Changed(b) = r.update(1, b"t", b"a", "y", None).unwrap() else {
+            panic!("meta changed")
+        };
+        assert!(matches!(
+            r.update(1, b"t", b"a", "y", None),
+            Ok(Update::Unchanged(_))
+        ));
+        r.untrack(1, b"t", b"a");
+        let gone = r.track_gone(2, b"t", b"g", "z").phx_ref;
+        assert_eq!(
+            sent(&mut r),
+            vec![
+                (vec![a], vec![]),
+                (vec![b.phx_ref], vec![a]),
+                (vec![], vec![b.phx_ref]),
+                (vec![gone], vec![]),
+                (vec![], vec![gone]),
+            ]
+        );
+        assert_eq!(r.topic_count(), 0);
+    }
+
+    #[test]
+    fn exact_mode_sends_an_exit_as_one_leave_per_topic_unless_interleaved() {
+        let mut r = reg();
+        r.set_exact(true);
+        let mut on_t = Vec::new();
+        for key in 0..6u32 {
+            let k = key.to_string();
+            on_t.push(r.track(1, b"t", k.as_bytes(), "m", watch).unwrap().phx_ref);
+            r.track(1, b"u", k.as_bytes(), "m", watch).unwrap();
+        }
+        r.take_diffs(usize::MAX, usize::MAX);
+        let (_, mut departure) = r.depart(1).unwrap();
+        while !departure.is_done() {
+            r.remove_departed(&mut departure, 4);
+        }
+        let parts = sent(&mut r);
+        on_t.sort();
+        assert_eq!(parts.len(), 2, "one diff per topic: {parts:?}");
+        assert!(parts.contains(&(vec![], on_t)));
+
+        // Another operation on the topic between two chunks splits it.
+        for key in 0..4u32 {
+            r.track(1, b"t", key.to_string().as_bytes(), "m", watch)
+                .unwrap();
+        }
+        r.take_diffs(usize::MAX, usize::MAX);
+        let (_, mut departure) = r.depart(1).unwrap();
+        r.remove_departed(&mut departure, 2);
+        let other = r.track(2, b"t", b"other", "m", watch).unwrap().phx_ref;
+        r.remove_departed(&mut departure, 2);
+        let parts = sent(&mut r);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[1], (vec![other], vec![]));
+    }
+
+    #[test]
+    fn switching_to_exact_mode_sends_what_was_coalesced_first() {
+        let mut r = reg();
+        let a = r.track(1, b"t", b"a", "x", watch).unwrap().phx_ref;
+        let b = r.track(2, b"t", b"b", "x", watch).unwrap().phx_ref;
+        r.set_exact(true);
+        r.untrack(1, b"t", b"a");
+        // The coalesced joins, then the leave on its own: nothing cancelled.
+        assert_eq!(sent(&mut r), vec![(vec![a, b], vec![]), (vec![], vec![a])]);
+        r.set_exact(false);
+        let c = r.track(3, b"t", b"c", "x", watch).unwrap().phx_ref;
+        r.untrack(3, b"t", b"c");
+        assert!(sent(&mut r).is_empty(), "coalescing again: {c} cancels");
     }
 
     #[test]

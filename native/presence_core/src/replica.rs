@@ -63,13 +63,14 @@ where
         let local_ref = self.refs.next_ref();
         let entry = self.topics.get_mut(&topic_name).expect("interned above");
         let key = entry.interned_key(join.key);
-        entry.insert(Presence {
+        let index = entry.insert(Presence {
             owner: Holder::Replica(replica, join.phx_ref),
             key,
             meta: join.meta,
             phx_ref: local_ref,
             prev_ref: join.prev_ref,
         });
+        entry.record_join(&self.refs, index, self.exact);
         self.presences += 1;
         let handle = RemoteHandle {
             topic: topic_name.clone(),

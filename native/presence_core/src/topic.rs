@@ -11,6 +11,17 @@ use crate::ref_hash::ShardedRefMap;
 use crate::registry::{Bytes, Presence, Ref};
 use crate::sharded_map::ShardedMap;
 
+/// One operation's changes to a topic, kept whole for `diff_window: 0`:
+/// sent as one diff of its own, in the order operations happened.
+#[derive(Debug)]
+pub struct Op<O, M> {
+    /// Leaves recorded under the same group (an exit's, a dropped
+    /// replica's) and nothing between them go out as one op.
+    pub(crate) group: u64,
+    pub joins: Vec<Presence<O, M>>,
+    pub leaves: Vec<Presence<O, M>>,
+}
+
 /// The refs under one key in one topic, by owner: an owner has at most one
 /// presence under a key on a topic. Most keys have one connection, so that
 /// case is a bare ref (its owner is the entry's); a key shared by many (one
@@ -40,6 +51,13 @@ pub(crate) struct Topic<O, M> {
     pub(crate) observed_before_seq: u64,
     /// Leaves of presences whose join subscribers have seen.
     pub(crate) pending_leaves: Vec<Presence<O, M>>,
+    /// Some presence joined since the last diff while coalescing: taking
+    /// the diff must look for joins among the entries. Without it (leaves
+    /// only, or single operations) taking a diff never walks the topic.
+    pub(crate) coalesced_joins: bool,
+    /// Single operations not yet taken (`diff_window: 0`), oldest first;
+    /// they go out before the coalesced joins and leaves.
+    pub(crate) ops: Vec<Op<O, M>>,
     /// In `Registry::dirty`, waiting for `take_diffs`.
     pub(crate) dirty: bool,
 }
@@ -58,6 +76,8 @@ where
             joins_from_seq: next_seq,
             observed_before_seq: 0,
             pending_leaves: Vec::new(),
+            coalesced_joins: false,
+            ops: Vec::new(),
             dirty: false,
         }
     }
@@ -73,7 +93,13 @@ where
     /// What taking this topic's diff costs: its joins are found among all
     /// its presences, and its leaves are moved.
     pub(crate) fn diff_work(&self) -> usize {
-        self.len() + self.pending_leaves.len()
+        let joins = if self.coalesced_joins { self.len() } else { 0 };
+        let ops: usize = self
+            .ops
+            .iter()
+            .map(|op| op.joins.len() + op.leaves.len())
+            .sum();
+        joins + self.pending_leaves.len() + ops
     }
 
     pub(crate) fn users(&self) -> usize {
@@ -133,7 +159,8 @@ where
         }
     }
 
-    pub(crate) fn insert(&mut self, presence: Presence<O, M>) {
+    /// Adds `presence`; returns its position.
+    pub(crate) fn insert(&mut self, presence: Presence<O, M>) -> usize {
         let phx_ref = presence.phx_ref;
         let owner = presence.owner;
         let refs = match self.keys.get_mut(&presence.key) {
@@ -154,6 +181,7 @@ where
         }
         let index = self.entries.push(presence);
         self.position.insert(phx_ref, index as u32);
+        index
     }
 
     /// Removes the presence `phx_ref`, if it is here.
@@ -217,5 +245,64 @@ where
         if seq < self.joins_from_seq || seq < self.observed_before_seq {
             self.pending_leaves.push(presence);
         }
+    }
+
+    /// Notes the join of the presence at `index`, made by an operation of
+    /// its own (`exact`) or to be found when the diff is taken.
+    pub(crate) fn record_join(&mut self, refs: &RefGen, index: usize, exact: bool) {
+        if !exact {
+            self.coalesced_joins = true;
+            return;
+        }
+        let presence = self.entries.get(index).expect("joined above").clone();
+        self.push_op(0, Vec::from([presence]), Vec::new());
+        // Sent with its op: coalescing, were it switched on before the
+        // next take, must neither send it again nor cancel its leave.
+        self.joins_from_seq = refs.next_seq();
+    }
+
+    /// Adds an operation's changes, after every earlier one. A group other
+    /// than 0 continues the last op if that op is of the same group.
+    pub(crate) fn push_op(
+        &mut self,
+        group: u64,
+        joins: Vec<Presence<O, M>>,
+        leaves: Vec<Presence<O, M>>,
+    ) {
+        match self.ops.last_mut() {
+            Some(last) if group != 0 && last.group == group => {
+                last.joins.extend(joins);
+                last.leaves.extend(leaves);
+            }
+            _ => self.ops.push(Op {
+                group,
+                joins,
+                leaves,
+            }),
+        }
+    }
+
+    /// Turns what coalescing gathered so far into one op, before the
+    /// single operations to come: O(entries), once, when `diff_window: 0`
+    /// is switched on with a diff pending.
+    pub(crate) fn seal(&mut self, refs: &RefGen) {
+        let joins: Vec<Presence<O, M>> = if self.coalesced_joins {
+            let from = self.joins_from_seq;
+            self.entries
+                .iter()
+                .filter(|p| refs.seq(p.phx_ref) >= from)
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let leaves = std::mem::take(&mut self.pending_leaves);
+        // After any ops of an earlier spell of single operations: those
+        // happened before what coalescing gathered since.
+        if !joins.is_empty() || !leaves.is_empty() {
+            self.push_op(0, joins, leaves);
+        }
+        self.coalesced_joins = false;
+        self.joins_from_seq = refs.next_seq();
     }
 }

@@ -346,6 +346,17 @@ fn table_configure(table: ResourceArc<Table>, max_meta_bytes: usize) -> rustler:
     atoms::ok()
 }
 
+/// `true` for `diff_window: 0`: each operation becomes a diff of its own,
+/// in order, nothing cancelled or merged (Phoenix.Presence's diffs);
+/// `false` coalesces a topic's changes until the dispatcher takes them.
+/// Switching on with diffs pending walks those topics once: it runs when a
+/// presence module starts, not on a hot path.
+#[rustler::nif]
+fn table_set_exact(table: ResourceArc<Table>, exact: bool) -> rustler::Atom {
+    table.lock().registry.set_exact(exact);
+    atoms::ok()
+}
+
 /// Makes `pid` the process told about pending diffs. Returns whether diffs
 /// are pending or unacknowledged, so a restarted dispatcher sends them at
 /// once.
@@ -374,7 +385,7 @@ fn table_track<'a>(
             match tracked {
                 // A channel that tracks itself while it is dying must not
                 // crash on it: Phoenix answers {:ok, ref} there too.
-                Err(CoreError::OwnerGone) => Ok(registry.track_gone(&topic, &key, meta)),
+                Err(CoreError::OwnerGone) => Ok(registry.track_gone(pid, &topic, &key, meta)),
                 other => other,
             }
         })?;

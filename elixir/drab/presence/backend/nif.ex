@@ -6,11 +6,20 @@ defmodule Drab.Presence.Backend.NIF do
   alias Drab.Presence.Native
 
   @impl true
-  def new(opts), do: Native.table_new(Keyword.fetch!(opts, :max_meta_bytes))
+  def new(opts) do
+    table = Native.table_new(Keyword.fetch!(opts, :max_meta_bytes))
+    :ok = Native.table_set_exact(table, exact?(opts))
+    table
+  end
 
   @impl true
-  def configure(table, opts),
-    do: Native.table_configure(table, Keyword.fetch!(opts, :max_meta_bytes))
+  def configure(table, opts) do
+    :ok = Native.table_configure(table, Keyword.fetch!(opts, :max_meta_bytes))
+    Native.table_set_exact(table, exact?(opts))
+  end
+
+  # `diff_window: 0` is Phoenix.Presence's behaviour: one diff per operation.
+  defp exact?(opts), do: Keyword.get(opts, :diff_window) == 0
 
   @impl true
   defdelegate set_dispatcher(table, pid), to: Native, as: :table_set_dispatcher
