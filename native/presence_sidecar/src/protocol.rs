@@ -168,8 +168,10 @@ pub enum Request {
     Hello {
         version: u16,
     },
+    /// `exact`: `diff_window: 0`, one diff per operation.
     Configure {
         max_meta_bytes: u64,
+        exact: bool,
     },
     SetDispatcher {
         dispatcher: u64,
@@ -369,6 +371,7 @@ impl Envelope {
             }
             Op::Configure => Request::Configure {
                 max_meta_bytes: r.u64()?,
+                exact: r.u8()? != 0,
             },
             Op::SetDispatcher => Request::SetDispatcher {
                 dispatcher: r.u64()?,
@@ -459,7 +462,13 @@ impl Envelope {
                 out.put_slice(MAGIC);
                 out.put_u16(*version);
             }
-            Request::Configure { max_meta_bytes } => out.put_u64(*max_meta_bytes),
+            Request::Configure {
+                max_meta_bytes,
+                exact,
+            } => {
+                out.put_u64(*max_meta_bytes);
+                out.put_u8(u8::from(*exact));
+            }
             Request::SetDispatcher { dispatcher } => out.put_u64(*dispatcher),
             Request::Track {
                 owner,

@@ -191,7 +191,10 @@ fn handle(store: &mut Store, envelope: Envelope, tx: &mpsc::UnboundedSender<Byte
     let op = request.op();
     let outcome = match request {
         Request::Hello { .. } => Outcome::Reply(Status::Ok, Body::Hello { version: VERSION }),
-        Request::Configure { max_meta_bytes } => store.configure(max_meta_bytes),
+        Request::Configure {
+            max_meta_bytes,
+            exact,
+        } => store.configure(max_meta_bytes, exact),
         Request::SetDispatcher { dispatcher } => store.set_dispatcher(dispatcher),
         Request::Track {
             owner,

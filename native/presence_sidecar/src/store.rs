@@ -100,8 +100,9 @@ impl Store {
         Ok(Arc::from(meta))
     }
 
-    pub fn configure(&mut self, max_meta_bytes: u64) -> Outcome {
+    pub fn configure(&mut self, max_meta_bytes: u64, exact: bool) -> Outcome {
         self.max_meta_bytes = usize::try_from(max_meta_bytes).unwrap_or(usize::MAX);
+        self.registry.set_exact(exact);
         Outcome::Reply(Status::Ok, Body::Empty)
     }
 

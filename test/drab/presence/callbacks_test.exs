@@ -6,7 +6,7 @@ defmodule Drab.Presence.CallbacksTest do
   import ExUnit.CaptureLog
 
   defmodule Metas do
-    use Drab.Presence, otp_app: :drab_presence, diff_window: 0
+    use Drab.Presence, otp_app: :drab_presence, diff_window: 0, backend: Drab.PresenceCase.backend()
 
     @impl true
     def init(state), do: {:ok, Map.put(state, :calls, 0)}
@@ -34,13 +34,13 @@ defmodule Drab.Presence.CallbacksTest do
   end
 
   defmodule NoInit do
-    use Drab.Presence, otp_app: :drab_presence
+    use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend()
 
     def handle_metas(_topic, _diff, _presences, state), do: {:ok, state}
   end
 
   defmodule BadInit do
-    use Drab.Presence, otp_app: :drab_presence
+    use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend()
 
     def init(_state), do: :nope
     def handle_metas(_topic, _diff, _presences, state), do: {:ok, state}

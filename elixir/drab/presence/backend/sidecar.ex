@@ -44,6 +44,7 @@ defmodule Drab.Presence.Backend.Sidecar do
               "keeps the sidecar running)"
 
     handle = Handle.new(max, pool_size(), path)
+    :atomics.put(handle.max_meta, 2, exact(opts))
 
     spec = %{
       id: {Instance, handle.id},
@@ -93,10 +94,15 @@ defmodule Drab.Presence.Backend.Sidecar do
   @impl true
   def configure(%Handle{} = handle, opts) do
     max = Keyword.fetch!(opts, :max_meta_bytes)
+    exact = exact(opts)
     :atomics.put(handle.max_meta, 1, max)
-    {0, _} = call(handle, :configure, <<max::64>>)
+    :atomics.put(handle.max_meta, 2, exact)
+    {0, _} = call(handle, :configure, <<max::64, exact::8>>)
     :ok
   end
+
+  # `diff_window: 0` is Phoenix.Presence's behaviour: one diff per operation.
+  defp exact(opts), do: if(Keyword.get(opts, :diff_window) == 0, do: 1, else: 0)
 
   @impl true
   def set_dispatcher(handle, pid) when is_pid(pid) do
@@ -107,17 +113,19 @@ defmodule Drab.Presence.Backend.Sidecar do
   @impl true
   def track(handle, pid, topic, key, meta) do
     with {:ok, encoded} <- encode_meta(handle, meta) do
-      if Process.alive?(pid) do
-        body = [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key), encoded]
+      alive? = Process.alive?(pid)
+      body = [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key), encoded]
 
-        case call(handle, :track, body) do
-          {0, <<ref::64, _::binary>>} -> {:ok, Wire.ref_string(ref)}
-          {status, _} -> error(status)
-        end
-      else
-        # As the NIF (and Phoenix) answer a process that is gone: a ref,
-        # and nothing kept.
-        {:ok, Wire.ref_string(:rand.uniform(0xFFFFFFFFFFFFFFFF))}
+      case call(handle, :track, body) do
+        {0, <<ref::64, _::binary>>} ->
+          # As the NIF (and Phoenix) answer a process that is gone: a ref,
+          # and the presence leaves at once. The exit goes before any later
+          # request of this caller, so a list right after does not show it.
+          unless alive?, do: send_exit(handle, pid)
+          {:ok, Wire.ref_string(ref)}
+
+        {status, _} ->
+          error(status)
       end
     end
   end
@@ -279,6 +287,15 @@ defmodule Drab.Presence.Backend.Sidecar do
 
   defp collect(status, <<continues, term::binary>>, acc),
     do: {status, [{continues == 1, term} | acc]}
+
+  # As the monitor pool tells the sidecar of an exit (no reply wanted).
+  defp send_exit(handle, pid) do
+    {_epoch, port} = await_port(handle, System.monotonic_time(:millisecond))
+    Port.command(port, [Wire.op(:exit), <<0::64, 0::64, Wire.pid_id(pid)::64>>])
+  rescue
+    # Closed under us: the restarted sidecar's replay skips dead owners.
+    ArgumentError -> :ok
+  end
 
   defp call(handle, op, body, collect \\ nil) do
     {epoch, port} = await_port(handle, System.monotonic_time(:millisecond))

@@ -34,7 +34,8 @@ defmodule Drab.Presence.Sidecar.Handle do
   def new(max_meta_bytes, pool_size, path) do
     id = :erlang.unique_integer([:positive])
     name = fn suffix -> :"drab_presence_sidecar_#{id}_#{suffix}" end
-    max_meta = :atomics.new(1, signed: false)
+    # 1: max_meta_bytes; 2: 1 for `diff_window: 0` (one diff per operation).
+    max_meta = :atomics.new(2, signed: false)
     :atomics.put(max_meta, 1, max_meta_bytes)
 
     %__MODULE__{

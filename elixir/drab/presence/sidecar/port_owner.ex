@@ -117,7 +117,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     state = %{state | port: port, epoch: epoch, outbox_empty?: true, taken: nil}
 
     with :ok <- handshake(port),
-         :ok <- sync(port, Wire.op(:configure), <<max_meta(state)::64>>),
+         :ok <- sync(port, Wire.op(:configure), configuration(state)),
          {:ok, state} <- replay(state) do
       if state.dispatcher, do: set_dispatcher(state)
       Handle.publish(state.handle, epoch, port)
@@ -130,7 +130,8 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     end
   end
 
-  defp max_meta(state), do: :atomics.get(state.handle.max_meta, 1)
+  defp configuration(%{handle: %{max_meta: settings}}),
+    do: <<:atomics.get(settings, 1)::64, :atomics.get(settings, 2)::8>>
 
   defp handshake(port) do
     case sync(port, Wire.op(:hello), ["DRPS", <<Wire.version()::16>>]) do
