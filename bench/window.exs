@@ -82,7 +82,7 @@ end
 IO.puts("#{operations} operations (track/update/untrack) by 4 workers on #{length(topics)} topics")
 
 IO.write(
-  :io_lib.format("~-22s ~12s ~12s ~18s~n", [
+  :io_lib.format("~-22ts ~12ts ~12ts ~22ts~n", [
     "diff_window",
     "µs per op",
     "diffs",
@@ -98,6 +98,6 @@ for {label, module} <- [
   r = Bench.Window.run(module, topics, operations)
 
   IO.write(
-    :io_lib.format("~-22s ~12.2f ~12B ~18.1f~n", [label, r.us_per_op, r.diffs, r.last_diff_ms])
+    :io_lib.format("~-22ts ~12.2f ~12B ~22.1f~n", [label, r.us_per_op, r.diffs, r.last_diff_ms])
   )
 end
