@@ -28,6 +28,15 @@ defmodule Drab.Presence.PhoenixPubSubTest do
     def fetch(_topic, presences), do: Fetch.fetch(presences)
   end
 
+  defmodule DrabExact do
+    use Drab.Presence,
+      otp_app: :drab_presence,
+      pubsub_server: Drab.Presence.PhoenixPubSubTest.PubSub,
+      diff_window: 0
+
+    def fetch(_topic, presences), do: Fetch.fetch(presences)
+  end
+
   if Code.ensure_loaded?(Phoenix.Presence) do
     defmodule PhoenixSide do
       use Phoenix.Presence,
@@ -53,6 +62,7 @@ defmodule Drab.Presence.PhoenixPubSubTest do
 
     start_supervised!({pubsub, name: @pubsub})
     start_supervised!(DrabSide)
+    start_supervised!(DrabExact)
     start_supervised!(__MODULE__.PhoenixSide)
 
     # One topic per side: the two modules share the PubSub server.
@@ -112,6 +122,53 @@ defmodule Drab.Presence.PhoenixPubSubTest do
     refute_receive %{event: "presence_diff"}, 50
   end
 
+  test "with diff_window: 0, operations back to back give Phoenix's diffs, in order",
+       %{topics: topics} do
+    topics = %{
+      DrabExact => topics[DrabSide] <> ":exact",
+      __MODULE__.PhoenixSide => topics[__MODULE__.PhoenixSide]
+    }
+
+    :ok = Phoenix.PubSub.subscribe(@pubsub, topics[DrabExact])
+    [a, b, c] = for _ <- 1..3, do: live_pid()
+
+    ops = [
+      {:track, a, "alice", %{device: "phone", n: 0}},
+      {:track, b, "alice", %{device: "laptop", n: 0}},
+      {:track, a, "bob", %{device: "phone"}},
+      {:untrack, a, "bob"},
+      {:track, c, 42, %{list: [1, 2]}},
+      {:update, a, "alice", %{device: "phone", n: 1}},
+      {:update, a, "alice", &Map.update!(&1, :n, fn n -> n + 1 end)},
+      {:track, a, "bob", %{device: "phone", again: true}},
+      {:untrack, b, "alice"},
+      {:untrack, c, 42}
+    ]
+
+    # No waiting between operations: nothing may merge or cancel.
+    labels =
+      for {module, topic} <- topics, op <- ops, reduce: %{} do
+        labels ->
+          case run(module, topic, op) do
+            {:ok, ref} -> Map.put(labels, ref, {:ref, inspect(op)})
+            :ok -> labels
+          end
+      end
+
+    Process.exit(a, :kill)
+    s = %{labels: labels}
+
+    [exact, phoenix] =
+      for module <- [DrabExact, __MODULE__.PhoenixSide] do
+        for payload <- all_diffs(topics[module]) do
+          %{joins: relabel(payload.joins, s), leaves: relabel(payload.leaves, s)}
+        end
+      end
+
+    assert length(phoenix) == length(ops) + 1
+    assert exact == phoenix
+  end
+
   test "documented differences: no-op updates and changes within one diff window",
        %{topics: topics} do
     pid = live_pid()
@@ -148,6 +205,16 @@ defmodule Drab.Presence.PhoenixPubSubTest do
       end)
 
     compare(s)
+  end
+
+  # Every presence_diff on `topic` until it has been quiet for 200 ms.
+  defp all_diffs(topic, acc \\ []) do
+    receive do
+      %{__struct__: @broadcast, topic: ^topic, event: "presence_diff", payload: payload} ->
+        all_diffs(topic, [payload | acc])
+    after
+      200 -> Enum.reverse(acc)
+    end
   end
 
   defp run(module, topic, {:track, pid, key, meta}), do: module.track(pid, topic, key, meta)
