@@ -21,7 +21,7 @@ defmodule Drab.Presence.Table do
     check_meta!(meta)
     %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
 
-    case backend.track(table, pid, topic, key!(key), without_refs(meta)) do
+    case backend.track(table, pid, topic, stored_key!(key), without_refs(meta)) do
       {:ok, _phx_ref} = ok -> ok
       {:error, :already_tracked} -> {:error, {:already_tracked, pid, topic, key}}
       {:error, reason} -> refuse!(reason, pid, meta, module)
@@ -33,7 +33,7 @@ defmodule Drab.Presence.Table do
     check_pid!(pid)
     check_topic!(topic)
     %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
-    backend.untrack(table, pid, topic, key!(key))
+    backend.untrack(table, pid, topic, stored_key!(key))
   end
 
   @spec update(module(), pid(), term(), term(), map() | (map() -> map())) ::
@@ -42,16 +42,16 @@ defmodule Drab.Presence.Table do
     check_pid!(pid)
     check_topic!(topic)
     %Runtime{} = runtime = Runtime.fetch!(module)
-    key = key!(key)
+    stored = stored_key!(key)
 
     case meta_or_fun do
       fun when is_function(fun, 1) ->
         deadline = System.monotonic_time(:millisecond) + @update_patience_ms
-        update_with(runtime, module, pid, topic, key, fun, {1, deadline})
+        update_with(runtime, module, pid, topic, {stored, key}, fun, {1, deadline})
 
       meta ->
         check_meta!(meta)
-        write(runtime, module, pid, topic, key, without_refs(meta), nil)
+        write(runtime, module, pid, topic, stored, without_refs(meta), nil)
     end
   end
 
@@ -60,17 +60,18 @@ defmodule Drab.Presence.Table do
   # many updaters of one presence spread out instead of colliding again;
   # and they stop after a while, so that a slow function racing a frequent
   # writer gets a clear answer instead of retrying forever.
-  defp update_with(%Runtime{} = runtime, module, pid, topic, key, fun, {try, deadline}) do
+  defp update_with(%Runtime{} = runtime, module, pid, topic, keys, fun, {try, deadline}) do
     %Runtime{backend: backend, table: table} = runtime
+    {stored, key} = keys
 
-    case backend.lookup(table, pid, topic, key) do
+    case backend.lookup(table, pid, topic, stored) do
       {:error, :not_tracked} ->
         {:error, :nopresence}
 
       {:ok, {old_meta, phx_ref}} ->
         new_meta = apply_update!(fun, old_meta, key)
 
-        case write(runtime, module, pid, topic, key, new_meta, phx_ref) do
+        case write(runtime, module, pid, topic, stored, new_meta, phx_ref) do
           {:error, :stale} ->
             if System.monotonic_time(:millisecond) >= deadline do
               {:error, :contended}
@@ -78,7 +79,7 @@ defmodule Drab.Presence.Table do
               if try >= @update_eager_tries,
                 do: Process.sleep(:rand.uniform(1 <<< min(try - @update_eager_tries, 5)))
 
-              update_with(runtime, module, pid, topic, key, fun, {try + 1, deadline})
+              update_with(runtime, module, pid, topic, keys, fun, {try + 1, deadline})
             end
 
           result ->
@@ -144,14 +145,16 @@ defmodule Drab.Presence.Table do
   def get_by_key(module, topic, key) do
     check_topic!(topic)
     %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
-    key = key!(key)
+    stored = stored_key!(key)
 
-    case backend.get_by_key(table, topic, key) do
+    case backend.get_by_key(table, topic, stored) do
       [] ->
         []
 
       %{} = presences ->
-        %{^key => fetched} = module.fetch(topic, presences)
+        # Listed under its string, as Phoenix lists it: one entry.
+        [{listed, _}] = Map.to_list(presences)
+        %{^listed => fetched} = module.fetch(topic, presences)
         fetched
     end
   end
@@ -201,11 +204,21 @@ defmodule Drab.Presence.Table do
   defp check_meta!(meta),
     do: raise(ArgumentError, "a presence meta must be a map, got: #{inspect(meta)}")
 
-  # Phoenix.Presence lists keys with to_string/1; keying the table by that
-  # string makes list/1 and get_by_key/2 agree with it.
-  defp key!(key) when is_binary(key), do: key
+  # Keys are the terms users track, as in Phoenix (`42` and `"42"` are two
+  # presences), listed by to_string/1 (both under "42"). The table stores
+  # a binary as itself, at no cost, and any other key tagged with the
+  # string it lists under (presence_core's key.rs): <<131, size::32,
+  # string, term_to_binary(key)>>. No UTF-8 string starts with byte 131,
+  # so a binary that does is tagged too, and never mistaken for a term.
+  defp stored_key!(<<131, _::binary>> = key), do: tagged(key, key)
+  defp stored_key!(key) when is_binary(key), do: key
+  defp stored_key!(key), do: tagged(listed_key!(key), key)
 
-  defp key!(key) do
+  defp tagged(listed, key) do
+    <<131, byte_size(listed)::32, listed::binary, :erlang.term_to_binary(key)::binary>>
+  end
+
+  defp listed_key!(key) do
     String.Chars.to_string(key)
   rescue
     exception ->

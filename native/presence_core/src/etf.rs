@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use crate::key::listed_key;
 use crate::phx_ref::encode_ref;
 use crate::registry::Presence;
 
@@ -43,8 +44,9 @@ pub fn check_meta(meta: &[u8]) -> Result<(), EtfError> {
     }
 }
 
-/// Writes `presences` grouped by key, each key's metas in owner order (as
-/// Phoenix.Tracker lists them), as one external-format term.
+/// Writes `presences` grouped by the string their key is listed under
+/// (`42` and `"42"` together, as Phoenix groups them), each key's metas in
+/// owner order (as Phoenix.Tracker lists them), as one external-format term.
 pub fn write_grouped<'p, O, M>(
     out: &mut Vec<u8>,
     presences: impl Iterator<Item = &'p Presence<O, M>>,
@@ -80,7 +82,7 @@ struct KeyGroup<'p, O, M>(Vec<&'p Presence<O, M>>);
 
 impl<O, M> KeyGroup<'_, O, M> {
     fn key(&self) -> &[u8] {
-        &self.0[0].key
+        listed_key(&self.0[0].key)
     }
 }
 
@@ -92,10 +94,11 @@ fn group_by_key<'p, O: Ord, M>(
     let mut index: HashMap<&'p [u8], usize> = HashMap::new();
     let mut groups: Vec<KeyGroup<'p, O, M>> = Vec::new();
     for presence in presences {
-        match index.get(&*presence.key) {
+        let listed = listed_key(&presence.key);
+        match index.get(listed) {
             Some(&i) => groups[i].0.push(presence),
             None => {
-                index.insert(&presence.key, groups.len());
+                index.insert(listed, groups.len());
                 groups.push(KeyGroup(vec![presence]));
             }
         }

@@ -16,6 +16,7 @@ mod diff;
 mod error;
 pub mod etf;
 pub mod heap;
+pub mod key;
 mod owner;
 mod phx_ref;
 mod ref_hash;

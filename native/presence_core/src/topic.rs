@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 
 use crate::cow_chunks::{CowChunks, Snapshot};
+use crate::key::{is_term_key, listed_key};
 use crate::owner::Holder;
 use crate::phx_ref::RefGen;
 use crate::ref_hash::ShardedRefMap;
@@ -35,11 +36,27 @@ enum KeyRefs<O> {
     Many(Box<HashMap<Holder<O>, Ref>>),
 }
 
+/// What counting users takes when some keys are not binaries: those are
+/// listed by their string, which a binary key or another term may share
+/// (`42`, `"42"` and `:"42"` are one user, as `list/1` shows them).
+#[derive(Debug, Default)]
+struct TermKeys {
+    /// Distinct term keys present.
+    keys: usize,
+    /// Distinct term keys present, by the string they are listed under.
+    by_listed: HashMap<Bytes, usize>,
+    /// Strings in `by_listed` that a binary key present is also listed
+    /// under: counted once.
+    shared: usize,
+}
+
 #[derive(Debug)]
 pub(crate) struct Topic<O, M> {
     entries: CowChunks<Presence<O, M>>,
     position: ShardedRefMap<u32>,
     keys: ShardedMap<Bytes, KeyRefs<O>>,
+    /// `None` while every key is a binary: the common case pays nothing.
+    term_keys: Option<Box<TermKeys>>,
     /// Presences with a ref at or after this seq joined after the last
     /// diff: their join is pending. A leave of one of them cancels that
     /// join instead of being recorded.
@@ -73,6 +90,7 @@ where
             entries: CowChunks::default(),
             position: ShardedRefMap::default(),
             keys: ShardedMap::default(),
+            term_keys: None,
             joins_from_seq: next_seq,
             observed_before_seq: 0,
             pending_leaves: Vec::new(),
@@ -102,8 +120,57 @@ where
         joins + self.pending_leaves.len() + ops
     }
 
+    /// Distinct keys as listed: Drab's `count_users/1` on Phoenix counts
+    /// the keys of `list/1`, strings.
     pub(crate) fn users(&self) -> usize {
-        self.keys.len()
+        match &self.term_keys {
+            None => self.keys.len(),
+            Some(t) => self.keys.len() - t.keys + t.by_listed.len() - t.shared,
+        }
+    }
+
+    /// Counts `key`, which has just got its first presence here.
+    fn key_added(&mut self, key: &Bytes) {
+        if is_term_key(key) {
+            let listed = listed_key(key);
+            let binary_there = self.keys.get(listed).is_some();
+            let terms = self.term_keys.get_or_insert_with(Box::default);
+            terms.keys += 1;
+            let same = terms.by_listed.entry(Bytes::from(listed)).or_insert(0);
+            *same += 1;
+            if *same == 1 && binary_there {
+                terms.shared += 1;
+            }
+        } else if let Some(terms) = &mut self.term_keys {
+            if terms.by_listed.contains_key(&**key) {
+                terms.shared += 1;
+            }
+        }
+    }
+
+    /// Uncounts `key`, whose last presence here has just gone.
+    fn key_removed(&mut self, key: &Bytes) {
+        if is_term_key(key) {
+            let listed = listed_key(key);
+            let binary_there = self.keys.get(listed).is_some();
+            let terms = self.term_keys.as_mut().expect("counted when added");
+            terms.keys -= 1;
+            let same = terms.by_listed.get_mut(listed).expect("counted when added");
+            *same -= 1;
+            if *same == 0 {
+                terms.by_listed.remove(listed);
+                if binary_there {
+                    terms.shared -= 1;
+                }
+            }
+            if terms.keys == 0 {
+                self.term_keys = None;
+            }
+        } else if let Some(terms) = &mut self.term_keys {
+            if terms.by_listed.contains_key(&**key) {
+                terms.shared -= 1;
+            }
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot<Presence<O, M>> {
@@ -176,8 +243,12 @@ where
                 Some(KeyRefs::Many(Box::new(by_owner)))
             }
         };
+        let new_key = matches!(refs, Some(KeyRefs::One(_)));
         if let Some(refs) = refs {
             self.keys.insert(presence.key.clone(), refs);
+        }
+        if new_key {
+            self.key_added(&presence.key);
         }
         let index = self.entries.push(presence);
         self.position.insert(phx_ref, index as u32);
@@ -203,9 +274,11 @@ where
                 let only = *by_owner.values().next().expect("one of two left");
                 self.keys.insert(removed.key.clone(), KeyRefs::One(only));
             }
-            Some(KeyRefs::One(_)) | None => {
+            Some(KeyRefs::One(_)) => {
                 self.keys.remove(&removed.key);
+                self.key_removed(&removed.key);
             }
+            None => {}
         }
         Some(removed)
     }

@@ -7,6 +7,7 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
+use presence_core::key::listed_key;
 use presence_core::{CoreError, Counts, PartLimits, Ref, Registry, Update};
 use proptest::prelude::*;
 
@@ -15,7 +16,16 @@ type Meta = u8;
 type Reg = Registry<Owner, Meta, ()>;
 
 const TOPICS: [&[u8]; 3] = [b"lobby", b"room:1", b"room:2"];
-const KEYS: [&[u8]; 3] = [b"alice", b"bob", b"carol"];
+/// Binary keys, and tagged term keys (`presence_core::key`): two listed
+/// as "bob" like the binary, one as "dan" alone.
+const KEYS: [&[u8]; 6] = [
+    b"alice",
+    b"bob",
+    b"carol",
+    b"\x83\x00\x00\x00\x03bob\x83\x61\x01",
+    b"\x83\x00\x00\x00\x03bob\x83\x61\x02",
+    b"\x83\x00\x00\x00\x03dan\x83\x61\x03",
+];
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -170,7 +180,8 @@ proptest! {
             for (t, topic) in TOPICS.iter().enumerate() {
                 let expected = modelled(&model, t);
                 prop_assert_eq!(&listed(&reg, t), &expected);
-                let users: BTreeSet<_> = expected.values().map(|(k, _)| k.clone()).collect();
+                // Users are keys as listed: 42 and "42" are one.
+                let users: BTreeSet<_> = expected.values().map(|(k, _)| listed_key(k).to_vec()).collect();
                 prop_assert_eq!(reg.counts(topic), Counts { users: users.len(), connections: expected.len() });
                 for key in KEYS {
                     let mut by_key: Vec<_> = reg.get_by_key(topic, key).iter().map(|p| p.phx_ref).collect();

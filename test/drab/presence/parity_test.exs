@@ -114,6 +114,70 @@ defmodule Drab.Presence.ParityTest do
     end
   end
 
+  describe "keys are the terms tracked" do
+    test "42 and \"42\" are two presences, listed and counted under \"42\"", %{topic: topic} do
+      pid = live_pid()
+      {:ok, int_ref} = Exact.track(pid, topic, 42, %{form: :integer})
+      {:ok, str_ref} = Exact.track(pid, topic, "42", %{form: :string})
+      {:ok, atom_ref} = Exact.track(live_pid(), topic, :"42", %{form: :atom})
+      assert {:error, {:already_tracked, ^pid, ^topic, 42}} = Exact.track(pid, topic, 42, %{})
+
+      assert %{"42" => %{metas: metas}} = Exact.list(topic)
+
+      assert metas |> Enum.map(& &1.phx_ref) |> Enum.sort() ==
+               Enum.sort([int_ref, str_ref, atom_ref])
+
+      assert {Exact.count_users(topic), Exact.count_connections(topic)} == {1, 3}
+
+      # Each form by its own term, as Phoenix.Tracker looks keys up.
+      assert %{metas: [%{form: :integer}]} = Exact.get_by_key(topic, 42)
+      assert %{metas: [%{form: :string}]} = Exact.get_by_key(topic, "42")
+      assert %{metas: [%{form: :atom}]} = Exact.get_by_key(topic, :"42")
+      assert Exact.get_by_key(topic, 42.0) == []
+
+      {:ok, _} = Exact.update(pid, topic, 42, %{form: :updated})
+      :ok = Exact.untrack(pid, topic, "42")
+      assert %{metas: [%{form: :updated}]} = Exact.get_by_key(topic, 42)
+      assert Exact.get_by_key(topic, "42") == []
+      assert {Exact.count_users(topic), Exact.count_connections(topic)} == {1, 2}
+
+      # Diffs group by the string too.
+      assert [
+               %{joins: %{"42" => %{metas: [%{form: :integer}]}}},
+               %{joins: %{"42" => %{metas: [%{form: :string}]}}},
+               %{joins: %{"42" => %{metas: [%{form: :atom}]}}},
+               %{joins: %{"42" => %{metas: [%{form: :updated}]}}, leaves: %{"42" => _}},
+               %{joins: %{}, leaves: %{"42" => %{metas: [%{form: :string}]}}}
+             ] = diffs(topic, 5)
+
+      :ok = Exact.untrack(pid, topic, 42)
+      assert {Exact.count_users(topic), Exact.count_connections(topic)} == {1, 1}
+    end
+
+    test "a binary that looks like a tagged key is still a binary of its own", %{topic: topic} do
+      pid = live_pid()
+      odd = <<131, 0, 0, 0, 2, "42", 131, 97, 42>>
+      {:ok, _} = Exact.track(pid, topic, odd, %{form: :odd})
+      {:ok, _} = Exact.track(pid, topic, 42, %{form: :integer})
+
+      assert %{^odd => %{metas: [%{form: :odd}]}, "42" => %{metas: [%{form: :integer}]}} =
+               Exact.list(topic)
+
+      assert Exact.count_users(topic) == 2
+      assert %{metas: [%{form: :odd}]} = Exact.get_by_key(topic, odd)
+      :ok = Exact.untrack(pid, topic, odd)
+      assert Map.keys(Exact.list(topic)) == ["42"]
+    end
+
+    test "Drab's start/2 and stop/2 track and untrack under the same term", %{topic: topic} do
+      socket = socket(topic, %{__client_id: 7})
+      {:ok, _} = Exact.start(socket, topic)
+      assert Map.keys(Exact.list(topic)) == ["7"]
+      :ok = Exact.stop(socket, topic)
+      assert Exact.list(topic) == %{}
+    end
+  end
+
   # One random operation on both Exact and a model of its presences
   # (%{{pid, topic, key} => meta with refs}), adding the diffs Phoenix
   # would send to `expected` (per topic, newest first).

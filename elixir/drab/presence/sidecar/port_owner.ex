@@ -417,12 +417,19 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     state
   end
 
+  # Users are the strings keys are listed under: `42` and `"42"` are two
+  # presences of one user (a non-binary key is stored tagged with its
+  # string, see presence_core's key.rs).
   defp count(counts, topic, key) do
+    key = listed(key)
+
     users = if :ets.update_counter(counts, {topic, key}, 1, {{topic, key}, 0}) == 1, do: 1, else: 0
     :ets.update_counter(counts, topic, [{2, users}, {3, 1}], {topic, 0, 0})
   end
 
   defp uncount(counts, topic, key) do
+    key = listed(key)
+
     users =
       case :ets.update_counter(counts, {topic, key}, -1) do
         0 ->
@@ -438,6 +445,9 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       _ -> :ok
     end
   end
+
+  defp listed(<<131, size::32, listed::binary-size(size), _term::binary>>), do: listed
+  defp listed(key), do: key
 
   defp close(port) do
     Port.close(port)
