@@ -20,11 +20,35 @@
 //!
 //! The first frame must be `Hello` with this [`VERSION`]; any other version
 //! is answered with [`Status::Refused`] and a message, and the sidecar exits.
+//!
+//! Version 2 (cluster mode) appends the replication ops (`SetReplicator`
+//! .. `ForgetReplica`, 40..47) and the [`Status::BadDelta`] status, and
+//! adds a field at the end of two replies: `TakeDiffs` says whether this
+//! node's delta started pending, `Stats` counts replicas. Library and
+//! sidecar are built together, so the version is bumped rather than the
+//! old replies kept: a stale binary is refused at start, with a message.
+//!
+//! ```text
+//! SetReplicator  on:u8 seq:u64        recording deltas on/off; seq: the last
+//!                                     handed out is at least this (a restarted
+//!                                     sidecar skips one, so peers resync)
+//! DeltaSeq                            -> seq:u64
+//! TakeDelta                           -> 0 | 1 seq:u64 delta:rest
+//! LocalState                          -> More chunk:rest ... then Ok seq:u64
+//! ApplyDelta     replica:u64 delta:rest          -> replica body | BadDelta
+//! SyncReplica    replica:u64 n:u32 str(chunk)*n  -> replica body | BadDelta
+//! DropReplica    replica:u64                     -> replica body
+//! ForgetReplica  replica:u64                     -> replica body
+//! replica body = flags:u8 dropped:u64 n:u32 (str(topic) str(key) change:i64)*n
+//! ```
+//!
+//! A replica body's changes are the presences each (topic, key) gained or
+//! lost: the BEAM keeps counts in ETS, and replicated presences count too.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The protocol version this sidecar speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// First bytes of a `Hello` body.
 pub const MAGIC: &[u8; 4] = b"DRPS";
 /// The largest frame read: a meta of the largest `max_meta_bytes` (1 GiB)
@@ -53,10 +77,18 @@ pub enum Op {
     Stats = 27,
     Replay = 32,
     RecoveryLeaves = 33,
+    SetReplicator = 40,
+    DeltaSeq = 41,
+    TakeDelta = 42,
+    LocalState = 43,
+    ApplyDelta = 44,
+    SyncReplica = 45,
+    DropReplica = 46,
+    ForgetReplica = 47,
 }
 
 impl Op {
-    pub const ALL: [Op; 17] = [
+    pub const ALL: [Op; 25] = [
         Op::Hello,
         Op::Configure,
         Op::SetDispatcher,
@@ -74,6 +106,14 @@ impl Op {
         Op::Stats,
         Op::Replay,
         Op::RecoveryLeaves,
+        Op::SetReplicator,
+        Op::DeltaSeq,
+        Op::TakeDelta,
+        Op::LocalState,
+        Op::ApplyDelta,
+        Op::SyncReplica,
+        Op::DropReplica,
+        Op::ForgetReplica,
     ];
 
     pub fn from_u8(byte: u8) -> Option<Op> {
@@ -97,6 +137,8 @@ pub enum Status {
     More = 7,
     /// `Hello` with a version this sidecar does not speak; it exits next.
     Refused = 8,
+    /// A delta or full state that does not decode: nothing was applied.
+    BadDelta = 9,
 }
 
 impl Status {
@@ -112,6 +154,7 @@ impl Status {
             BadFrame,
             More,
             Refused,
+            BadDelta,
         ]
         .into_iter()
         .find(|s| *s as u8 == byte)
@@ -227,6 +270,29 @@ pub enum Request {
     RecoveryLeaves {
         entries: Vec<LeaveEntry>,
     },
+    /// Cluster mode: record this node's changes as deltas (`on`) or stop;
+    /// the seq of the last delta handed out becomes at least `seq`.
+    SetReplicator {
+        on: bool,
+        seq: u64,
+    },
+    DeltaSeq,
+    TakeDelta,
+    LocalState,
+    ApplyDelta {
+        replica: u64,
+        delta: Bytes,
+    },
+    SyncReplica {
+        replica: u64,
+        chunks: Vec<Bytes>,
+    },
+    DropReplica {
+        replica: u64,
+    },
+    ForgetReplica {
+        replica: u64,
+    },
 }
 
 impl Request {
@@ -249,6 +315,14 @@ impl Request {
             Request::Stats => Op::Stats,
             Request::Replay { .. } => Op::Replay,
             Request::RecoveryLeaves { .. } => Op::RecoveryLeaves,
+            Request::SetReplicator { .. } => Op::SetReplicator,
+            Request::DeltaSeq => Op::DeltaSeq,
+            Request::TakeDelta => Op::TakeDelta,
+            Request::LocalState => Op::LocalState,
+            Request::ApplyDelta { .. } => Op::ApplyDelta,
+            Request::SyncReplica { .. } => Op::SyncReplica,
+            Request::DropReplica { .. } => Op::DropReplica,
+            Request::ForgetReplica { .. } => Op::ForgetReplica,
         }
     }
 }
@@ -446,6 +520,28 @@ impl Envelope {
                 }
                 Request::RecoveryLeaves { entries }
             }
+            Op::SetReplicator => Request::SetReplicator {
+                on: r.u8()? != 0,
+                seq: r.u64()?,
+            },
+            Op::DeltaSeq => Request::DeltaSeq,
+            Op::TakeDelta => Request::TakeDelta,
+            Op::LocalState => Request::LocalState,
+            Op::ApplyDelta => Request::ApplyDelta {
+                replica: r.u64()?,
+                delta: r.rest(),
+            },
+            Op::SyncReplica => {
+                let replica = r.u64()?;
+                let n = r.count(4)?;
+                let mut chunks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chunks.push(r.str()?);
+                }
+                Request::SyncReplica { replica, chunks }
+            }
+            Op::DropReplica => Request::DropReplica { replica: r.u64()? },
+            Op::ForgetReplica => Request::ForgetReplica { replica: r.u64()? },
         };
         r.finish()?;
         Ok(Envelope { header, request })
@@ -507,7 +603,11 @@ impl Envelope {
                 put_str(&mut out, key);
             }
             Request::TakeDiffs { max_topics } => out.put_u32(*max_topics),
-            Request::NextPart | Request::Stats => {}
+            Request::NextPart
+            | Request::Stats
+            | Request::DeltaSeq
+            | Request::TakeDelta
+            | Request::LocalState => {}
             Request::AckPart { part } => out.put_u64(*part),
             Request::Replay { entries } => {
                 out.put_u32(entries.len() as u32);
@@ -527,6 +627,24 @@ impl Envelope {
                     out.put_u64(e.phx_ref);
                     put_str(&mut out, &e.meta);
                 }
+            }
+            Request::SetReplicator { on, seq } => {
+                out.put_u8(u8::from(*on));
+                out.put_u64(*seq);
+            }
+            Request::ApplyDelta { replica, delta } => {
+                out.put_u64(*replica);
+                out.put_slice(delta);
+            }
+            Request::SyncReplica { replica, chunks } => {
+                out.put_u64(*replica);
+                out.put_u32(chunks.len() as u32);
+                for chunk in chunks {
+                    put_str(&mut out, chunk);
+                }
+            }
+            Request::DropReplica { replica } | Request::ForgetReplica { replica } => {
+                out.put_u64(*replica)
             }
         }
         out.freeze()
@@ -639,9 +757,12 @@ pub enum Body {
         continues: bool,
         term: Bytes,
     },
+    /// `delta_started`: this take made this node's (empty) delta pending;
+    /// the BEAM tells the replicator, as the NIF does itself.
     TakeDiffs {
         queued: u64,
         pending: u64,
+        delta_started: bool,
     },
     /// NextPart: `None` when the outbox is empty.
     Part(Option<PartBody>),
@@ -653,6 +774,35 @@ pub enum Body {
         flags: u8,
         refs: Vec<u64>,
     },
+    /// DeltaSeq: the seq of the last delta handed out; LocalState's last
+    /// reply: the seq the state follows.
+    Seq {
+        seq: u64,
+    },
+    /// TakeDelta: `None` when nothing is pending.
+    Delta(Option<(u64, Bytes)>),
+    /// LocalState's `More` replies: one chunk of full state (a delta).
+    StateChunk {
+        chunk: Bytes,
+    },
+    /// ApplyDelta, SyncReplica, DropReplica, ForgetReplica.
+    Replica(ReplicaBody),
+}
+
+/// What a replication write did: `flags` (`WAKE`), presences dropped (a
+/// drop or forget), and the net change of each `(topic, key)`'s presences.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReplicaBody {
+    pub flags: u8,
+    pub dropped: u64,
+    pub changes: Vec<CountChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountChange {
+    pub topic: Bytes,
+    pub key: Bytes,
+    pub change: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -672,6 +822,7 @@ pub struct Stats {
     pub queued_parts: u64,
     pub max_meta_bytes: u64,
     pub heap_bytes: u64,
+    pub replicas: u64,
 }
 
 impl Body {
@@ -737,9 +888,14 @@ impl Body {
                 out.put_u8(*continues as u8);
                 out.put_slice(term);
             }
-            Body::TakeDiffs { queued, pending } => {
+            Body::TakeDiffs {
+                queued,
+                pending,
+                delta_started,
+            } => {
                 out.put_u64(*queued);
                 out.put_u64(*pending);
+                out.put_u8(u8::from(*delta_started));
             }
             Body::Part(None) => out.put_u8(0),
             Body::Part(Some(p)) => {
@@ -759,6 +915,7 @@ impl Body {
                     s.queued_parts,
                     s.max_meta_bytes,
                     s.heap_bytes,
+                    s.replicas,
                 ] {
                     out.put_u64(v);
                 }
@@ -770,8 +927,36 @@ impl Body {
                     out.put_u64(*r);
                 }
             }
+            Body::Seq { seq } => out.put_u64(*seq),
+            Body::Delta(None) => out.put_u8(0),
+            Body::Delta(Some((seq, delta))) => {
+                out.reserve(9 + delta.len());
+                out.put_u8(1);
+                out.put_u64(*seq);
+                out.put_slice(delta);
+            }
+            Body::StateChunk { chunk } => out.put_slice(chunk),
+            Body::Replica(body) => {
+                out.put_u8(body.flags);
+                out.put_u64(body.dropped);
+                out.put_u32(body.changes.len() as u32);
+                for c in &body.changes {
+                    put_str(&mut out, &c.topic);
+                    put_str(&mut out, &c.key);
+                    out.put_i64(c.change);
+                }
+            }
         }
         out.freeze()
+    }
+
+    /// Reads the body of a `More` reply to `op`: a listing's chunk, or one
+    /// chunk of a local state.
+    pub fn decode_more(op: Op, body: Bytes) -> Result<Body, FrameError> {
+        match op {
+            Op::LocalState => Ok(Body::StateChunk { chunk: body }),
+            other => Body::decode(other, body),
+        }
     }
 
     /// Reads the body of a successful (`Ok` or `More`) reply to `op`.
@@ -836,6 +1021,7 @@ impl Body {
             Op::TakeDiffs => Body::TakeDiffs {
                 queued: r.u64()?,
                 pending: r.u64()?,
+                delta_started: r.u8()? != 0,
             },
             Op::NextPart => match r.u8()? {
                 0 => Body::Part(None),
@@ -857,6 +1043,7 @@ impl Body {
                 queued_parts: r.u64()?,
                 max_meta_bytes: r.u64()?,
                 heap_bytes: r.u64()?,
+                replicas: r.u64()?,
             }),
             Op::Replay => {
                 let flags = r.u8()?;
@@ -867,6 +1054,32 @@ impl Body {
                 }
                 Body::Replay { flags, refs }
             }
+            Op::SetReplicator => Body::Empty,
+            Op::DeltaSeq => Body::Seq { seq: r.u64()? },
+            Op::TakeDelta => match r.u8()? {
+                0 => Body::Delta(None),
+                _ => Body::Delta(Some((r.u64()?, r.rest()))),
+            },
+            Op::ApplyDelta | Op::SyncReplica | Op::DropReplica | Op::ForgetReplica => {
+                let flags = r.u8()?;
+                let dropped = r.u64()?;
+                let n = r.count(4 + 4 + 8)?;
+                let mut changes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    changes.push(CountChange {
+                        topic: r.str()?,
+                        key: r.str()?,
+                        change: r.u64()? as i64,
+                    });
+                }
+                Body::Replica(ReplicaBody {
+                    flags,
+                    dropped,
+                    changes,
+                })
+            }
+            // The last reply; the chunks before it are `More` (decode_more).
+            Op::LocalState => Body::Seq { seq: r.u64()? },
         };
         r.finish()?;
         Ok(body)

@@ -11,8 +11,10 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -20,7 +22,12 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::protocol::{
     decode_header, Body, Envelope, Header, Op, Reply, Request, Status, MAX_FRAME, VERSION,
 };
-use crate::store::{listing_chunks, Entry, Listing, Outcome, Store, CHUNK_PRESENCES};
+use crate::store::{
+    listing_chunks, state_chunks, Entry, Job, Listing, Outcome, Store, CHUNK_PRESENCES,
+};
+
+/// Replication writes in progress, oldest first, with whom to answer.
+type Jobs = VecDeque<(Op, Header, Job)>;
 
 /// Why the sidecar stopped other than by stdin closing.
 #[derive(Debug)]
@@ -161,7 +168,25 @@ async fn serve<R: AsyncRead + Unpin>(
         }
     };
 
-    while let Some(frame) = frames.next().await {
+    let mut jobs = Jobs::new();
+    loop {
+        let frame = if jobs.is_empty() {
+            match frames.next().await {
+                Some(frame) => frame,
+                None => break,
+            }
+        } else {
+            // A step of the oldest replication write, then a frame if one
+            // came meanwhile: a large state from a joining node never holds
+            // up the other requests for more than a step.
+            step_jobs(&mut store, &mut jobs, tx);
+            tokio::task::yield_now().await;
+            match frames.next().now_or_never() {
+                Some(Some(frame)) => frame,
+                Some(None) => break,
+                None => continue,
+            }
+        };
         let frame = match frame {
             Ok(frame) => frame.freeze(),
             Err(e) => {
@@ -176,7 +201,7 @@ async fn serve<R: AsyncRead + Unpin>(
             }
         };
         match Envelope::decode(frame.clone()) {
-            Ok(envelope) => handle(&mut store, envelope, tx),
+            Ok(envelope) => handle(&mut store, envelope, tx, &mut jobs),
             Err(e) => {
                 eprintln!("presence_sidecar: bad frame ({} bytes): {e}", frame.len());
                 let _ = tx.send(bad_frame(&frame, &e.to_string()));
@@ -186,7 +211,47 @@ async fn serve<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-fn handle(store: &mut Store, envelope: Envelope, tx: &mpsc::UnboundedSender<Bytes>) {
+fn step_jobs(store: &mut Store, jobs: &mut Jobs, tx: &mpsc::UnboundedSender<Bytes>) {
+    if let Some((op, header, job)) = jobs.front_mut() {
+        if let Some(outcome) = store.step(job) {
+            let (op, header) = (*op, *header);
+            jobs.pop_front();
+            send_outcome(op, header, outcome, tx);
+        }
+    }
+}
+
+/// Queues a replication write behind those in progress; one that fits in
+/// a step and waits behind none is answered at once.
+fn start_job(
+    store: &mut Store,
+    op: Op,
+    header: Header,
+    job: Result<Job, Outcome>,
+    jobs: &mut Jobs,
+) -> Option<Outcome> {
+    match job {
+        Err(outcome) => Some(outcome),
+        Ok(mut job) if jobs.is_empty() => match store.step(&mut job) {
+            Some(outcome) => Some(outcome),
+            None => {
+                jobs.push_back((op, header, job));
+                None
+            }
+        },
+        Ok(job) => {
+            jobs.push_back((op, header, job));
+            None
+        }
+    }
+}
+
+fn handle(
+    store: &mut Store,
+    envelope: Envelope,
+    tx: &mpsc::UnboundedSender<Bytes>,
+    jobs: &mut Jobs,
+) {
     let Envelope { header, request } = envelope;
     let op = request.op();
     let outcome = match request {
@@ -221,7 +286,36 @@ fn handle(store: &mut Store, envelope: Envelope, tx: &mpsc::UnboundedSender<Byte
         Request::Stats => store.stats(presence_core::heap::held_bytes() as u64),
         Request::Replay { entries } => store.replay(entries),
         Request::RecoveryLeaves { entries } => store.recovery_leaves(entries),
+        Request::SetReplicator { on, seq } => store.set_replicator(on, seq),
+        Request::DeltaSeq => store.delta_seq(),
+        Request::TakeDelta => store.take_delta(),
+        Request::LocalState => store.local_state(),
+        Request::ApplyDelta { replica, delta } => {
+            let job = store.apply_delta(replica, delta);
+            match start_job(store, op, header, job, jobs) {
+                Some(outcome) => outcome,
+                None => return,
+            }
+        }
+        Request::SyncReplica { replica, chunks } => {
+            let job = store.sync_replica(replica, chunks);
+            match start_job(store, op, header, job, jobs) {
+                Some(outcome) => outcome,
+                None => return,
+            }
+        }
+        Request::DropReplica { replica } | Request::ForgetReplica { replica } => {
+            let job = store.drop_replica(replica);
+            match start_job(store, op, header, job, jobs) {
+                Some(outcome) => outcome,
+                None => return,
+            }
+        }
     };
+    send_outcome(op, header, outcome, tx);
+}
+
+fn send_outcome(op: Op, header: Header, outcome: Outcome, tx: &mpsc::UnboundedSender<Bytes>) {
     match outcome {
         Outcome::Reply(Status::Ok, body) => {
             let _ = tx.send(reply(op as u8, header, Status::Ok, body.encode()));
@@ -252,7 +346,35 @@ fn handle(store: &mut Store, envelope: Envelope, tx: &mpsc::UnboundedSender<Byte
             let tx = tx.clone();
             tokio::task::spawn_blocking(move || send_listing(op, header, &tx, snapshot.iter()));
         }
+        Outcome::State(seq, snapshots) => {
+            let presences: usize = snapshots.iter().map(|(_, s)| s.len()).sum();
+            if presences <= CHUNK_PRESENCES {
+                send_state(op, header, tx, seq, &snapshots);
+            } else {
+                // As a large listing: written off the request loop.
+                let tx = tx.clone();
+                tokio::task::spawn_blocking(move || send_state(op, header, &tx, seq, &snapshots));
+            }
+        }
     }
+}
+
+/// A local state: each chunk as a `More` reply, then the seq as `Ok`.
+fn send_state(
+    op: Op,
+    header: Header,
+    tx: &mpsc::UnboundedSender<Bytes>,
+    seq: u64,
+    snapshots: &[(presence_core::Bytes, presence_core::Snapshot<Entry>)],
+) {
+    for chunk in state_chunks(snapshots) {
+        let body = Body::StateChunk {
+            chunk: chunk.into(),
+        };
+        let _ = tx.send(reply(op as u8, header, Status::More, body.encode()));
+    }
+    let body = Body::Seq { seq }.encode();
+    let _ = tx.send(reply(op as u8, header, Status::Ok, body));
 }
 
 fn send_listing<'p>(

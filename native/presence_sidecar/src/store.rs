@@ -16,6 +16,9 @@ use presence_core::{etf, CoreError, Holder, PartLimits, Presence, Registry, Snap
 
 use crate::protocol::{flags, Body, LeaveEntry, PartBody, ReplayEntry, Stats, Status};
 
+mod replication;
+pub use replication::{state_chunks, Job, APPLY_CHUNK};
+
 /// A meta as `term_to_binary/1` encoded it.
 pub type Meta = Arc<[u8]>;
 pub type Entry = Presence<u64, Meta>;
@@ -49,6 +52,8 @@ pub struct Store {
     /// show, by topic: sent as parts of their own after the topic's next
     /// diff, so a client sees the replayed joins before the old refs go.
     recovery_leaves: HashMap<Bytes, Vec<Entry>>,
+    /// Cluster mode (see `replication.rs`).
+    replication: replication::Replication,
 }
 
 /// What a request did, for the server to send.
@@ -57,6 +62,9 @@ pub enum Outcome {
     /// A listing: the registry's snapshot to encode off the request loop,
     /// or `None` for an empty one.
     Listing(Listing),
+    /// A local state: the seq it follows and every topic's snapshot, for
+    /// the server to write out as chunks off the request loop.
+    State(u64, Vec<(presence_core::Bytes, Snapshot<Entry>)>),
 }
 
 pub enum Listing {
@@ -89,6 +97,7 @@ impl Store {
             max_meta_bytes,
             dispatcher: None,
             recovery_leaves: HashMap::new(),
+            replication: Default::default(),
         }
     }
 
@@ -276,10 +285,14 @@ impl Store {
     /// parts, unless earlier parts still wait there; then the recovery
     /// leaves of those topics, and of topics with no diff of their own.
     pub fn take_diffs(&mut self, max_topics: u32) -> Outcome {
+        let mut delta_started = false;
         if self.outbox.is_empty() {
             let diffs = self
                 .registry
                 .take_diffs(max_topics.max(1) as usize, usize::MAX);
+            // Cluster mode: this node's changes go to the other nodes as
+            // its subscribers are told of them, as the NIF does.
+            delta_started = self.record_delta(&diffs);
             for diff in &diffs {
                 for (joins, leaves) in diff.parts(PART_LIMITS, listed_size) {
                     self.push_part(
@@ -304,6 +317,7 @@ impl Store {
             Body::TakeDiffs {
                 queued: self.outbox.len() as u64,
                 pending: self.registry.pending_topics() as u64,
+                delta_started,
             },
         )
     }
@@ -387,6 +401,7 @@ impl Store {
                 queued_parts: self.outbox.len() as u64,
                 max_meta_bytes: self.max_meta_bytes as u64,
                 heap_bytes,
+                replicas: r.replica_count() as u64,
             }),
         )
     }

@@ -2,7 +2,8 @@
 
 use bytes::Bytes;
 use presence_sidecar::protocol::{
-    Body, Envelope, Header, LeaveEntry, Op, PartBody, ReplayEntry, Reply, Request, Stats, Status,
+    Body, CountChange, Envelope, Header, LeaveEntry, Op, PartBody, ReplayEntry, ReplicaBody, Reply,
+    Request, Stats, Status,
 };
 use proptest::prelude::*;
 
@@ -82,6 +83,32 @@ fn every_request() -> Vec<Request> {
                 meta: Bytes::from_static(META),
             }],
         },
+        Request::SetReplicator {
+            on: true,
+            seq: u64::MAX,
+        },
+        Request::SetReplicator { on: false, seq: 0 },
+        Request::DeltaSeq,
+        Request::TakeDelta,
+        Request::LocalState,
+        Request::ApplyDelta {
+            replica: 3,
+            delta: Bytes::from_static(&[1, 3, 0, 0, 0, 0, 0, 0, 0, 9]),
+        },
+        Request::ApplyDelta {
+            replica: 3,
+            delta: Bytes::new(),
+        },
+        Request::SyncReplica {
+            replica: u32::MAX as u64,
+            chunks: vec![b("chunk one"), Bytes::new(), b("two")],
+        },
+        Request::SyncReplica {
+            replica: 1,
+            chunks: vec![],
+        },
+        Request::DropReplica { replica: 7 },
+        Request::ForgetReplica { replica: 8 },
     ]
 }
 
@@ -182,6 +209,7 @@ fn every_body() -> Vec<(Op, Body)> {
             Body::TakeDiffs {
                 queued: 3,
                 pending: 0,
+                delta_started: true,
             },
         ),
         (Op::NextPart, Body::Part(None)),
@@ -205,6 +233,7 @@ fn every_body() -> Vec<(Op, Body)> {
                 queued_parts: 5,
                 max_meta_bytes: 6,
                 heap_bytes: 7,
+                replicas: 8,
             }),
         ),
         (
@@ -214,7 +243,72 @@ fn every_body() -> Vec<(Op, Body)> {
                 refs: vec![1, 2, 3],
             },
         ),
+        (Op::SetReplicator, Body::Empty),
+        (Op::DeltaSeq, Body::Seq { seq: 42 }),
+        (Op::LocalState, Body::Seq { seq: 0 }),
+        (Op::TakeDelta, Body::Delta(None)),
+        (Op::TakeDelta, Body::Delta(Some((5, b("delta bytes"))))),
+        (Op::ApplyDelta, Body::Replica(ReplicaBody::default())),
+        (
+            Op::SyncReplica,
+            Body::Replica(ReplicaBody {
+                flags: 2,
+                dropped: 0,
+                changes: vec![
+                    CountChange {
+                        topic: b("t"),
+                        key: b("k"),
+                        change: -3,
+                    },
+                    CountChange {
+                        topic: b("t"),
+                        key: b(""),
+                        change: i64::MAX,
+                    },
+                ],
+            }),
+        ),
+        (
+            Op::DropReplica,
+            Body::Replica(ReplicaBody {
+                flags: 0,
+                dropped: 12,
+                changes: vec![CountChange {
+                    topic: b("t"),
+                    key: b("k"),
+                    change: -12,
+                }],
+            }),
+        ),
+        (Op::ForgetReplica, Body::Replica(ReplicaBody::default())),
     ]
+}
+
+#[test]
+fn a_local_state_chunk_round_trips_as_more() {
+    let body = Body::StateChunk {
+        chunk: b("a delta"),
+    };
+    assert_eq!(
+        Body::decode_more(Op::LocalState, body.encode()).unwrap(),
+        body
+    );
+    let chunk = Body::Chunk {
+        continues: true,
+        term: Bytes::from_static(&[131, 106]),
+    };
+    assert_eq!(Body::decode_more(Op::List, chunk.encode()).unwrap(), chunk);
+}
+
+#[test]
+fn a_huge_change_count_is_refused_without_allocating_it() {
+    let mut body = vec![0u8; 9];
+    body.extend_from_slice(&u32::MAX.to_be_bytes());
+    assert!(Body::decode(Op::ApplyDelta, body.into()).is_err());
+    let mut frame = vec![Op::SyncReplica as u8];
+    frame.extend_from_slice(&[0; 24]);
+    frame.extend_from_slice(&u32::MAX.to_be_bytes());
+    assert!(Envelope::decode(frame.into()).is_err());
 }
 
 #[test]
@@ -277,13 +371,14 @@ proptest! {
         if let Ok(reply) = Reply::decode(frame) {
             for op in Op::ALL {
                 let _ = Body::decode(op, reply.body.clone());
+                let _ = Body::decode_more(op, reply.body.clone());
             }
         }
     }
 
     #[test]
     fn mutated_requests_never_panic(
-        i in 0usize..18,
+        i in 0usize..64,
         flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
         cut in any::<usize>(),
     ) {

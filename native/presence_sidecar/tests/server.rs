@@ -219,7 +219,8 @@ async fn exit_diffs_and_replay_owe_leaves_after_joins() {
         Body::decode(Op::TakeDiffs, r.body).unwrap(),
         Body::TakeDiffs {
             queued: 2,
-            pending: 0
+            pending: 0,
+            delta_started: false
         }
     );
     // The join first, then the owed leave of the old ref.
@@ -247,4 +248,190 @@ async fn exit_diffs_and_replay_owe_leaves_after_joins() {
             removed: 1
         }
     );
+}
+
+// Cluster mode: one sidecar's deltas and state applied by another, as two
+// nodes' cluster processes would hand them over.
+
+async fn track(c: &mut Client, owner: u64, topic: &str, key: &str) {
+    let reply = c
+        .call(Request::Track {
+            owner,
+            topic: b(topic),
+            key: b(key),
+            meta: Bytes::from_static(META),
+        })
+        .await;
+    assert_eq!(reply.status, Status::Ok);
+}
+
+fn replica_body(reply: Reply) -> presence_sidecar::protocol::ReplicaBody {
+    assert_eq!(reply.status, Status::Ok);
+    let op = Op::from_u8(reply.op).unwrap();
+    let Body::Replica(body) = Body::decode(op, reply.body).unwrap() else {
+        panic!()
+    };
+    body
+}
+
+fn net(body: &presence_sidecar::protocol::ReplicaBody) -> i64 {
+    body.changes.iter().map(|c| c.change).sum()
+}
+
+async fn take_delta(c: &mut Client) -> Option<(u64, Bytes)> {
+    let taken = c.call(Request::TakeDiffs { max_topics: 1_000 }).await;
+    let Body::TakeDiffs { delta_started, .. } = Body::decode(Op::TakeDiffs, taken.body).unwrap()
+    else {
+        panic!()
+    };
+    let reply = c.call(Request::TakeDelta).await;
+    let Body::Delta(delta) = Body::decode(Op::TakeDelta, reply.body).unwrap() else {
+        panic!()
+    };
+    assert_eq!(delta_started, delta.is_some());
+    // Acknowledge the diff parts, so the next take moves on.
+    loop {
+        let part = c.call(Request::NextPart).await;
+        match Body::decode(Op::NextPart, part.body).unwrap() {
+            Body::Part(Some(p)) => {
+                c.call(Request::AckPart { part: p.part }).await;
+            }
+            _ => break,
+        }
+    }
+    delta
+}
+
+async fn local_state(c: &mut Client) -> (u64, Vec<Bytes>) {
+    let id = c.send(Request::LocalState).await;
+    let mut chunks = Vec::new();
+    loop {
+        let reply = c.recv().await;
+        assert_eq!(reply.header.id, id);
+        match reply.status {
+            Status::More => {
+                let Body::StateChunk { chunk } =
+                    Body::decode_more(Op::LocalState, reply.body).unwrap()
+                else {
+                    panic!()
+                };
+                chunks.push(chunk);
+            }
+            Status::Ok => {
+                let Body::Seq { seq } = Body::decode(Op::LocalState, reply.body).unwrap() else {
+                    panic!()
+                };
+                return (seq, chunks);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+async fn counts(c: &mut Client, topic: &str) -> (u64, u64) {
+    let reply = c.call(Request::Counts { topic: b(topic) }).await;
+    match Body::decode(Op::Counts, reply.body).unwrap() {
+        Body::Counts { users, connections } => (users, connections),
+        _ => panic!(),
+    }
+}
+
+#[tokio::test]
+async fn deltas_and_states_replicate_between_two_sidecars() {
+    let (mut a, _ta) = started().await;
+    let (mut b_, _tb) = started().await;
+
+    // No replicator: nothing is recorded.
+    track(&mut a, 1, "t", "before").await;
+    assert_eq!(take_delta(&mut a).await, None);
+
+    a.call(Request::SetReplicator { on: true, seq: 0 }).await;
+    track(&mut a, 1, "t", "ann").await;
+    track(&mut a, 2, "t", "bob").await;
+    let (seq, delta) = take_delta(&mut a).await.expect("a delta");
+    assert_eq!(seq, 1);
+    let seq_reply = a.call(Request::DeltaSeq).await;
+    assert_eq!(
+        Body::decode(Op::DeltaSeq, seq_reply.body).unwrap(),
+        Body::Seq { seq: 1 }
+    );
+
+    // Garbage is refused whole.
+    let bad = b_
+        .call(Request::ApplyDelta {
+            replica: 1,
+            delta: Bytes::from_static(&[1, 2, 0, 0]),
+        })
+        .await;
+    assert_eq!(bad.status, Status::BadDelta);
+    assert_eq!(counts(&mut b_, "t").await, (0, 0));
+
+    let applied = replica_body(
+        b_.call(Request::ApplyDelta {
+            replica: 1,
+            delta: delta.clone(),
+        })
+        .await,
+    );
+    assert_eq!(net(&applied), 2);
+    assert_eq!(applied.flags & 2, 2, "wakes the dispatcher");
+    // Idempotent: the same delta again changes nothing.
+    let again = replica_body(b_.call(Request::ApplyDelta { replica: 1, delta }).await);
+    assert!(again.changes.is_empty());
+    assert_eq!(counts(&mut b_, "t").await, (2, 2));
+
+    // An exit on A, and a full state: the differences only.
+    let exit = a.call(Request::Exit { owner: 2 }).await;
+    assert_eq!(exit.status, Status::Ok);
+    track(&mut a, 3, "u", "cid").await;
+    let (state_seq, chunks) = local_state(&mut a).await;
+    assert_eq!(state_seq, 1);
+    let synced = replica_body(b_.call(Request::SyncReplica { replica: 1, chunks }).await);
+    // `before` joins (it is in A's state), bob leaves, cid joins.
+    assert_eq!(net(&synced), 1);
+    assert_eq!(counts(&mut b_, "t").await, (2, 2));
+    assert_eq!(counts(&mut b_, "u").await, (1, 1));
+
+    let dropped = replica_body(b_.call(Request::DropReplica { replica: 1 }).await);
+    assert_eq!((dropped.dropped, net(&dropped)), (3, -3));
+    assert_eq!(counts(&mut b_, "t").await, (0, 0));
+    let stats = b_.call(Request::Stats).await;
+    let Body::Stats(s) = Body::decode(Op::Stats, stats.body).unwrap() else {
+        panic!()
+    };
+    assert_eq!((s.presences, s.replicas), (0, 0));
+
+    // A restarted sidecar resumes past the last seq: the next is later.
+    a.call(Request::SetReplicator { on: true, seq: 10 }).await;
+    track(&mut a, 1, "t", "later").await;
+    assert_eq!(take_delta(&mut a).await.unwrap().0, 11);
+    // Off: pending changes are dropped, nothing more is recorded.
+    track(&mut a, 1, "t", "off").await;
+    a.call(Request::SetReplicator { on: false, seq: 0 }).await;
+    assert_eq!(take_delta(&mut a).await, None);
+}
+
+#[tokio::test]
+async fn a_large_state_is_applied_in_steps_with_other_requests_between() {
+    let (mut a, _ta) = started().await;
+    let (mut b_, _tb) = started().await;
+    for i in 0..5_000u64 {
+        track(&mut a, i + 1, "big", &format!("k{i}")).await;
+    }
+    let (_, chunks) = local_state(&mut a).await;
+    let sync = b_.send(Request::SyncReplica { replica: 4, chunks }).await;
+    let count = b_.send(Request::Counts { topic: b("big") }).await;
+    let first = b_.recv().await;
+    let second = b_.recv().await;
+    // The count was answered while the state was still being applied.
+    assert_eq!((first.header.id, second.header.id), (count, sync));
+    assert_eq!(net(&replica_body(second)), 5_000);
+    assert_eq!(counts(&mut b_, "big").await, (5_000, 5_000));
+
+    // A bad chunk among good ones: nothing applied at all.
+    let (_, mut chunks) = local_state(&mut a).await;
+    chunks.push(Bytes::from_static(&[1, 9]));
+    let bad = b_.call(Request::SyncReplica { replica: 5, chunks }).await;
+    assert_eq!(bad.status, Status::BadDelta);
+    assert_eq!(counts(&mut b_, "big").await, (5_000, 5_000));
 }
