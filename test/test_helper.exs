@@ -25,7 +25,7 @@ end
 # The backend comes from DRAB_PRESENCE_BACKEND (Drab.PresenceCase.backend/0):
 # scripts/test runs the suite once per backend. Tests of NIF internals are
 # tagged :nif_only, the sidecar's own (crash recovery, frames) :sidecar_only;
-# cluster mode (:cluster) runs on the NIF only.
+# cluster mode (:cluster) runs on both, its peers on the same backend.
 backend = Drab.PresenceCase.backend()
 IO.puts("Backend: #{backend}")
 {:ok, presence} = Drab.Presence.start_link(diff_window: 20, backend: backend)
@@ -35,5 +35,5 @@ ExUnit.start(
   exclude:
     if(phoenix?, do: [], else: [:phoenix]) ++
       if(drab?, do: [], else: [:drab]) ++
-      if(backend == :nif, do: [:sidecar_only], else: [:nif_only, :cluster])
+      if(backend == :nif, do: [:sidecar_only], else: [:nif_only])
 )

@@ -136,6 +136,13 @@ defmodule Drab.Presence.ClusterRemote do
     end
   end
 
+  @doc "The OS pid of `module`'s sidecar on this node (backend: :sidecar)."
+  @spec sidecar_os_pid(module()) :: non_neg_integer() | nil
+  def sidecar_os_pid(module) do
+    %{table: table} = Drab.Presence.Runtime.fetch!(module)
+    Drab.Presence.Backend.Sidecar.os_pid(table)
+  end
+
   @doc "`{users, connections, list}` of `topic` on this node."
   @spec summary(module(), String.t()) :: {non_neg_integer(), non_neg_integer(), map()}
   def summary(module, topic) do

@@ -70,10 +70,6 @@ defmodule Drab.Presence.Cluster do
       opts[:cluster] == false ->
         nil
 
-      # A sidecar table is this node's alone: replication runs on the NIF.
-      opts[:backend] == :sidecar ->
-        nil
-
       opts[:pubsub_server] && Code.ensure_loaded?(Phoenix.PubSub) ->
         {:pubsub, opts[:pubsub_server]}
 
@@ -191,6 +187,24 @@ defmodule Drab.Presence.Cluster do
     # pg learns the new node's members a moment after nodeup; a hello then
     # makes the first sync not wait for a heartbeat.
     Process.send_after(self(), :hello, 100)
+    {:noreply, state}
+  end
+
+  # A sidecar backend's sidecar died and was replayed: what it held of the
+  # other nodes died with it. Every peer is synced anew (deltas wait until
+  # its state is in); a lost request is asked again after two heartbeats.
+  def handle_info(:drab_presence_replicas_lost, state) do
+    Logger.info("#{inspect(state.module)}: the sidecar restarted; resyncing every peer")
+    now = now()
+
+    replicas =
+      Map.new(state.replicas, fn
+        {name, %{status: :down} = replica} -> {name, replica}
+        {name, replica} -> {name, %{replica | status: :syncing, requested_at: now}}
+      end)
+
+    state = %{state | replicas: replicas}
+    broadcast(state, {:state_request, self(), me(state)})
     {:noreply, state}
   end
 

@@ -5,6 +5,8 @@ defmodule Drab.Presence.ClusterCaseTest do
   use Drab.Presence.ClusterCase
 
   @moduletag timeout: 120_000
+  # The helper does not depend on the backend: it runs on the NIF pass only.
+  @moduletag :nif_only
 
   test "this VM is a named node on 127.0.0.1" do
     assert Node.alive?()

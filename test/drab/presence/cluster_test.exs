@@ -3,6 +3,8 @@ defmodule Drab.Presence.ClusterTest do
   # :peer nodes, each running the same presence module. Every test runs
   # over :pg, and again through a Phoenix.PubSub server when phoenix_pubsub
   # is on the code path (tagged :phoenix, skipped with a message otherwise).
+  # Every node runs the suite's backend (DRAB_PRESENCE_BACKEND, passed to
+  # the peers in the module's options): scripts/test runs it once per backend.
   use Drab.Presence.ClusterCase
 
   alias Drab.Presence.{Cluster, ClusterRemote}
@@ -20,7 +22,8 @@ defmodule Drab.Presence.ClusterTest do
       setup context do
         module = Module.concat([__MODULE__, "P#{System.unique_integer([:positive])}"])
         pubsub = if unquote(transport) == :pubsub, do: Module.concat(module, PubSub)
-        opts = if pubsub, do: [pubsub_server: pubsub] ++ @opts, else: @opts
+        opts = [backend: Drab.PresenceCase.backend()] ++ @opts
+        opts = if pubsub, do: [pubsub_server: pubsub] ++ opts, else: opts
         {:ok, module: module, pubsub: pubsub, opts: opts, topic: "room:#{context.test}"}
       end
 
@@ -174,6 +177,37 @@ defmodule Drab.Presence.ClusterTest do
 
         :ok = call(b, :sys, :resume, [cluster_b])
         assert_everywhere([node()], ctx, users: 1, connections: 1)
+      end
+
+      @tag :sidecar_only
+      test "a sidecar killed -9 during tracking: both nodes converge to the live presences",
+           ctx do
+        [b] = start_peers(1)
+        for n <- [node(), b], do: start_presence(n, ctx)
+        owner_b = on(b, :owner, [ctx.module, ctx.topic, Enum.map(1..50, &"b#{&1}"), %{}])
+        assert_everywhere([node(), b], ctx, users: 50, connections: 50)
+        incarnation = call(b, Cluster, :replicas, [ctx.module]) |> Map.keys()
+
+        # This node's sidecar dies in the middle of 2,000 tracks, holding its
+        # replica of b and part of its own presences.
+        keys = Enum.map(1..2_000, &"a#{&1}")
+        tracker = Task.async(fn -> on(node(), :owner, [ctx.module, ctx.topic, keys, %{}]) end)
+        Process.sleep(5)
+        os_pid = on(node(), :sidecar_os_pid, [ctx.module])
+        {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
+        Task.await(tracker, 30_000)
+        assert on(node(), :sidecar_os_pid, [ctx.module]) != os_pid
+
+        # Changes on both sides after the restart: a join here, an exit there.
+        on(node(), :owner, [ctx.module, ctx.topic, ["a-after"], %{}])
+        send(owner_b, :stop)
+        on(b, :owner, [ctx.module, ctx.topic, ["b-after"], %{}])
+        assert_everywhere([node(), b], ctx, users: 2_002, connections: 2_002)
+        assert by_ref(list(b, ctx)) == by_ref(list(node(), ctx))
+
+        # Still the same replica for b: the same name, numbering going on.
+        assert call(b, Cluster, :replicas, [ctx.module]) |> Map.keys() == incarnation
+        assert [{_, %{status: :live}}] = Map.to_list(call(b, Cluster, :replicas, [ctx.module]))
       end
 
       test "a lost last delta is repaired by the next heartbeat", ctx do

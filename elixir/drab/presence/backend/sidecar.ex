@@ -174,7 +174,9 @@ defmodule Drab.Presence.Backend.Sidecar do
 
   @impl true
   def take_diffs(handle, max_topics) do
-    {0, <<queued::64, pending::64>>} = call(handle, :take_diffs, <<max_topics::32>>)
+    # The last byte (this node's delta started pending) is the port owner's.
+    {0, <<queued::64, pending::64, _delta_started>>} = call(handle, :take_diffs, <<max_topics::32>>)
+
     {queued, pending}
   end
 
@@ -199,8 +201,9 @@ defmodule Drab.Presence.Backend.Sidecar do
 
   @impl true
   def stats(handle) do
-    {0, <<presences::64, owners::64, topics::64, pending::64, queued::64, max::64, heap::64>>} =
-      call(handle, :stats, [])
+    {0,
+     <<presences::64, owners::64, topics::64, pending::64, queued::64, max::64, heap::64,
+       replicas::64>>} = call(handle, :stats, [])
 
     %{
       presences: presences,
@@ -209,37 +212,99 @@ defmodule Drab.Presence.Backend.Sidecar do
       pending_topics: pending,
       queued_parts: queued,
       max_meta_bytes: max,
-      nif_heap_bytes: heap
+      nif_heap_bytes: heap,
+      replicas: replicas
     }
   end
 
-  ## Cluster mode: the NIF's alone for now. Drab.Presence.Cluster.transport/1
-  ## starts no cluster process for a sidecar table, so these never run.
+  ## Cluster mode (Drab.Presence.Cluster), as the NIF's. The sidecar
+  ## records this node's deltas and applies other nodes'; what must outlive
+  ## a sidecar (incarnation, last seq, replica ids) is kept on this side,
+  ## in the handle's replication table, and the port owner hands it to a
+  ## restarted sidecar. The sidecar cannot message the replicator: the port
+  ## owner does, from take_diffs replies (see PortOwner).
 
   @impl true
-  def set_replicator(_handle, _pid), do: no_cluster()
-  @impl true
-  def delta_seq(_handle), do: no_cluster()
-  @impl true
-  def take_delta(_handle), do: no_cluster()
-  @impl true
-  def local_state(_handle), do: no_cluster()
-  @impl true
-  def apply_delta(_handle, _replica, _delta), do: no_cluster()
-  @impl true
-  def sync_replica(_handle, _replica, _deltas), do: no_cluster()
-  @impl true
-  def drop_replica(_handle, _replica), do: no_cluster()
-  @impl true
-  def replica_id(_handle, _name), do: no_cluster()
-  @impl true
-  def replica_ids(_handle), do: no_cluster()
-  @impl true
-  def forget_replica(_handle, _replica), do: no_cluster()
+  def set_replicator(%Handle{replication: replication} = handle, pid)
+      when is_pid(pid) or pid == nil do
+    :ets.insert(replication, {:replicator, pid})
+    [{:seq, seq}] = :ets.lookup(replication, :seq)
+    {0, _} = call(handle, :set_replicator, <<if(pid, do: 1, else: 0), seq::64>>)
+    [{:incarnation, incarnation}] = :ets.lookup(replication, :incarnation)
+    incarnation
+  end
 
-  defp no_cluster do
-    raise ArgumentError,
-          "cluster mode runs on the NIF backend only: a sidecar table is this node's alone"
+  @impl true
+  def delta_seq(handle) do
+    {0, <<seq::64>>} = call(handle, :delta_seq, [])
+    seq
+  end
+
+  @impl true
+  def take_delta(handle) do
+    case call(handle, :take_delta, []) do
+      {0, <<0>>} -> :none
+      {0, <<1, seq::64, delta::binary>>} -> {seq, delta}
+    end
+  end
+
+  @impl true
+  def local_state(handle) do
+    {0, <<seq::64>>, chunks} = call(handle, :local_state, [], &collect_state/3)
+    {seq, Enum.reverse(chunks)}
+  end
+
+  defp collect_state(7, chunk, acc), do: {7, [chunk | acc]}
+  defp collect_state(status, body, acc), do: {status, body, acc}
+
+  @impl true
+  def apply_delta(handle, replica, delta) when is_binary(delta),
+    do: replica_write(handle, :apply_delta, [<<replica::64>>, delta])
+
+  @impl true
+  def sync_replica(handle, replica, chunks) when is_list(chunks) do
+    body = [<<replica::64, length(chunks)::32>> | Enum.map(chunks, &Wire.str/1)]
+    replica_write(handle, :sync_replica, body)
+  end
+
+  @impl true
+  def drop_replica(handle, replica) do
+    {0, <<_flags, dropped::64, _changes::binary>>} = call(handle, :drop_replica, <<replica::64>>)
+    dropped
+  end
+
+  # Ids are made and kept here, not in the sidecar: they must outlive it,
+  # as the NIF's live as long as its table.
+  @impl true
+  def replica_id(%Handle{replication: replication}, name) when is_binary(name) do
+    case :ets.lookup(replication, {:id, name}) do
+      [{_, id}] ->
+        id
+
+      [] ->
+        id = :ets.update_counter(replication, :last_id, 1, {:last_id, 0})
+        :ets.insert(replication, {{:id, name}, id})
+        id
+    end
+  end
+
+  @impl true
+  def replica_ids(%Handle{replication: replication}),
+    do: :ets.select(replication, [{{{:id, :"$1"}, :"$2"}, [], [{{:"$1", :"$2"}}]}])
+
+  @impl true
+  def forget_replica(%Handle{replication: replication} = handle, replica) do
+    :ets.match_delete(replication, {{:id, :_}, replica})
+    {0, <<_flags, dropped::64, _changes::binary>>} = call(handle, :forget_replica, <<replica::64>>)
+    dropped
+  end
+
+  # The port owner counts what the write changed before the reply comes.
+  defp replica_write(handle, op, body) do
+    case call(handle, op, body) do
+      {0, _} -> :ok
+      {9, _} -> {:error, :bad_delta}
+    end
   end
 
   # The NIF refuses an oversized meta before encoding it when its size

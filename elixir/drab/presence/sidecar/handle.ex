@@ -13,9 +13,27 @@ defmodule Drab.Presence.Sidecar.Handle do
   #     last diff that is known delivered; their leaves are owed again
   #     after a restart;
   #   * counts: `{topic, users, connections}` and `{{topic, key}, n}`, so
-  #     that counting reads ETS (O(1)) instead of crossing the port.
+  #     that counting reads ETS (O(1)) instead of crossing the port;
+  #     replicated presences (cluster mode) count too;
+  #   * replication (cluster mode): `{:incarnation, uuid}` (made with the
+  #     handle: this table's replica name on other nodes), `{:replicator,
+  #     pid | nil}`, `{:seq, n}` (the last delta handed out), replica ids by
+  #     name (`{{:id, name}, id}`, `{:last_id, n}`), and `{{:remote, topic,
+  #     key}, n}`, the replicated presences counted, to uncount when a
+  #     sidecar dies with them. All of it outlives a sidecar: a restarted
+  #     one keeps this node's name and numbering (see PortOwner).
 
-  @enforce_keys [:id, :journal, :leaves, :counts, :max_meta, :monitors, :owner, :path]
+  @enforce_keys [
+    :id,
+    :journal,
+    :leaves,
+    :counts,
+    :replication,
+    :max_meta,
+    :monitors,
+    :owner,
+    :path
+  ]
   defstruct @enforce_keys
 
   @type t :: %__MODULE__{
@@ -23,6 +41,7 @@ defmodule Drab.Presence.Sidecar.Handle do
           journal: atom(),
           leaves: atom(),
           counts: atom(),
+          replication: atom(),
           max_meta: :atomics.atomics_ref(),
           monitors: tuple(),
           owner: atom(),
@@ -43,6 +62,7 @@ defmodule Drab.Presence.Sidecar.Handle do
       journal: name.(:journal),
       leaves: name.(:leaves),
       counts: name.(:counts),
+      replication: name.(:replication),
       max_meta: max_meta,
       monitors: List.to_tuple(for i <- 1..pool_size, do: name.("monitor#{i}")),
       owner: name.(:port_owner),
@@ -56,7 +76,18 @@ defmodule Drab.Presence.Sidecar.Handle do
     :ets.new(h.journal, [:ordered_set, :public, :named_table])
     :ets.new(h.leaves, [:ordered_set, :public, :named_table])
     :ets.new(h.counts, [:set, :public, :named_table, read_concurrency: true])
+    :ets.new(h.replication, [:set, :public, :named_table])
+    :ets.insert(h.replication, [{:incarnation, uuid()}, {:replicator, nil}, {:seq, 0}])
     :ok
+  end
+
+  # A random (v4) UUID, as the NIF names its tables (:rand is seeded from
+  # the node, the pid and the time; :crypto is not among our applications).
+  defp uuid do
+    <<a::48, _::4, b::12, _::2, c::62>> = for _ <- 1..16, into: <<>>, do: <<:rand.uniform(256) - 1>>
+    hex = Base.encode16(<<a::48, 4::4, b::12, 2::2, c::62>>, case: :lower)
+    <<p1::binary-8, p2::binary-4, p3::binary-4, p4::binary-4, p5::binary-12>> = hex
+    Enum.join([p1, p2, p3, p4, p5], "-")
   end
 
   @doc "The monitor process in charge of `owner`."

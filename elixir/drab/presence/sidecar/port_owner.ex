@@ -35,6 +35,9 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   @take_diffs 24
   @ack_part 26
   @set_dispatcher 3
+  @take_delta 42
+  @apply_delta 44
+  @forget_replica 47
 
   @doc false
   @spec child_spec({Handle.t(), keyword()}) :: Supervisor.child_spec()
@@ -118,15 +121,47 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
     with :ok <- handshake(port),
          :ok <- sync(port, Wire.op(:configure), configuration(state)),
+         :ok <- resume_replication(state),
          {:ok, state} <- replay(state) do
       if state.dispatcher, do: set_dispatcher(state)
       Handle.publish(state.handle, epoch, port)
       for name <- Tuple.to_list(state.handle.monitors), do: send(name, :sidecar_ready)
+      replicas_lost(state)
       {:ok, state}
     else
       {:error, message} ->
         close(port)
         {:error, message}
+    end
+  end
+
+  # Cluster mode across a sidecar's death. Its replicas of other nodes died
+  # with it: their counts go, and the replicator resyncs every peer once
+  # the new sidecar is up. This node's own numbering goes on past the last
+  # delta handed out, skipping one: peers see a gap (or a heartbeat ahead
+  # of what they applied) and resync this node's full state, which holds
+  # the replayed presences under their new refs.
+  defp resume_replication(%{handle: h} = state) do
+    for {{:remote, topic, key}, n} <- :ets.match_object(h.replication, {{:remote, :_, :_}, :_}) do
+      count_by(h.counts, topic, key, -n)
+    end
+
+    :ets.match_delete(h.replication, {{:remote, :_, :_}, :_})
+
+    case :ets.lookup(h.replication, :replicator) do
+      [{:replicator, pid}] when is_pid(pid) ->
+        seq = :ets.update_counter(h.replication, :seq, 1)
+        sync(state.port, Wire.op(:set_replicator), <<1, seq::64>>)
+
+      _ ->
+        :ok
+    end
+  end
+
+  defp replicas_lost(%{handle: h, epoch: epoch}) do
+    case :ets.lookup(h.replication, :replicator) do
+      [{:replicator, pid}] when is_pid(pid) and epoch > 1 -> send(pid, :drab_presence_replicas_lost)
+      _ -> :ok
     end
   end
 
@@ -371,9 +406,34 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   # Removals up to here are in the diffs this take moved to the outbox,
   # unless topics were left pending (those may hold some of them).
-  defp journal(@take_diffs, _to, <<queued::64, pending::64>>, state) do
+  #
+  # A take that started this node's delta pending (cluster mode) wakes the
+  # replicator, as the NIF does itself.
+  defp journal(@take_diffs, _to, <<queued::64, pending::64, delta_started>>, state) do
     taken = if state.outbox_empty? and pending == 0, do: state.seq, else: state.taken
+
+    if delta_started == 1 do
+      case :ets.lookup(state.handle.replication, :replicator) do
+        [{:replicator, pid}] when is_pid(pid) -> send(pid, :drab_presence_delta)
+        _ -> :ok
+      end
+    end
+
     %{state | taken: taken, outbox_empty?: queued == 0}
+  end
+
+  # The last seq handed out, for a restarted sidecar to go on from.
+  defp journal(@take_delta, _to, <<1, seq::64, _delta::binary>>, state) do
+    :ets.insert(state.handle.replication, {:seq, seq})
+    state
+  end
+
+  # Replicated presences joined or left: counted as local ones are, and
+  # remembered, to be uncounted should the sidecar die with them.
+  defp journal(op, _to, <<flags, _dropped::64, n::32, changes::binary>>, state)
+       when op in @apply_delta..@forget_replica do
+    count_changes(state.handle, n, changes)
+    wake(flags, state)
   end
 
   defp journal(@ack_part, _to, <<empty>>, state) do
@@ -441,6 +501,48 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       end
 
     case :ets.update_counter(counts, topic, [{2, -users}, {3, -1}]) do
+      [_, 0] -> :ets.delete(counts, topic)
+      _ -> :ok
+    end
+  end
+
+  defp count_changes(_handle, 0, <<>>), do: :ok
+
+  defp count_changes(
+         h,
+         n,
+         <<tl::32, topic::binary-size(tl), kl::32, key::binary-size(kl), change::signed-64,
+           rest::binary>>
+       ) do
+    {topic, key} = {:binary.copy(topic), :binary.copy(key)}
+    count_by(h.counts, topic, key, change)
+
+    if :ets.update_counter(h.replication, {:remote, topic, key}, change, {{:remote, topic, key}, 0}) ==
+         0,
+       do: :ets.delete(h.replication, {:remote, topic, key})
+
+    count_changes(h, n - 1, rest)
+  end
+
+  # `change` presences more (or fewer) under one key at once.
+  defp count_by(counts, topic, key, change) do
+    key = listed(key)
+    now = :ets.update_counter(counts, {topic, key}, change, {{topic, key}, 0})
+
+    users =
+      cond do
+        now == 0 ->
+          :ets.delete(counts, {topic, key})
+          -1
+
+        now == change ->
+          1
+
+        true ->
+          0
+      end
+
+    case :ets.update_counter(counts, topic, [{2, users}, {3, change}], {topic, 0, 0}) do
       [_, 0] -> :ets.delete(counts, topic)
       _ -> :ok
     end

@@ -4,7 +4,9 @@ defmodule Drab.Presence.Sidecar.Wire do
   # protocol.rs documents it): op and status codes, and local pids as the
   # u64 the sidecar keys owners and reply addresses by.
 
-  @version 1
+  # 2: cluster mode (replication ops 40..47, status 9 bad_delta, a
+  # delta_started byte in take_diffs replies, replicas in stats).
+  @version 2
 
   @ops %{
     hello: 1,
@@ -23,7 +25,15 @@ defmodule Drab.Presence.Sidecar.Wire do
     ack_part: 26,
     stats: 27,
     replay: 32,
-    recovery_leaves: 33
+    recovery_leaves: 33,
+    set_replicator: 40,
+    delta_seq: 41,
+    take_delta: 42,
+    local_state: 43,
+    apply_delta: 44,
+    sync_replica: 45,
+    drop_replica: 46,
+    forget_replica: 47
   }
 
   @doc "The protocol version this library speaks."
@@ -43,6 +53,7 @@ defmodule Drab.Presence.Sidecar.Wire do
   def reason(5), do: :meta_too_large
   def reason(6), do: :bad_frame
   def reason(8), do: :refused
+  def reason(9), do: :bad_delta
 
   @doc """
   A local pid as a u64, `serial <<< 32 ||| number`: unique among live local
