@@ -193,10 +193,13 @@ defmodule Drab.Presence.ClusterTest do
         keys = Enum.map(1..2_000, &"a#{&1}")
         tracker = Task.async(fn -> on(node(), :owner, [ctx.module, ctx.topic, keys, %{}]) end)
         Process.sleep(5)
+        {_, tracked_at_kill} = counts(node(), ctx)
         os_pid = on(node(), :sidecar_os_pid, [ctx.module])
         {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
         Task.await(tracker, 30_000)
         assert on(node(), :sidecar_os_pid, [ctx.module]) != os_pid
+        # The 2,000 tracks take about 60 ms: the kill came in their middle.
+        assert tracked_at_kill < 2_050
 
         # Changes on both sides after the restart: a join here, an exit there.
         on(node(), :owner, [ctx.module, ctx.topic, ["a-after"], %{}])
