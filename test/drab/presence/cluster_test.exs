@@ -15,6 +15,17 @@ defmodule Drab.Presence.ClusterTest do
   # Short periods, so that losses and repairs show within a test.
   @opts [diff_window: 20, heartbeat_period: 200, down_period: 2_000, permdown_period: 4_000]
 
+  # Drab.Presence (test_helper) started before this VM was made distributed,
+  # which renamed its pids: the sidecar's replies must still reach callers.
+  test "a table started before the VM became distributed still answers" do
+    assert Node.alive?()
+    owner = spawn(fn -> Process.sleep(:infinity) end)
+    topic = "distributed-after:#{System.unique_integer([:positive])}"
+    assert {:ok, _} = Drab.Presence.track(owner, topic, "k", %{})
+    assert Drab.Presence.count_connections(topic) == 1
+    Process.exit(owner, :kill)
+  end
+
   for transport <- [:pg, :pubsub] do
     describe "over #{transport}" do
       if transport == :pubsub, do: @describetag(:phoenix)

@@ -29,7 +29,14 @@ defmodule Drab.Presence.Sidecar.Monitors do
 
   @impl true
   def init({handle, index}) do
-    state = %{handle: handle, template: Wire.pid_template(), monitors: %{}, queued: []}
+    state = %{
+      handle: handle,
+      template: Wire.pid_template(),
+      template_node: node(),
+      monitors: %{},
+      queued: []
+    }
+
     # A restarted monitor takes over the owners the journal holds: its
     # predecessor's monitors died with it.
     owners =
@@ -75,6 +82,7 @@ defmodule Drab.Presence.Sidecar.Monitors do
     if Map.has_key?(state.monitors, owner) do
       state
     else
+      state = Wire.fresh_template(state)
       ref = Process.monitor(Wire.id_pid(state.template, owner))
       %{state | monitors: Map.put(state.monitors, owner, ref)}
     end

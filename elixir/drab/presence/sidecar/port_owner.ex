@@ -59,6 +59,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     state = %{
       handle: handle,
       template: Wire.pid_template(),
+      template_node: node(),
       port: nil,
       epoch: epoch,
       dispatcher: nil,
@@ -77,7 +78,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   @impl true
   def handle_info({port, {:data, frame}}, %{port: port} = state),
-    do: {:noreply, reply(frame, state)}
+    do: {:noreply, reply(frame, Wire.fresh_template(state))}
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state),
     do: restart(state, "exited with status #{status}")
@@ -95,6 +96,8 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   end
 
   defp restart(state, why) do
+    state = Wire.fresh_template(state)
+
     Logger.error("Drab.Presence sidecar #{why}; restarting it and replaying its presences")
 
     case start_sidecar(%{state | port: nil}) do

@@ -78,6 +78,18 @@ defmodule Drab.Presence.Sidecar.Wire do
     {prefix, creation}
   end
 
+  @doc """
+  `state` (a map with `:template` and `:template_node`) with a template for
+  this node as it is named now: a VM made distributed after a table started
+  (`Node.start/2`, or the multi-node tests) renames its pids, and a stale
+  template makes pids of a node that does not exist, so replies go nowhere.
+  """
+  @spec fresh_template(map()) :: map()
+  def fresh_template(%{template_node: node} = state) when node == node(), do: state
+
+  def fresh_template(state),
+    do: Map.merge(state, %{template: pid_template(), template_node: node()})
+
   @doc "The local pid of an id from `pid_id/1`."
   @spec id_pid({binary(), binary()}, non_neg_integer()) :: pid()
   def id_pid({prefix, creation}, id) do
