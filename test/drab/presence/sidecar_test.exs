@@ -104,6 +104,32 @@ defmodule Drab.Presence.SidecarTest do
     Enum.each(workers, &send(&1, :done))
   end
 
+  # The port owner sends watches a millisecond late, in batches: one killed
+  # right after a burst of tracks dies with some unsent, and the owners of
+  # those presences must still leave when they exit.
+  test "a port owner killed before sending its watches: owners still leave when they exit" do
+    topic = "watch:#{System.unique_integer([:positive])}"
+    owners = for _ <- 1..2_000, do: spawn_owner()
+
+    tasks =
+      for chunk <- Enum.chunk_every(owners, 500) do
+        Task.async(fn ->
+          for {owner, i} <- Enum.with_index(chunk),
+              do: {:ok, _} = Crashy.track(owner, topic, "u#{i}", %{})
+        end)
+      end
+
+    Enum.each(tasks, &Task.await/1)
+    Process.exit(Process.whereis(handle().owner), :kill)
+
+    wait_until(fn ->
+      Crashy.count_connections(topic) == 2_000 and Sidecar.os_pid(handle()) != nil
+    end)
+
+    Enum.each(owners, &Process.exit(&1, :kill))
+    wait_until(fn -> Crashy.list(topic) == %{} and Crashy.count_connections(topic) == 0 end, 300)
+  end
+
   defp tables_equal?(model) do
     Enum.all?(@topics, fn topic ->
       expected =

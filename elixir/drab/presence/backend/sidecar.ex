@@ -85,9 +85,12 @@ defmodule Drab.Presence.Backend.Sidecar do
   # The OS pid of the running sidecar, for tests and benches that kill it.
   @spec os_pid(Handle.t()) :: non_neg_integer() | nil
   def os_pid(%Handle{} = handle) do
-    case Handle.current(handle) do
-      {_, nil} -> nil
-      {_, port} -> port |> Port.info(:os_pid) |> elem(1)
+    with {_, port} when port != nil <- Handle.current(handle),
+         {:os_pid, os_pid} <- Port.info(port, :os_pid) do
+      os_pid
+    else
+      # Restarting, or closed with a port owner killed and not restarted yet.
+      _ -> nil
     end
   end
 

@@ -5,10 +5,13 @@ defmodule Drab.Presence.Sidecar.Monitors do
   # pool by hash: no process per presence, and no single process taking
   # every DOWN of a mass disconnect.
   #
-  # The port owner sends `{:watch, owner}` when the sidecar says an owner
-  # got its first presence, and `{:unwatch, owner}` when its last one went;
-  # both come from one process in the sidecar's own order, so they never
-  # cross. On DOWN, this process writes the exit straight to the port.
+  # The port owner sends `{:watches, [{:watch | :unwatch, owner}]}`: a
+  # watch when the sidecar says an owner got its first presence, an
+  # unwatch when its last one went, in the sidecar's own order (one
+  # process sends them all), so they never cross. A started port owner
+  # sends `:watch_journal`: its predecessor may have died with watches it
+  # had not sent yet. On DOWN, this process writes the exit straight to
+  # the port.
   # While the sidecar restarts, exits wait here and go once it is back
   # (`:sidecar_ready`).
   use GenServer
@@ -39,26 +42,25 @@ defmodule Drab.Presence.Sidecar.Monitors do
 
     # A restarted monitor takes over the owners the journal holds: its
     # predecessor's monitors died with it.
-    owners =
-      :ets.select(handle.journal, [{{{:"$1", :_, :_}, :_, :_}, [], [:"$1"]}])
-      |> Enum.dedup()
-      |> Enum.filter(&(Handle.monitor_for(handle, &1) == elem(handle.monitors, index)))
+    {:ok, watch_journal(state, elem(handle.monitors, index))}
+  end
 
-    {:ok, Enum.reduce(owners, state, &watch/2)}
+  defp watch_journal(state, name) do
+    :ets.select(state.handle.journal, [{{{:"$1", :_, :_}, :_, :_}, [], [:"$1"]}])
+    |> Enum.dedup()
+    |> Enum.filter(&(Handle.monitor_for(state.handle, &1) == name))
+    |> Enum.reduce(Wire.fresh_template(state), &watch/2)
   end
 
   @impl true
-  def handle_info({:watch, owner}, state), do: {:noreply, watch(owner, state)}
+  def handle_info({:watches, changes}, state) do
+    state = Wire.fresh_template(state)
+    {:noreply, Enum.reduce(changes, state, &change/2)}
+  end
 
-  def handle_info({:unwatch, owner}, state) do
-    case Map.pop(state.monitors, owner) do
-      {nil, _} ->
-        {:noreply, state}
-
-      {ref, monitors} ->
-        Process.demonitor(ref, [:flush])
-        {:noreply, %{state | monitors: monitors}}
-    end
+  def handle_info(:watch_journal, state) do
+    {:registered_name, name} = Process.info(self(), :registered_name)
+    {:noreply, watch_journal(state, name)}
   end
 
   def handle_info({:DOWN, ref, :process, pid, _reason}, state) do
@@ -78,11 +80,23 @@ defmodule Drab.Presence.Sidecar.Monitors do
 
   def handle_info(_other, state), do: {:noreply, state}
 
+  defp change({:watch, owner}, state), do: watch(owner, state)
+
+  defp change({:unwatch, owner}, state) do
+    case Map.pop(state.monitors, owner) do
+      {nil, _} ->
+        state
+
+      {ref, monitors} ->
+        Process.demonitor(ref, [:flush])
+        %{state | monitors: monitors}
+    end
+  end
+
   defp watch(owner, state) do
     if Map.has_key?(state.monitors, owner) do
       state
     else
-      state = Wire.fresh_template(state)
       ref = Process.monitor(Wire.id_pid(state.template, owner))
       %{state | monitors: Map.put(state.monitors, owner, ref)}
     end

@@ -13,6 +13,13 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # skip), this process starts a new one and replays the journal into it,
   # while callers wait for the new port; requests that got no reply are
   # sent again by their callers.
+  #
+  # Owners to watch or unwatch are gathered and go to each monitor process
+  # as one list a millisecond after the first: a burst of tracks costs a
+  # monitor one message (and one wake-up) per millisecond, not one per
+  # owner. A list keeps the sidecar's order, so a watch and an unwatch of
+  # one owner never cross; an owner that dies before it is watched gets
+  # its DOWN at once when it is.
   use GenServer
   require Logger
 
@@ -26,6 +33,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   @changed 4
 
   @replay_batch 2_000
+  @watch_delay_ms 1
   @handshake_timeout 10_000
 
   @track 16
@@ -67,18 +75,30 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       # leaves are known to have been broadcast.
       seq: 0,
       taken: nil,
-      outbox_empty?: true
+      outbox_empty?: true,
+      # Monitor process => its `{:watch | :unwatch, owner}`, newest first.
+      watches: %{}
     }
 
     case start_sidecar(state) do
-      {:ok, state} -> {:ok, state}
-      {:error, message} -> {:stop, message}
+      {:ok, state} ->
+        # Watches a predecessor gathered and did not send died with it;
+        # the journal has their owners.
+        if epoch > 0,
+          do: for(name <- Tuple.to_list(handle.monitors), do: send(name, :watch_journal))
+
+        {:ok, state}
+
+      {:error, message} ->
+        {:stop, message}
     end
   end
 
   @impl true
   def handle_info({port, {:data, frame}}, %{port: port} = state),
     do: {:noreply, reply(frame, Wire.fresh_template(state))}
+
+  def handle_info(:send_watches, state), do: {:noreply, send_watches(state)}
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state),
     do: restart(state, "exited with status #{status}")
@@ -88,6 +108,21 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   def handle_info(_other, state), do: {:noreply, state}
 
+  defp watch(state, owner, change) do
+    if state.watches == %{}, do: Process.send_after(self(), :send_watches, @watch_delay_ms)
+    monitor = Handle.monitor_for(state.handle, owner)
+
+    %{
+      state
+      | watches: Map.update(state.watches, monitor, [{change, owner}], &[{change, owner} | &1])
+    }
+  end
+
+  defp send_watches(state) do
+    for {monitor, changes} <- state.watches, do: send(monitor, {:watches, Enum.reverse(changes)})
+    %{state | watches: %{}}
+  end
+
   @impl true
   def terminate(_reason, state) do
     Handle.publish(state.handle, state.epoch + 1, nil)
@@ -96,7 +131,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   end
 
   defp restart(state, why) do
-    state = Wire.fresh_template(state)
+    state = state |> Wire.fresh_template() |> send_watches()
 
     Logger.error("Drab.Presence sidecar #{why}; restarting it and replaying its presences")
 
@@ -354,9 +389,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     :ets.insert(state.handle.journal, {{owner, topic, key}, ref, meta})
     count(state.handle.counts, topic, key)
 
-    if band(flags, @new_owner) != 0,
-      do: send(Handle.monitor_for(state.handle, owner), {:watch, owner})
-
+    state = if band(flags, @new_owner) != 0, do: watch(state, owner, :watch), else: state
     wake(flags, state)
   end
 
@@ -368,9 +401,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
         do: remove(state, {owner, topic, key}),
         else: state
 
-    if band(flags, @released) != 0,
-      do: send(Handle.monitor_for(state.handle, owner), {:unwatch, owner})
-
+    state = if band(flags, @released) != 0, do: watch(state, owner, :unwatch), else: state
     wake(flags, state)
   end
 
