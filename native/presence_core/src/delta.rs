@@ -19,11 +19,17 @@
 //! Decoding never panics: anything malformed is a [`DeltaError`], found by
 //! [`validate`] before a single record is applied.
 
+use crate::diff::TopicDiff;
 use crate::etf;
-use crate::registry::{Presence, Ref};
+use crate::registry::{Bytes, Presence, Ref};
 use crate::replica::RemoteJoin;
+use crate::Snapshot;
 
 pub const VERSION: u8 = 1;
+
+/// Bytes of full state per chunk: a joining node applies one while the
+/// next is still on the wire.
+pub const STATE_CHUNK_BYTES: usize = 256 * 1024;
 
 const TOPIC: u8 = 1;
 const JOIN: u8 = 2;
@@ -121,6 +127,76 @@ impl DeltaWriter {
         }
         self.records += 1;
     }
+}
+
+/// This node's side of replication: its changes waiting to go out as the
+/// next delta, and the number of the last delta handed out. Both backends
+/// keep one with their table.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    pending: DeltaWriter,
+    seq: u64,
+}
+
+impl Outgoing {
+    /// Adds this node's changes among `diffs` (in their operation order).
+    /// Returns whether they are the first to wait: the replicator is then
+    /// told to take them.
+    pub fn record<O, M: AsRef<[u8]>>(&mut self, diffs: &[TopicDiff<O, M>]) -> bool {
+        let was_empty = self.pending.is_empty();
+        for diff in diffs {
+            diff.write_delta(&mut self.pending);
+        }
+        was_empty && !self.pending.is_empty()
+    }
+
+    /// The changes recorded since the last take, as the next numbered
+    /// delta, or `None` when there are none.
+    pub fn take(&mut self) -> Option<(u64, Vec<u8>)> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        self.seq += 1;
+        Some((self.seq, self.pending.take()))
+    }
+
+    /// Forgets what is pending (replication switched off).
+    pub fn discard(&mut self) {
+        self.pending.take();
+    }
+
+    /// The number of the last delta handed out.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Numbers deltas on from `seq` at least: a table that replaces a dead
+    /// one (the sidecar's) goes on where its predecessor stopped.
+    pub fn resume_after(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
+    }
+}
+
+/// The local presences of `snapshots` (replicas' are theirs to send), as
+/// deltas of joins of about `max_bytes` each: a full state, in chunks.
+pub fn state_chunks<O, M: AsRef<[u8]>>(
+    snapshots: &[(Bytes, Snapshot<Presence<O, M>>)],
+    max_bytes: usize,
+) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    let mut writer = DeltaWriter::new();
+    for (topic, snapshot) in snapshots {
+        for presence in snapshot.iter().filter(|p| p.is_local()) {
+            writer.join(topic, presence);
+            if writer.len() >= max_bytes {
+                chunks.push(writer.take());
+            }
+        }
+    }
+    if !writer.is_empty() {
+        chunks.push(writer.take());
+    }
+    chunks
 }
 
 fn write_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -275,6 +351,107 @@ mod tests {
             phx_ref,
             prev_ref,
         }
+    }
+
+    type TestRegistry = crate::Registry<u32, Vec<u8>, ()>;
+
+    fn joined_keys(delta: &[u8]) -> Vec<Vec<u8>> {
+        DeltaReader::new(delta)
+            .unwrap()
+            .filter_map(|record| match record.unwrap() {
+                Record::Join(join) => Some(join.key.to_vec()),
+                Record::Leave(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn outgoing_numbers_each_delta_and_says_when_changes_start_waiting() {
+        let mut registry = TestRegistry::new(7);
+        let mut outgoing = Outgoing::default();
+        assert_eq!(outgoing.take(), None);
+
+        registry
+            .track(1, b"t", b"a", META.to_vec(), || Some(()))
+            .unwrap();
+        assert!(outgoing.record(&registry.take_diffs(usize::MAX, usize::MAX)));
+        registry
+            .track(1, b"t", b"b", META.to_vec(), || Some(()))
+            .unwrap();
+        assert!(!outgoing.record(&registry.take_diffs(usize::MAX, usize::MAX)));
+
+        let (seq, delta) = outgoing.take().unwrap();
+        assert_eq!((seq, outgoing.seq()), (1, 1));
+        assert_eq!(joined_keys(&delta), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(outgoing.take(), None, "nothing twice");
+
+        // A replica's presence is not this node's to send.
+        registry.replica_join(
+            3,
+            RemoteJoin {
+                topic: b"t",
+                key: b"r",
+                meta: META.to_vec(),
+                phx_ref: 99,
+                prev_ref: None,
+            },
+        );
+        assert!(!outgoing.record(&registry.take_diffs(usize::MAX, usize::MAX)));
+
+        registry
+            .track(2, b"t", b"c", META.to_vec(), || Some(()))
+            .unwrap();
+        outgoing.record(&registry.take_diffs(usize::MAX, usize::MAX));
+        outgoing.discard();
+        assert_eq!(outgoing.take(), None);
+
+        outgoing.resume_after(41);
+        outgoing.resume_after(5);
+        registry.untrack(2, b"t", b"c");
+        assert!(outgoing.record(&registry.take_diffs(usize::MAX, usize::MAX)));
+        assert_eq!(outgoing.take().map(|(seq, _)| seq), Some(42));
+    }
+
+    #[test]
+    fn state_chunks_hold_every_local_presence_once_in_bounded_chunks() {
+        let mut registry = TestRegistry::new(7);
+        for i in 0..300u32 {
+            let topic = format!("t{}", i % 3);
+            let key = format!("k{i}");
+            registry
+                .track(i, topic.as_bytes(), key.as_bytes(), META.to_vec(), || {
+                    Some(())
+                })
+                .unwrap();
+        }
+        registry.replica_join(
+            3,
+            RemoteJoin {
+                topic: b"t0",
+                key: b"remote",
+                meta: META.to_vec(),
+                phx_ref: 99,
+                prev_ref: None,
+            },
+        );
+        let snapshots = registry.observed_snapshots();
+
+        let chunks = state_chunks(&snapshots, 1_000);
+        assert!(chunks.len() > 1);
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for chunk in &chunks {
+            // A chunk ends with the join that took it past the bound.
+            assert!(chunk.len() < 1_000 + 64, "chunk of {} bytes", chunk.len());
+            assert!(validate(chunk).is_ok());
+            keys.extend(joined_keys(chunk));
+        }
+        keys.sort();
+        let mut expected: Vec<Vec<u8>> = (0..300).map(|i| format!("k{i}").into_bytes()).collect();
+        expected.sort();
+        assert_eq!(keys, expected);
+
+        assert_eq!(state_chunks(&snapshots, usize::MAX).len(), 1);
+        assert!(state_chunks::<u32, Vec<u8>>(&[], 1_000).is_empty());
     }
 
     #[test]

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use parking_lot::MutexGuard;
 use presence_core::delta::{self, DeltaError, DeltaReader, Record};
 use presence_core::{RemoteJoin, ReplicaId, TopicDiff};
-use rustler::types::{Binary, OwnedBinary};
+use rustler::types::Binary;
 use rustler::{Encoder, Env, LocalPid, ResourceArc, Term};
 
 use crate::atoms;
+use crate::encode::bytes_term;
 use crate::table::{Meta, Table};
 
 /// Records applied per hold of the lock (tens of microseconds).
@@ -22,10 +23,6 @@ const APPLY_CHUNK: usize = 256;
 /// A delta with more records than this is applied on a dirty scheduler.
 const INLINE_APPLY_RECORDS: usize = APPLY_CHUNK;
 
-/// Bytes of full state per binary sent: a joining node applies one while
-/// the next is still on the wire.
-const STATE_CHUNK_BYTES: usize = 256 * 1024;
-
 /// Adds this node's changes in `diffs` to the pending delta, in cluster
 /// mode, and tells the replicator when they are the first to wait.
 pub(crate) fn record(env: Env, table: &Table, diffs: &[TopicDiff<LocalPid, Meta>]) {
@@ -33,11 +30,7 @@ pub(crate) fn record(env: Env, table: &Table, diffs: &[TopicDiff<LocalPid, Meta>
     let Some(replicator) = replication.replicator else {
         return;
     };
-    let was_empty = replication.pending.is_empty();
-    for diff in diffs {
-        diff.write_delta(&mut replication.pending);
-    }
-    if was_empty && !replication.pending.is_empty() {
+    if replication.outgoing.record(diffs) {
         // A dead replicator is fine: its successor takes the delta on start.
         let _ = env.send(&replicator, atoms::drab_presence_delta());
     }
@@ -54,31 +47,27 @@ fn replication_set_replicator<'a>(
 ) -> Term<'a> {
     let mut replication = table.replication.lock();
     if pid.is_none() {
-        replication.pending.take();
+        replication.outgoing.discard();
     }
     replication.replicator = pid;
-    crate::encode::bytes_term(env, table.incarnation.hyphenated().to_string().as_bytes())
+    bytes_term(env, table.incarnation.hyphenated().to_string().as_bytes())
 }
 
 /// The seq of the last delta handed out: heartbeats carry it, so that a
 /// peer notices a lost delta even when no other follows.
 #[rustler::nif]
 fn replication_delta_seq(table: ResourceArc<Table>) -> u64 {
-    table.replication.lock().seq
+    table.replication.lock().outgoing.seq()
 }
 
 /// This node's changes since the last delta, as `{seq, delta}`, or `:none`.
 #[rustler::nif]
 fn replication_take_delta(env: Env, table: ResourceArc<Table>) -> Term {
-    let mut replication = table.replication.lock();
-    if replication.pending.is_empty() {
-        return atoms::none().encode(env);
+    let taken = table.replication.lock().outgoing.take();
+    match taken {
+        Some((seq, delta)) => (seq, bytes_term(env, &delta)).encode(env),
+        None => atoms::none().encode(env),
     }
-    replication.seq += 1;
-    let seq = replication.seq;
-    let bytes = replication.pending.take();
-    drop(replication);
-    (seq, binary_term(env, &bytes)).encode(env)
 }
 
 /// Every presence of this node's processes, as `{seq, [delta]}`: applied
@@ -92,21 +81,12 @@ fn replication_local_state(env: Env, table: ResourceArc<Table>) -> Term {
         // against every delta handed out.
         let replication = table.replication.lock();
         let snapshots = table.lock().registry.observed_snapshots();
-        (replication.seq, snapshots)
+        (replication.outgoing.seq(), snapshots)
     };
-    let mut chunks = Vec::new();
-    let mut writer = delta::DeltaWriter::new();
-    for (topic, snapshot) in &snapshots {
-        for presence in snapshot.iter().filter(|p| p.is_local()) {
-            writer.join(topic, presence);
-            if writer.len() >= STATE_CHUNK_BYTES {
-                chunks.push(binary_term(env, &writer.take()));
-            }
-        }
-    }
-    if !writer.is_empty() {
-        chunks.push(binary_term(env, &writer.take()));
-    }
+    let chunks: Vec<Term> = delta::state_chunks(&snapshots, delta::STATE_CHUNK_BYTES)
+        .iter()
+        .map(|chunk| bytes_term(env, chunk))
+        .collect();
     (seq, chunks).encode(env)
 }
 
@@ -279,10 +259,4 @@ fn owned<'a>(join: RemoteJoin<'a, &'a [u8]>) -> RemoteJoin<'a, Meta> {
 /// way it is malformed is no use to the sender, who simply resyncs.
 fn bad_delta(env: Env, _error: DeltaError) -> Term {
     (atoms::error(), atoms::bad_delta()).encode(env)
-}
-
-fn binary_term<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
-    let mut binary = OwnedBinary::new(bytes.len());
-    binary.as_mut_slice().copy_from_slice(bytes);
-    binary.release(env).encode(env)
 }

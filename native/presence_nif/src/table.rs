@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 
-use presence_core::delta::DeltaWriter;
+use presence_core::delta::Outgoing;
 use presence_core::{etf, Change, CoreError, PartLimits, Registry, Removed, Snapshot, Update};
 use rustler::{
     Binary, Encoder, Env, LocalPid, Monitor, NifResult, OwnedEnv, Resource, ResourceArc, Term,
@@ -144,9 +144,7 @@ pub(crate) struct Replication {
     /// Told (`:drab_presence_delta`) when changes start waiting; `None`
     /// outside cluster mode, when no delta is recorded at all.
     pub(crate) replicator: Option<LocalPid>,
-    pub(crate) pending: DeltaWriter,
-    /// The seq of the last delta handed out.
-    pub(crate) seq: u64,
+    pub(crate) outgoing: Outgoing,
     /// The replica id of each peer (by its name, as the replicator encodes
     /// it), kept with the table so that a restarted replicator finds which
     /// presences are whose.

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use futures::{FutureExt, SinkExt, StreamExt};
+use presence_core::delta;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -22,9 +23,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::protocol::{
     decode_header, Body, Envelope, Header, Op, Reply, Request, Status, MAX_FRAME, VERSION,
 };
-use crate::store::{
-    listing_chunks, state_chunks, Entry, Job, Listing, Outcome, Store, CHUNK_PRESENCES,
-};
+use crate::store::{listing_chunks, Entry, Job, Listing, Outcome, Store, CHUNK_PRESENCES};
 
 /// Replication writes in progress, oldest first, with whom to answer.
 type Jobs = VecDeque<(Op, Header, Job)>;
@@ -367,7 +366,7 @@ fn send_state(
     seq: u64,
     snapshots: &[(presence_core::Bytes, presence_core::Snapshot<Entry>)],
 ) {
-    for chunk in state_chunks(snapshots) {
+    for chunk in delta::state_chunks(snapshots, delta::STATE_CHUNK_BYTES) {
         let body = Body::StateChunk {
             chunk: chunk.into(),
         };

@@ -17,7 +17,7 @@ use presence_core::{etf, CoreError, Holder, PartLimits, Presence, Registry, Snap
 use crate::protocol::{flags, Body, LeaveEntry, PartBody, ReplayEntry, Stats, Status};
 
 mod replication;
-pub use replication::{state_chunks, Job, APPLY_CHUNK};
+pub use replication::{Job, APPLY_CHUNK};
 
 /// A meta as `term_to_binary/1` encoded it.
 pub type Meta = Arc<[u8]>;

@@ -19,26 +19,21 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use presence_core::delta::{self, DeltaReader, DeltaWriter, Record};
+use presence_core::delta::{self, DeltaReader, Outgoing, Record};
 use presence_core::{Departure, RemoteJoin, ReplicaId};
 
-use super::{Entry, Outcome, Store};
+use super::{Outcome, Store};
 use crate::protocol::{flags, Body, CountChange, ReplicaBody, Status};
 
 /// Records applied (or presences removed) per step of a job: tens of
 /// microseconds, as one hold of the NIF's lock.
 pub const APPLY_CHUNK: usize = 256;
 
-/// Bytes of full state per chunk sent, as the NIF.
-pub const STATE_CHUNK_BYTES: usize = 256 * 1024;
-
 /// This node's side of cluster mode, and the replicas' mirror.
 #[derive(Default)]
 pub struct Replication {
     on: bool,
-    pending: DeltaWriter,
-    /// The seq of the last delta handed out.
-    seq: u64,
+    outgoing: Outgoing,
     /// Each replica's presences here, by their ref on their node: the
     /// topic and key to count them under.
     remote: HashMap<ReplicaId, HashMap<u64, (Bytes, Bytes)>>,
@@ -147,10 +142,10 @@ impl Store {
     pub fn set_replicator(&mut self, on: bool, seq: u64) -> Outcome {
         let r = &mut self.replication;
         if !on {
-            r.pending.take();
+            r.outgoing.discard();
         }
         r.on = on;
-        r.seq = r.seq.max(seq);
+        r.outgoing.resume_after(seq);
         Outcome::Reply(Status::Ok, Body::Empty)
     }
 
@@ -162,34 +157,23 @@ impl Store {
         diffs: &[presence_core::TopicDiff<u64, super::Meta>],
     ) -> bool {
         let r = &mut self.replication;
-        if !r.on {
-            return false;
-        }
-        let was_empty = r.pending.is_empty();
-        for diff in diffs {
-            diff.write_delta(&mut r.pending);
-        }
-        was_empty && !r.pending.is_empty()
+        r.on && r.outgoing.record(diffs)
     }
 
     pub fn delta_seq(&self) -> Outcome {
         Outcome::Reply(
             Status::Ok,
             Body::Seq {
-                seq: self.replication.seq,
+                seq: self.replication.outgoing.seq(),
             },
         )
     }
 
     pub fn take_delta(&mut self) -> Outcome {
-        let r = &mut self.replication;
-        if r.pending.is_empty() {
-            return Outcome::Reply(Status::Ok, Body::Delta(None));
-        }
-        r.seq += 1;
+        let taken = self.replication.outgoing.take();
         Outcome::Reply(
             Status::Ok,
-            Body::Delta(Some((r.seq, r.pending.take().into()))),
+            Body::Delta(taken.map(|(seq, delta)| (seq, delta.into()))),
         )
     }
 
@@ -197,7 +181,10 @@ impl Store {
     /// client from a list), with the seq it follows: the server writes the
     /// local presences out as state chunks.
     pub fn local_state(&mut self) -> Outcome {
-        Outcome::State(self.replication.seq, self.registry.observed_snapshots())
+        Outcome::State(
+            self.replication.outgoing.seq(),
+            self.registry.observed_snapshots(),
+        )
     }
 
     pub fn apply_delta(&mut self, replica: u64, delta: Bytes) -> Result<Job, Outcome> {
@@ -338,25 +325,4 @@ impl Store {
             }
         }
     }
-}
-
-/// A local state's presences as chunks of at most [`STATE_CHUNK_BYTES`]
-/// (a delta of joins each), off the request loop.
-pub fn state_chunks(
-    snapshots: &[(presence_core::Bytes, presence_core::Snapshot<Entry>)],
-) -> Vec<Vec<u8>> {
-    let mut chunks = Vec::new();
-    let mut writer = DeltaWriter::new();
-    for (topic, snapshot) in snapshots {
-        for presence in snapshot.iter().filter(|p| p.is_local()) {
-            writer.join(topic, presence);
-            if writer.len() >= STATE_CHUNK_BYTES {
-                chunks.push(writer.take());
-            }
-        }
-    }
-    if !writer.is_empty() {
-        chunks.push(writer.take());
-    }
-    chunks
 }
