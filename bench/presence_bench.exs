@@ -11,8 +11,11 @@
 # Options: --quick, --out DIR (default: bench/ for a full run with Phoenix,
 # bench/tmp/ otherwise, so that a partial run never replaces the committed
 # results), --only churn (that workload alone, after a warm-up, printed to
-# the console only), --churn-workers N (4), --churn-seconds S (5),
-# --churn-owners N (live owner processes per topic, 1,000).
+# the console only), --only writes (track and untrack of 10k, 4 callers,
+# --runs N rounds (9) taking the implementations in turn, so that a VM's
+# drift hits them alike; median and range, console only), --churn-workers
+# N (4), --churn-seconds S (5), --churn-owners N (live owner processes per
+# topic, 1,000).
 
 for file <- ~w(harness adapters subscribers workloads floors report) do
   Code.require_file("support/#{file}.exs", __DIR__)
@@ -34,6 +37,7 @@ defmodule Bench.Main do
           quick: :boolean,
           out: :string,
           only: :string,
+          runs: :integer,
           churn_workers: :integer,
           churn_seconds: :integer,
           churn_owners: :integer
@@ -41,7 +45,10 @@ defmodule Bench.Main do
       )
 
     invalid == [] || raise ArgumentError, "unknown options: #{inspect(invalid)}"
-    opts[:only] in [nil, "churn"] || raise ArgumentError, "--only takes: churn"
+
+    opts[:only] in [nil, "churn", "writes"] ||
+      raise ArgumentError, "--only takes: churn, writes"
+
     quick? = Keyword.get(opts, :quick, false)
 
     churn = [
@@ -54,9 +61,11 @@ defmodule Bench.Main do
     Process.put(:bench_role, "bench coordinator")
     start_clock()
 
-    if opts[:only] == "churn",
-      do: only_churn(churn),
-      else: run_all(argv, opts, quick?, churn)
+    case opts[:only] do
+      "churn" -> only_churn(churn)
+      "writes" -> only_writes(Keyword.get(opts, :runs, 9))
+      nil -> run_all(argv, opts, quick?, churn)
+    end
   end
 
   # The churn workload alone, after a warm-up, printed to the console only:
@@ -73,6 +82,47 @@ defmodule Bench.Main do
     Report.print_header()
     report = run_churn(Report.new(), adapters, churn)
     if report.errors != [], do: System.halt(1)
+  end
+
+  # Track and untrack at 10k, round after round, the implementations in
+  # turn: the issue's write targets, with the spread a noisy VM gives them.
+  defp only_writes(runs) do
+    phoenix? = start_systems()
+
+    adapters =
+      if phoenix?,
+        do: [Adapter.Drab, Adapter.Sidecar, Adapter.Phoenix],
+        else: [Adapter.Drab, Adapter.Sidecar]
+
+    warm_up(adapters)
+    shape = shape("10k", 10 * @k)
+
+    results =
+      for round <- 1..runs, adapter <- adapters do
+        %{track_us: track, untrack_us: untrack} = Workloads.lifecycle(adapter, shape, runs: 1)
+
+        progress(
+          "  round #{round}/#{runs}, #{adapter.name()}: track #{Report.fmt(track)} µs, untrack #{Report.fmt(untrack)} µs per op"
+        )
+
+        {adapter, track, untrack}
+      end
+
+    IO.puts(
+      "\n10k presences, #{Workloads.callers()} callers, µs per op: median (min-max) of #{runs} rounds"
+    )
+
+    for adapter <- adapters do
+      tracks = for {^adapter, t, _} <- results, do: t
+      untracks = for {^adapter, _, u} <- results, do: u
+      IO.puts("  #{adapter.name()}: track #{spread(tracks)}; untrack #{spread(untracks)}")
+    end
+  end
+
+  defp spread(values) do
+    sorted = Enum.sort(values)
+    median = Enum.at(sorted, div(length(sorted), 2))
+    "#{Report.fmt(median)} (#{Report.fmt(hd(sorted))}-#{Report.fmt(List.last(sorted))})"
   end
 
   defp run_all(argv, opts, quick?, churn) do
