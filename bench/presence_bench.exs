@@ -71,13 +71,7 @@ defmodule Bench.Main do
   # The churn workload alone, after a warm-up, printed to the console only:
   # for profiling and targeted runs.
   defp only_churn(churn) do
-    phoenix? = start_systems()
-
-    adapters =
-      if phoenix?,
-        do: [Adapter.Drab, Adapter.Sidecar, Adapter.Phoenix],
-        else: [Adapter.Drab, Adapter.Sidecar]
-
+    adapters = start_systems() |> adapters()
     warm_up(adapters)
     Report.print_header()
     report = run_churn(Report.new(), adapters, churn)
@@ -87,13 +81,7 @@ defmodule Bench.Main do
   # Track and untrack at 10k, round after round, the implementations in
   # turn: the issue's write targets, with the spread a noisy VM gives them.
   defp only_writes(runs) do
-    phoenix? = start_systems()
-
-    adapters =
-      if phoenix?,
-        do: [Adapter.Drab, Adapter.Sidecar, Adapter.Phoenix],
-        else: [Adapter.Drab, Adapter.Sidecar]
-
+    adapters = start_systems() |> adapters()
     warm_up(adapters)
     shape = shape("10k", 10 * @k)
 
@@ -130,11 +118,7 @@ defmodule Bench.Main do
     idle_tick = idle_tick()
 
     phoenix? = start_systems()
-
-    adapters =
-      if phoenix?,
-        do: [Adapter.Drab, Adapter.Sidecar, Adapter.Phoenix],
-        else: [Adapter.Drab, Adapter.Sidecar]
+    adapters = adapters(phoenix?)
 
     out = opts[:out] || if(phoenix? and not quick?, do: __DIR__, else: Path.join(__DIR__, "tmp"))
 
@@ -196,6 +180,9 @@ defmodule Bench.Main do
   end
 
   defp shape(label, n), do: %Shape{label: label, n: n}
+
+  defp adapters(true = _phoenix?), do: [Adapter.Drab, Adapter.Sidecar, Adapter.Phoenix]
+  defp adapters(false), do: [Adapter.Drab, Adapter.Sidecar]
 
   # Phoenix.PubSub and both presence modules, when Phoenix is loadable.
   defp start_systems do
