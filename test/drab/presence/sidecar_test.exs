@@ -106,16 +106,18 @@ defmodule Drab.Presence.SidecarTest do
 
   # The port owner sends watches a millisecond late, in batches: one killed
   # right after a burst of tracks dies with some unsent, and the owners of
-  # those presences must still leave when they exit.
-  test "a port owner killed before sending its watches: owners still leave when they exit" do
+  # those presences must still leave when they exit. Its successor must
+  # also wake the dispatcher, which registered with the dead one, so that
+  # subscribers hear of the leaves.
+  test "a port owner killed before sending its watches: owners leave, subscribers hear it" do
     topic = "watch:#{System.unique_integer([:positive])}"
+    viewer = start_viewer(topic)
     owners = for _ <- 1..2_000, do: spawn_owner()
 
     tasks =
-      for chunk <- Enum.chunk_every(owners, 500) do
+      for chunk <- owners |> Enum.with_index() |> Enum.chunk_every(500) do
         Task.async(fn ->
-          for {owner, i} <- Enum.with_index(chunk),
-              do: {:ok, _} = Crashy.track(owner, topic, "u#{i}", %{})
+          for {owner, i} <- chunk, do: {:ok, _} = Crashy.track(owner, topic, "u#{i}", %{})
         end)
       end
 
@@ -126,8 +128,26 @@ defmodule Drab.Presence.SidecarTest do
       Crashy.count_connections(topic) == 2_000 and Sidecar.os_pid(handle()) != nil
     end)
 
+    # The dispatcher done with the joins and idle: only a wake from the new
+    # port owner gets the leaves out.
+    wait_until(fn ->
+      send(viewer, {:view, self()})
+      receive do: ({:view, view} -> map_size(view) == 2_000)
+    end)
+
+    wait_until(fn ->
+      stats = Crashy.stats()
+      stats.pending_topics == 0 and stats.queued_parts == 0
+    end)
+
+    Process.sleep(50)
     Enum.each(owners, &Process.exit(&1, :kill))
     wait_until(fn -> Crashy.list(topic) == %{} and Crashy.count_connections(topic) == 0 end, 300)
+
+    wait_until(fn ->
+      send(viewer, {:view, self()})
+      receive do: ({:view, view} -> view == %{})
+    end)
   end
 
   defp tables_equal?(model) do

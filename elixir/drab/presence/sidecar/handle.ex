@@ -21,7 +21,9 @@ defmodule Drab.Presence.Sidecar.Handle do
   #     name (`{{:id, name}, id}`, `{:last_id, n}`), and `{{:remote, topic,
   #     key}, n}`, the replicated presences counted, to uncount when a
   #     sidecar dies with them. All of it outlives a sidecar: a restarted
-  #     one keeps this node's name and numbering (see PortOwner).
+  #     one keeps this node's name and numbering (see PortOwner). The same
+  #     table keeps `{:dispatcher, pid | nil}`, for a port owner that
+  #     replaces a crashed one.
 
   @enforce_keys [
     :id,
@@ -77,7 +79,14 @@ defmodule Drab.Presence.Sidecar.Handle do
     :ets.new(h.leaves, [:ordered_set, :public, :named_table])
     :ets.new(h.counts, [:set, :public, :named_table, read_concurrency: true])
     :ets.new(h.replication, [:set, :public, :named_table])
-    :ets.insert(h.replication, [{:incarnation, uuid()}, {:replicator, nil}, {:seq, 0}])
+
+    :ets.insert(h.replication, [
+      {:incarnation, uuid()},
+      {:replicator, nil},
+      {:seq, 0},
+      {:dispatcher, nil}
+    ])
+
     :ok
   end
 

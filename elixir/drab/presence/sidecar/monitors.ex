@@ -34,6 +34,7 @@ defmodule Drab.Presence.Sidecar.Monitors do
   def init({handle, index}) do
     state = %{
       handle: handle,
+      name: elem(handle.monitors, index),
       template: Wire.pid_template(),
       template_node: node(),
       monitors: %{},
@@ -42,13 +43,13 @@ defmodule Drab.Presence.Sidecar.Monitors do
 
     # A restarted monitor takes over the owners the journal holds: its
     # predecessor's monitors died with it.
-    {:ok, watch_journal(state, elem(handle.monitors, index))}
+    {:ok, watch_journal(state)}
   end
 
-  defp watch_journal(state, name) do
+  defp watch_journal(state) do
     :ets.select(state.handle.journal, [{{{:"$1", :_, :_}, :_, :_}, [], [:"$1"]}])
     |> Enum.dedup()
-    |> Enum.filter(&(Handle.monitor_for(state.handle, &1) == name))
+    |> Enum.filter(&(Handle.monitor_for(state.handle, &1) == state.name))
     |> Enum.reduce(Wire.fresh_template(state), &watch/2)
   end
 
@@ -58,10 +59,7 @@ defmodule Drab.Presence.Sidecar.Monitors do
     {:noreply, Enum.reduce(changes, state, &change/2)}
   end
 
-  def handle_info(:watch_journal, state) do
-    {:registered_name, name} = Process.info(self(), :registered_name)
-    {:noreply, watch_journal(state, name)}
-  end
+  def handle_info(:watch_journal, state), do: {:noreply, watch_journal(state)}
 
   def handle_info({:DOWN, ref, :process, pid, _reason}, state) do
     owner = Wire.pid_id(pid)

@@ -63,6 +63,16 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   def init({handle, _opts}) do
     Process.flag(:trap_exit, true)
     {epoch, _} = Handle.current(handle)
+    # A port owner that replaces a crashed one goes on from its state in
+    # the handle's tables: the dispatcher to wake, and the numbering of the
+    # leaves still owed.
+    [{:dispatcher, dispatcher}] = :ets.lookup(handle.replication, :dispatcher)
+
+    seq =
+      case :ets.last(handle.leaves) do
+        :"$end_of_table" -> 0
+        last -> last
+      end
 
     state = %{
       handle: handle,
@@ -70,10 +80,10 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       template_node: node(),
       port: nil,
       epoch: epoch,
-      dispatcher: nil,
+      dispatcher: dispatcher,
       # Removals are numbered; `delivered` is the number up to which their
       # leaves are known to have been broadcast.
-      seq: 0,
+      seq: seq,
       taken: nil,
       outbox_empty?: true,
       # Monitor process => its `{:watch | :unwatch, owner}`, newest first.
@@ -435,8 +445,11 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     wake(flags, state)
   end
 
-  defp journal(@set_dispatcher, to, _body, state),
-    do: %{state | dispatcher: Wire.id_pid(state.template, to)}
+  defp journal(@set_dispatcher, to, _body, state) do
+    dispatcher = Wire.id_pid(state.template, to)
+    :ets.insert(state.handle.replication, {:dispatcher, dispatcher})
+    %{state | dispatcher: dispatcher}
+  end
 
   # Removals up to here are in the diffs this take moved to the outbox,
   # unless topics were left pending (those may hold some of them).
