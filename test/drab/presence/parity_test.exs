@@ -102,7 +102,7 @@ defmodule Drab.Presence.ParityTest do
       :rand.seed(:exsss, {1, 2, 3})
       pids = for _ <- 1..4, do: live_pid()
 
-      {expected, _model, pids} =
+      {expected, _model, _pids} =
         Enum.reduce(1..300, {%{}, %{}, pids}, fn _, {expected, model, pids} ->
           step(:rand.uniform(10), Enum.random(pids), Enum.random(topics), expected, model, pids)
         end)
