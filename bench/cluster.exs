@@ -1,5 +1,6 @@
 # Cluster workloads (issue 8, item 6): Phoenix.Presence and Drab.Presence in
-# cluster mode, side by side in one run, each on 3 fresh :peer nodes on
+# cluster mode (through Phoenix.PubSub, over :pg, and on the sidecar backend
+# over :pg), side by side in one run, each on 3 fresh :peer nodes on
 # 127.0.0.1. Run it with `bench/run --only cluster` (or `bench/run cluster`),
 # `--quick` for a smoke run well under a minute. Needs OTP 25+ (:peer) and a
 # distributed coordinator (bench/run starts it with --name).
@@ -114,7 +115,13 @@ defmodule Bench.Cluster do
       Code.compile_file(Path.join(__DIR__, "support/cluster_node.exs"))
       |> Enum.map(fn {module, binary} -> {module, binary} end)
 
-    impls = [Bench.ClusterImpl.Phoenix, Bench.ClusterImpl.Ours.Pubsub, Bench.ClusterImpl.Ours.Pg]
+    impls = [
+      Bench.ClusterImpl.Phoenix,
+      Bench.ClusterImpl.Ours.Pubsub,
+      Bench.ClusterImpl.Ours.Pg,
+      Bench.ClusterImpl.Ours.PgSidecar
+    ]
+
     phoenix? = Bench.ClusterImpl.phoenix?()
 
     unless phoenix? do

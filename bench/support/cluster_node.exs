@@ -97,6 +97,7 @@ defmodule Bench.ClusterImpl.Ours do
 
   def name(:pubsub), do: "Drab.Presence (PubSub)"
   def name(:pg), do: "Drab.Presence (:pg)"
+  def name(:pg_sidecar), do: "Drab.Presence (sidecar, :pg)"
 
   def available(transport) do
     cond do
@@ -119,12 +120,15 @@ defmodule Bench.ClusterImpl.Ours do
   # down_period 30 s (but nodedown purges at once where there is distribution).
   def options(:pubsub), do: [pubsub_server: Bench.ClusterPubSub, cluster: :auto]
   def options(:pg), do: [cluster: :auto]
+  def options(:pg_sidecar), do: [cluster: :auto, backend: :sidecar]
 
   defp expected(:pubsub), do: {:pubsub, Bench.ClusterPubSub}
-  defp expected(:pg), do: :pg
+  defp expected(_pg), do: :pg
 
   def start(transport) do
     if transport == :pubsub, do: :ok = Bench.ClusterImpl.start_pubsub()
+    # The sidecar runs under :drab_presence's own supervisor.
+    {:ok, _} = Application.ensure_all_started(:drab_presence)
     {:ok, pid} = Bench.ClusterDrab.start_link(options(transport))
     Process.unlink(pid)
     :ok
@@ -134,8 +138,9 @@ defmodule Bench.ClusterImpl.Ours do
   def count_connections(topic), do: Bench.ClusterDrab.count_connections(topic)
 end
 
-# One module per transport, so that the bench treats every column alike.
-for transport <- [:pubsub, :pg] do
+# One module per transport (and backend), so that the bench treats every
+# column alike.
+for transport <- [:pubsub, :pg, :pg_sidecar] do
   defmodule Module.concat(Bench.ClusterImpl.Ours, transport |> to_string() |> Macro.camelize()) do
     @moduledoc false
     @behaviour Bench.ClusterImpl
