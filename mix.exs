@@ -63,36 +63,29 @@ defmodule Mix.Tasks.Compile.PresenceNif do
   end
 
   defp install(profile) do
-    target_dir = if profile == "dev", do: "debug", else: profile
     {source_name, dest_name} = library_names()
+    install_file(profile, source_name, dest_name, nil)
+  end
+
+  defp install_sidecar(profile) do
+    exe = if match?({:win32, _}, :os.type()), do: @sidecar <> ".exe", else: @sidecar
+    install_file(profile, exe, @sidecar, 0o755)
+  end
+
+  # Copies a cargo output into priv/native under a temporary name and
+  # renames it into place: a running VM that has the old library mapped,
+  # or a running sidecar, keeps a valid file.
+  defp install_file(profile, source_name, dest_name, mode) do
+    target_dir = if profile == "dev", do: "debug", else: profile
     source = Path.join(["target", target_dir, source_name])
     dest_dir = Path.join(Mix.Project.app_path(), "priv/native")
     File.mkdir_p!(dest_dir)
     dest = Path.join(dest_dir, dest_name)
 
     if File.exists?(source) do
-      # Copy to a temporary name and rename, so a running VM that has the
-      # old library mapped keeps a valid file.
       tmp = dest <> ".tmp"
       File.cp!(source, tmp)
-      File.rename!(tmp, dest)
-      :ok
-    else
-      {:error, "cargo reported success but #{source} is missing"}
-    end
-  end
-
-  defp install_sidecar(profile) do
-    target_dir = if profile == "dev", do: "debug", else: profile
-    exe = if match?({:win32, _}, :os.type()), do: @sidecar <> ".exe", else: @sidecar
-    source = Path.join(["target", target_dir, exe])
-    dest = Path.join([Mix.Project.app_path(), "priv/native", @sidecar])
-
-    if File.exists?(source) do
-      # A running sidecar keeps its old file: rename over it, never write into it.
-      tmp = dest <> ".tmp"
-      File.cp!(source, tmp)
-      File.chmod!(tmp, 0o755)
+      if mode, do: File.chmod!(tmp, mode)
       File.rename!(tmp, dest)
       :ok
     else

@@ -218,6 +218,13 @@ defmodule Drab.Presence.Table do
     <<131, byte_size(listed)::32, listed::binary, :erlang.term_to_binary(key)::binary>>
   end
 
+  @doc false
+  # The string a stored key is listed, and its user counted, under: for the
+  # sidecar's BEAM-side user counts.
+  @spec listed_key(binary()) :: binary()
+  def listed_key(<<131, size::32, listed::binary-size(size), _term::binary>>), do: listed
+  def listed_key(stored), do: stored
+
   defp listed_key!(key) do
     String.Chars.to_string(key)
   rescue

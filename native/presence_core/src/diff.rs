@@ -126,7 +126,7 @@ impl<O, M> TopicDiff<O, M> {
 /// has its joins sent before its leaves: the key is never empty in between
 /// unless it is empty at the end. A diff whose joins and leaves all
 /// cancelled out has no parts.
-fn cut<'d, O, M>(
+pub(crate) fn cut<'d, O, M>(
     joins: Vec<&'d Presence<O, M>>,
     leaves: Vec<&'d Presence<O, M>>,
     limits: PartLimits,

@@ -17,6 +17,7 @@ mod error;
 pub mod etf;
 pub mod heap;
 pub mod key;
+pub mod outbox;
 mod owner;
 mod phx_ref;
 mod ref_hash;

@@ -36,11 +36,6 @@ pub fn meta<'a>(env: Env<'a>, presence: &Entry) -> Term<'a> {
     decode(env, &out)
 }
 
-/// How many bytes `presence` adds to a listing, about.
-pub fn listed_size(presence: &Entry) -> usize {
-    presence.meta.len() + presence.key.len() + 64
-}
-
 /// Decodes a listing we wrote. Not `binary_to_term/2`'s `[:safe]`: that
 /// refuses to create atoms, and a VM where no module has mentioned
 /// `:metas` yet has no such atom. Every byte is ours or a stored

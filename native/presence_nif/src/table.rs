@@ -6,7 +6,6 @@
 //! are never held up by a reader.
 
 use std::collections::hash_map::RandomState;
-use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,7 +13,8 @@ use std::sync::Arc;
 use parking_lot::{Mutex, MutexGuard};
 
 use presence_core::delta::Outgoing;
-use presence_core::{etf, Change, CoreError, PartLimits, Registry, Removed, Snapshot, Update};
+use presence_core::outbox::{listed_size, Outbox, OutboxPart, PART_LIMITS};
+use presence_core::{etf, Change, CoreError, Registry, Removed, Snapshot, Update};
 use rustler::{
     Binary, Encoder, Env, LocalPid, Monitor, NifResult, OwnedEnv, Resource, ResourceArc, Term,
 };
@@ -56,17 +56,6 @@ const BYTES_PER_TIMESLICE: usize = 256 * 1024;
 /// scheduler without collecting them under the lock.
 const INLINE_KEY_PRESENCES: usize = 64;
 
-/// What one `presence_diff` carries at most. Sending a message copies it
-/// into every receiver on the sender's scheduler, and a part this size is
-/// also decoded on the dispatcher's own scheduler in well under a
-/// millisecond: a dirty-scheduler round trip per part costs more than that
-/// on a busy node, enough to let diffs fall behind their window. Only a
-/// part that one large meta pushes past the limit goes dirty.
-const PART_LIMITS: PartLimits = PartLimits {
-    presences: 500,
-    weight: 2 * INLINE_LIST_BYTES,
-};
-
 /// Taking diffs looks for joins among every presence of each topic taken:
 /// up to this many are done on the dispatcher's scheduler, more go dirty.
 const INLINE_TAKE_WORK: usize = 20_000;
@@ -94,7 +83,7 @@ pub struct Shared {
     /// broadcast. Writers never take this lock, so they never wait on a
     /// delivery. Lock order: `outbox`, then `state`; never `outbox` while
     /// `state` is held (taking diffs holds both, in that order).
-    outbox: Mutex<Outbox>,
+    outbox: Mutex<Outbox<LocalPid, Meta>>,
     /// This node's changes for the other nodes (cluster mode). Lock order:
     /// after `outbox`, before `state`.
     pub(crate) replication: Mutex<Replication>,
@@ -117,24 +106,6 @@ impl std::ops::Deref for Table {
     fn deref(&self) -> &Shared {
         &self.0
     }
-}
-
-/// Parts leave the outbox only when the dispatcher acknowledges them after
-/// handing them to the broadcast: one that dies mid-delivery leaves them to
-/// its successor, which sends them again (at least once).
-#[derive(Default)]
-struct Outbox {
-    parts: VecDeque<DiffPart>,
-    next_id: u64,
-}
-
-struct DiffPart {
-    id: u64,
-    /// About how many bytes the part lists, to decide where to decode it.
-    bytes: usize,
-    topic: presence_core::Bytes,
-    joins: Vec<Entry>,
-    leaves: Vec<Entry>,
 }
 
 /// This node's changes not yet sent to the other nodes, and how many
@@ -327,7 +298,7 @@ fn table_new(max_meta_bytes: usize) -> ResourceArc<Table> {
             registry: Registry::new(random_seed()),
             dispatcher: None,
         }),
-        outbox: Mutex::new(Outbox::default()),
+        outbox: Mutex::new(Outbox::new(0)),
         replication: Mutex::new(Replication::default()),
         incarnation: uuid::Uuid::new_v4(),
         max_meta_bytes: AtomicUsize::new(max_meta_bytes),
@@ -360,7 +331,7 @@ fn table_set_exact(table: ResourceArc<Table>, exact: bool) -> rustler::Atom {
 /// once.
 #[rustler::nif]
 fn table_set_dispatcher(table: ResourceArc<Table>, pid: LocalPid) -> bool {
-    let queued = !table.outbox.lock().parts.is_empty();
+    let queued = !table.outbox.lock().is_empty();
     let mut state = table.lock();
     state.dispatcher = Some(pid);
     queued || state.registry.pending_topics() > 0
@@ -519,7 +490,7 @@ fn inline_grouped<'a, 'p, I>(env: Env<'a>, presences: impl Fn() -> I) -> Term<'a
 where
     I: Iterator<Item = &'p Entry>,
 {
-    let bytes: usize = presences().map(encode::listed_size).sum();
+    let bytes: usize = presences().map(listed_size).sum();
     if bytes > INLINE_LIST_BYTES {
         return atoms::too_large().encode(env);
     }
@@ -562,29 +533,14 @@ fn table_take_diffs_dirty(
 /// so joins that cancelled out within a window never cross the network.
 fn take_diffs(env: Env, table: &Table, max_topics: usize, max_work: usize) -> (usize, usize) {
     let mut outbox = table.outbox.lock();
-    if outbox.parts.is_empty() {
+    if outbox.is_empty() {
         let diffs = table.lock().registry.take_diffs(max_topics, max_work);
         crate::replication::record(env, table, &diffs);
         for diff in &diffs {
-            for (joins, leaves) in diff.parts(PART_LIMITS, encode::listed_size) {
-                let id = outbox.next_id;
-                outbox.next_id += 1;
-                let bytes = joins
-                    .iter()
-                    .chain(&leaves)
-                    .map(|p| encode::listed_size(p))
-                    .sum();
-                outbox.parts.push_back(DiffPart {
-                    id,
-                    bytes,
-                    topic: diff.topic.clone(),
-                    joins: joins.into_iter().cloned().collect(),
-                    leaves: leaves.into_iter().cloned().collect(),
-                });
-            }
+            outbox.push_diff(diff);
         }
     }
-    let queued = outbox.parts.len();
+    let queued = outbox.len();
     drop(outbox);
     (queued, table.lock().registry.pending_topics())
 }
@@ -595,7 +551,7 @@ fn take_diffs(env: Env, table: &Table, max_topics: usize, max_work: usize) -> (u
 #[rustler::nif]
 fn table_next_part(env: Env, table: ResourceArc<Table>) -> Term {
     let outbox = table.outbox.lock();
-    match outbox.parts.front() {
+    match outbox.front() {
         Some(part) if part.bytes > PART_LIMITS.weight => atoms::too_large().encode(env),
         Some(part) => {
             charge_for(env, part.bytes);
@@ -607,10 +563,10 @@ fn table_next_part(env: Env, table: ResourceArc<Table>) -> Term {
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn table_next_part_dirty(env: Env, table: ResourceArc<Table>) -> Term {
-    part_term(env, table.outbox.lock().parts.front())
+    part_term(env, table.outbox.lock().front())
 }
 
-fn part_term<'a>(env: Env<'a>, part: Option<&DiffPart>) -> Term<'a> {
+fn part_term<'a>(env: Env<'a>, part: Option<&OutboxPart<LocalPid, Meta>>) -> Term<'a> {
     match part {
         None => atoms::none().encode(env),
         Some(part) => (
@@ -626,13 +582,7 @@ fn part_term<'a>(env: Env<'a>, part: Option<&DiffPart>) -> Term<'a> {
 /// Drops part `id` from the outbox: it was handed to the broadcast.
 #[rustler::nif]
 fn table_ack_part(table: ResourceArc<Table>, id: u64) -> rustler::Atom {
-    let mut outbox = table.outbox.lock();
-    if outbox.parts.front().is_some_and(|part| part.id == id) {
-        outbox.parts.pop_front();
-        if outbox.parts.is_empty() && outbox.parts.capacity() > 64 {
-            outbox.parts.shrink_to_fit();
-        }
-    }
+    table.outbox.lock().ack(id);
     atoms::ok()
 }
 
@@ -641,7 +591,7 @@ fn table_ack_part(table: ResourceArc<Table>, id: u64) -> rustler::Atom {
 #[rustler::nif]
 fn table_stats(env: Env, table: ResourceArc<Table>) -> NifResult<Term> {
     // Before `state`: the lock order is outbox, then state (see `Shared`).
-    let queued_parts = table.outbox.lock().parts.len();
+    let queued_parts = table.outbox.lock().len();
     let state = table.lock();
     let registry = &state.registry;
     Term::map_from_pairs(

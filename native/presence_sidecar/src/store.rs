@@ -1,18 +1,15 @@
 //! The presence table of a sidecar: `presence_core::Registry` plus what
-//! the NIF's table resource adds around it (an outbox of diff parts, the
+//! the NIF's table resource adds around it (the core's outbox of diff
+//! parts, with the NIF's "a take waits for the outbox to empty" rule; the
 //! meta size limit), and one thing of its own: leaves owed to subscribers
 //! after a restart.
-//!
-//! The outbox logic mirrors `presence_nif`'s `table.rs` (same part limits,
-//! same "a take waits for the outbox to empty" rule). It is duplicated, in
-//! a few lines, rather than moved out of the NIF: the NIF keeps Erlang
-//! terms in its parts, this keeps bytes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use presence_core::{etf, CoreError, Holder, PartLimits, Presence, Registry, Snapshot, Update};
+use presence_core::outbox::{listed_size, Outbox};
+use presence_core::{etf, CoreError, Holder, Presence, Registry, Snapshot, Update};
 
 use crate::protocol::{flags, Body, LeaveEntry, PartBody, ReplayEntry, Stats, Status};
 
@@ -23,35 +20,21 @@ pub use replication::{Job, APPLY_CHUNK};
 pub type Meta = Arc<[u8]>;
 pub type Entry = Presence<u64, Meta>;
 
-/// The same part limits as the NIF (see `presence_nif::table`).
-const PART_LIMITS: PartLimits = PartLimits {
-    presences: 500,
-    weight: 128 * 1024,
-};
-
 /// Presences per listing chunk, and bytes: a chunk is one frame, small
 /// enough that replies queued behind it wait microseconds, not a whole
 /// listing.
 pub const CHUNK_PRESENCES: usize = 1_000;
 pub const CHUNK_BYTES: usize = 256 * 1024;
 
-struct DiffPart {
-    id: u64,
-    topic: Bytes,
-    joins: Vec<Entry>,
-    leaves: Vec<Entry>,
-}
-
 pub struct Store {
     registry: Registry<u64, Meta, ()>,
-    outbox: VecDeque<DiffPart>,
-    next_part_id: u64,
+    outbox: Outbox<u64, Meta>,
     max_meta_bytes: usize,
     dispatcher: Option<u64>,
     /// Leaves of presences a restarted sidecar's subscribers may still
     /// show, by topic: sent as parts of their own after the topic's next
     /// diff, so a client sees the replayed joins before the old refs go.
-    recovery_leaves: HashMap<Bytes, Vec<Entry>>,
+    recovery_leaves: HashMap<presence_core::Bytes, Vec<Entry>>,
     /// Cluster mode (see `replication.rs`).
     replication: replication::Replication,
 }
@@ -81,19 +64,14 @@ fn error_status(e: CoreError) -> Status {
     }
 }
 
-fn listed_size(p: &Entry) -> usize {
-    p.meta.len() + p.key.len() + 64
-}
-
 impl Store {
     pub fn new(ref_seed: u64, max_meta_bytes: usize) -> Self {
         Store {
             registry: Registry::new(ref_seed),
-            outbox: VecDeque::new(),
             // Part ids differ between sidecars: an acknowledgement retried
             // after a restart must not remove the new sidecar's part that
             // happens to have the same number.
-            next_part_id: ref_seed >> 1,
+            outbox: Outbox::new(ref_seed >> 1),
             max_meta_bytes,
             dispatcher: None,
             recovery_leaves: HashMap::new(),
@@ -294,21 +272,14 @@ impl Store {
             // its subscribers are told of them, as the NIF does.
             delta_started = self.record_delta(&diffs);
             for diff in &diffs {
-                for (joins, leaves) in diff.parts(PART_LIMITS, listed_size) {
-                    self.push_part(
-                        diff.topic.to_vec().into(),
-                        joins.into_iter().cloned().collect(),
-                        leaves.into_iter().cloned().collect(),
-                    );
-                }
+                self.outbox.push_diff(diff);
                 if let Some(owed) = self.recovery_leaves.remove(&*diff.topic) {
-                    self.push_leaves(Bytes::copy_from_slice(&diff.topic), owed);
+                    self.outbox.push_leaves(&diff.topic, &owed);
                 }
             }
             if self.registry.pending_topics() == 0 {
-                let owed: Vec<(Bytes, Vec<Entry>)> = self.recovery_leaves.drain().collect();
-                for (topic, leaves) in owed {
-                    self.push_leaves(topic, leaves);
+                for (topic, owed) in self.recovery_leaves.drain() {
+                    self.outbox.push_leaves(&topic, &owed);
                 }
             }
         }
@@ -320,36 +291,6 @@ impl Store {
                 delta_started,
             },
         )
-    }
-
-    fn push_part(&mut self, topic: Bytes, joins: Vec<Entry>, leaves: Vec<Entry>) {
-        let id = self.next_part_id;
-        self.next_part_id += 1;
-        self.outbox.push_back(DiffPart {
-            id,
-            topic,
-            joins,
-            leaves,
-        });
-    }
-
-    fn push_leaves(&mut self, topic: Bytes, leaves: Vec<Entry>) {
-        let mut part = Vec::new();
-        let mut weight = 0;
-        for leave in leaves {
-            let w = listed_size(&leave);
-            if !part.is_empty()
-                && (part.len() == PART_LIMITS.presences || weight + w > PART_LIMITS.weight)
-            {
-                self.push_part(topic.clone(), Vec::new(), std::mem::take(&mut part));
-                weight = 0;
-            }
-            weight += w;
-            part.push(leave);
-        }
-        if !part.is_empty() {
-            self.push_part(topic, Vec::new(), part);
-        }
     }
 
     pub fn next_part(&self) -> Outcome {
@@ -365,7 +306,7 @@ impl Store {
                 }
                 Body::Part(Some(PartBody {
                     part: part.id,
-                    topic: part.topic.clone(),
+                    topic: Bytes::copy_from_slice(&part.topic),
                     joins: joins.into(),
                     leaves: leaves.into(),
                 }))
@@ -375,12 +316,7 @@ impl Store {
     }
 
     pub fn ack_part(&mut self, id: u64) -> Outcome {
-        if self.outbox.front().is_some_and(|p| p.id == id) {
-            self.outbox.pop_front();
-            if self.outbox.is_empty() && self.outbox.capacity() > 64 {
-                self.outbox.shrink_to_fit();
-            }
-        }
+        self.outbox.ack(id);
         Outcome::Reply(
             Status::Ok,
             Body::AckPart {
@@ -431,7 +367,10 @@ impl Store {
                 Ok(change) => {
                     wake |= change.wake;
                     refs.push(change.phx_ref);
-                    self.recovery_leaves.entry(e.topic).or_default().push(old);
+                    self.recovery_leaves
+                        .entry(Arc::from(&*e.topic))
+                        .or_default()
+                        .push(old);
                 }
                 Err(_) => refs.push(0),
             }
@@ -448,7 +387,7 @@ impl Store {
                 continue;
             }
             self.recovery_leaves
-                .entry(e.topic)
+                .entry(Arc::from(&*e.topic))
                 .or_default()
                 .push(Entry {
                     owner: Holder::Local(0),

@@ -24,6 +24,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   require Logger
 
   alias Drab.Presence.Sidecar.{Handle, Wire}
+  alias Drab.Presence.Table
 
   import Bitwise, only: [band: 2]
 
@@ -235,23 +236,10 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     end
   end
 
-  # A request of the port owner's own, answered before anything else moves.
+  # A request of the port owner's own, answered before anything else moves:
+  # `:ok` (`sync/3`) or `{:ok, body}`, or `{:error, message}`.
   defp sync(port, op, body) do
-    id = :erlang.unique_integer([:positive])
-    Port.command(port, [<<op, id::64, 0::64>> | List.wrap(body)])
-
-    receive do
-      {^port, {:data, <<^op, ^id::64, 0::64, 0, _rest::binary>>}} ->
-        :ok
-
-      {^port, {:data, <<_op, _id::64, _::64, status, message::binary>>}} when status in [6, 8] ->
-        {:error, message}
-
-      {^port, {:exit_status, status}} ->
-        {:error, "the sidecar exited with status #{status}"}
-    after
-      @handshake_timeout -> {:error, "no answer from the sidecar in #{@handshake_timeout} ms"}
-    end
+    with {:ok, _body} <- sync_body(port, op, body), do: :ok
   end
 
   defp sync_body(port, op, body) do
@@ -259,8 +247,14 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     Port.command(port, [<<op, id::64, 0::64>> | List.wrap(body)])
 
     receive do
-      {^port, {:data, <<^op, ^id::64, 0::64, 0, rest::binary>>}} -> {:ok, rest}
-      {^port, {:exit_status, status}} -> {:error, "the sidecar exited with status #{status}"}
+      {^port, {:data, <<^op, ^id::64, 0::64, 0, rest::binary>>}} ->
+        {:ok, rest}
+
+      {^port, {:data, <<_op, _id::64, _::64, status, message::binary>>}} when status in [6, 8] ->
+        {:error, message}
+
+      {^port, {:exit_status, status}} ->
+        {:error, "the sidecar exited with status #{status}"}
     after
       @handshake_timeout -> {:error, "no answer from the sidecar in #{@handshake_timeout} ms"}
     end
@@ -528,14 +522,14 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # presences of one user (a non-binary key is stored tagged with its
   # string, see presence_core's key.rs).
   defp count(counts, topic, key) do
-    key = listed(key)
+    key = Table.listed_key(key)
 
     users = if :ets.update_counter(counts, {topic, key}, 1, {{topic, key}, 0}) == 1, do: 1, else: 0
     :ets.update_counter(counts, topic, [{2, users}, {3, 1}], {topic, 0, 0})
   end
 
   defp uncount(counts, topic, key) do
-    key = listed(key)
+    key = Table.listed_key(key)
 
     users =
       case :ets.update_counter(counts, {topic, key}, -1) do
@@ -573,7 +567,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   # `change` presences more (or fewer) under one key at once.
   defp count_by(counts, topic, key, change) do
-    key = listed(key)
+    key = Table.listed_key(key)
     now = :ets.update_counter(counts, {topic, key}, change, {{topic, key}, 0})
 
     users =
@@ -594,9 +588,6 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       _ -> :ok
     end
   end
-
-  defp listed(<<131, size::32, listed::binary-size(size), _term::binary>>), do: listed
-  defp listed(key), do: key
 
   defp close(port) do
     Port.close(port)
