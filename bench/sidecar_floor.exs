@@ -8,6 +8,15 @@
 #   * backend: `Drab.Presence` on `backend: :sidecar`, which also checks
 #     the input, encodes the meta, journals and counts each reply in the
 #     port owner, and has a monitor process watch each new owner;
+#   * decided on the BEAM side (a sketch, not a backend): what a caller
+#     that does not wait for the sidecar would pay. It takes a lock on the
+#     owner in ETS, decides `already_tracked` and makes the ref there,
+#     journals and counts, sends the owner's monitor process a watch when
+#     the owner is new, writes the track to the port, and returns. It has
+#     none of what makes a backend (restarts, replay, owed leaves, other
+#     writes); the sidecar still answers each track, and the router drops
+#     the answer. It measures whether such a design could meet the 15 µs
+#     target before anyone builds it;
 #   * NIF: the same module on the default backend, for scale.
 #
 #   MIX_ENV=bench mix run bench/sidecar_floor.exs [rounds]   (default 7)
@@ -84,6 +93,73 @@ defmodule Bench.SidecarFloor do
     end)
   end
 
+  # The sketch's ETS tables and monitor processes, on the routed port.
+  def open_sketch(port) do
+    tables = %{
+      journal: :ets.new(:sketch_journal, [:ordered_set, :public]),
+      counts: :ets.new(:sketch_counts, [:set, :public, write_concurrency: true]),
+      owners: :ets.new(:sketch_owners, [:set, :public, write_concurrency: true]),
+      locks: :ets.new(:sketch_locks, [:set, :public, write_concurrency: true]),
+      port: port
+    }
+
+    watchers =
+      for _ <- 1..System.schedulers_online(), do: spawn_link(fn -> watch(tables, %{}) end)
+
+    Map.put(tables, :watchers, List.to_tuple(watchers))
+  end
+
+  # On DOWN: the owner's rows go, and its exit goes to the sidecar, as the
+  # backend's monitors do, so that every round starts from the same table.
+  defp watch(tables, monitors) do
+    receive do
+      {:watch, pid} ->
+        watch(tables, Map.put_new_lazy(monitors, pid, fn -> Process.monitor(pid) end))
+
+      {:DOWN, _, :process, pid, _} ->
+        owner = Wire.pid_id(pid)
+        :ets.select_delete(tables.journal, [{{{owner, :_, :_}, :_, :_}, [], [true]}])
+        :ets.delete(tables.owners, owner)
+        Port.command(tables.port, [<<20, 0::64, 0::64, owner::64>>])
+        watch(tables, Map.delete(monitors, pid))
+    end
+  end
+
+  def sketch_round(t, round) do
+    run(fn _owners -> :ok end, fn owner, i ->
+      {:ok, _ref} = sketch_track(t, owner, "sketch:#{round}", "u#{i}", @meta)
+    end)
+  end
+
+  defp sketch_track(t, pid, topic, key, meta) do
+    owner = Wire.pid_id(pid)
+    true = :ets.insert_new(t.locks, {owner, self()})
+    meta = :erlang.term_to_binary(meta)
+
+    if :ets.update_counter(t.owners, owner, 1, {owner, 0}) == 1 do
+      send(elem(t.watchers, :erlang.phash2(owner, tuple_size(t.watchers))), {:watch, pid})
+    end
+
+    ref = :erlang.unique_integer([:positive])
+
+    result =
+      if :ets.insert_new(t.journal, {{owner, topic, key}, ref, meta}) do
+        users =
+          if :ets.update_counter(t.counts, {topic, key}, 1, {{topic, key}, 0}) == 1,
+            do: 1,
+            else: 0
+
+        :ets.update_counter(t.counts, topic, [{2, users}, {3, 1}], {topic, 0, 0})
+        Port.command(t.port, [<<16, ref::64, 0::64, owner::64>>, str(topic), str(key), meta])
+        {:ok, ref}
+      else
+        {:error, :already_tracked}
+      end
+
+    :ets.delete(t.locks, owner)
+    result
+  end
+
   def module_round(module, round) do
     run(fn _owners -> :ok end, fn owner, i ->
       {:ok, _} = module.track(owner, "floor:#{round}", "u#{i}", @meta)
@@ -124,10 +200,12 @@ alias Bench.SidecarFloor.{OnNif, OnSidecar}
 {:ok, _} = OnSidecar.start_link()
 {:ok, _} = OnNif.start_link()
 port = SidecarFloor.open_routed(Sidecar.executable())
+sketch = SidecarFloor.open_sketch(port)
 
 variants = [
   {"route only (the sidecar, a router as port owner)", &SidecarFloor.routed_round(port, &1)},
   {"backend: :sidecar", &SidecarFloor.module_round(OnSidecar, &1)},
+  {"decided on the BEAM side (a sketch)", &SidecarFloor.sketch_round(sketch, &1)},
   {"backend: :nif", &SidecarFloor.module_round(OnNif, &1)}
 ]
 
