@@ -103,8 +103,7 @@ defmodule Bench.SidecarFloor do
       port: port
     }
 
-    watchers =
-      for _ <- 1..System.schedulers_online(), do: spawn_link(fn -> watch(tables, %{}) end)
+    watchers = for _ <- 1..System.schedulers_online(), do: spawn_link(fn -> watch(tables, %{}) end)
 
     Map.put(tables, :watchers, List.to_tuple(watchers))
   end
