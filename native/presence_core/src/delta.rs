@@ -350,6 +350,7 @@ mod tests {
             meta: META.to_vec(),
             phx_ref,
             prev_ref,
+            seq: 0,
         }
     }
 

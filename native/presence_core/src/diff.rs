@@ -4,7 +4,6 @@ use std::collections::HashMap;
 
 use crate::cow_chunks::Snapshot;
 use crate::delta::DeltaWriter;
-use crate::phx_ref::RefGen;
 use crate::registry::{Bytes, Presence};
 use crate::topic::Op;
 
@@ -12,8 +11,8 @@ use crate::topic::Op;
 ///
 /// First the single operations recorded with `diff_window: 0`, each its
 /// own diff, in order. Then what coalescing gathered: leaves recorded as
-/// they happened, and joins, the presences of the topic whose refs were
-/// handed out since the previous diff, found in a snapshot taken with the
+/// they happened, and joins, the presences of the topic that joined or
+/// were updated since the previous diff, found in a snapshot taken with the
 /// diff. Taking it is a move and a snapshot, under the lock; walking,
 /// encoding and dropping it happen after the lock is gone.
 #[derive(Debug)]
@@ -22,7 +21,6 @@ pub struct TopicDiff<O, M> {
     pub(crate) ops: Vec<Op<O, M>>,
     pub(crate) leaves: Vec<Presence<O, M>>,
     pub(crate) entries: Option<Snapshot<Presence<O, M>>>,
-    pub(crate) refs: RefGen,
     pub(crate) joins_from_seq: u64,
 }
 
@@ -80,7 +78,7 @@ impl<O, M> TopicDiff<O, M> {
         self.entries
             .iter()
             .flat_map(|snapshot| snapshot.iter())
-            .filter(|p| self.refs.seq(p.phx_ref) >= self.joins_from_seq)
+            .filter(|p| p.seq >= self.joins_from_seq)
     }
 
     /// The coalesced leaves (those of single operations are in [`Self::ops`]).

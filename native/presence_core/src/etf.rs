@@ -175,6 +175,7 @@ mod tests {
             meta: META_A1.to_vec(),
             phx_ref: 1,
             prev_ref,
+            seq: 0,
         }
     }
 

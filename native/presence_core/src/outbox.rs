@@ -127,6 +127,7 @@ mod tests {
             meta: vec![0; 100],
             phx_ref,
             prev_ref: None,
+            seq: 0,
         }
     }
 

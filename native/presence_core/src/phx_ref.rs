@@ -7,8 +7,9 @@ use crate::Ref;
 /// registries (two nodes, or one node before and after a restart) apart
 /// without any coordination.
 ///
-/// Underneath, refs count up from zero: [`RefGen::seq`] recovers that count,
-/// so "handed out after X" is a comparison, with no wrap-around to mind.
+/// Underneath, changes count up from zero: each presence keeps its count
+/// (`Presence::seq`), so "joined after X" is a comparison, with no
+/// wrap-around to mind, whoever made its ref.
 #[derive(Debug, Clone)]
 pub struct RefGen {
     seed: u64,
@@ -21,14 +22,15 @@ impl RefGen {
     }
 
     pub fn next_ref(&mut self) -> Ref {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.seed.wrapping_add(seq)
+        self.next(None).0
     }
 
-    /// The position of `phx_ref` in the order refs were handed out.
-    pub fn seq(&self, phx_ref: Ref) -> u64 {
-        phx_ref.wrapping_sub(self.seed)
+    /// A ref and its place in the order of changes: the next of ours, or
+    /// `given` (made elsewhere) at the next place.
+    pub fn next(&mut self, given: Option<Ref>) -> (Ref, u64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        (given.unwrap_or(self.seed.wrapping_add(seq)), seq)
     }
 
     /// The seq the next ref will have: every ref handed out so far is below.

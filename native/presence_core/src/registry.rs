@@ -26,6 +26,10 @@ pub struct Presence<O, M> {
     pub phx_ref: Ref,
     /// The ref this presence had before its last update, as `phx_ref_prev`.
     pub prev_ref: Option<Ref>,
+    /// Where its last join or update stands in the registry's order of
+    /// changes: what coalescing compares, kept apart from the ref because a
+    /// ref may be made outside the registry (see [`Registry::track_as`]).
+    pub seq: u64,
 }
 
 impl<O, M> Presence<O, M> {
@@ -171,6 +175,22 @@ where
         meta: M,
         watch: impl FnOnce() -> Option<W>,
     ) -> Result<Change, CoreError> {
+        self.track_as(owner, topic, key, meta, None, watch)
+    }
+
+    /// [`Registry::track`], with the ref made by the caller when it is
+    /// `Some`: a sidecar whose callers decide their writes before it applies
+    /// them hands out refs itself. Such a ref must be unique among the
+    /// registry's presences; the registry's own start from a random seed.
+    pub fn track_as(
+        &mut self,
+        owner: O,
+        topic: &[u8],
+        key: &[u8],
+        meta: M,
+        phx_ref: Option<Ref>,
+        watch: impl FnOnce() -> Option<W>,
+    ) -> Result<Change, CoreError> {
         if self.find(&owner, topic, key).is_some() {
             return Err(CoreError::AlreadyTracked);
         }
@@ -180,7 +200,7 @@ where
         };
 
         let topic_name = self.intern_topic(topic);
-        let phx_ref = self.refs.next_ref();
+        let (phx_ref, seq) = self.refs.next(phx_ref);
         let entry = self.topics.get_mut(&topic_name).expect("interned above");
         let key = entry.interned_key(key);
         let index = entry.insert(Presence {
@@ -189,6 +209,7 @@ where
             meta,
             phx_ref,
             prev_ref: None,
+            seq,
         });
         entry.record_join(&self.refs, index, self.exact);
         self.presences += 1;
@@ -216,7 +237,7 @@ where
     /// leave cancel out; with single operations, both are sent, as
     /// Phoenix sends them.
     pub fn track_gone(&mut self, owner: O, topic: &[u8], key: &[u8], meta: M) -> Change {
-        let phx_ref = self.refs.next_ref();
+        let (phx_ref, seq) = self.refs.next(None);
         if !self.exact {
             return Change {
                 phx_ref,
@@ -231,6 +252,7 @@ where
             meta,
             phx_ref,
             prev_ref: None,
+            seq,
         };
         entry.push_op(0, Vec::from([presence.clone()]), Vec::new());
         entry.push_op(0, Vec::new(), Vec::from([presence]));
@@ -328,6 +350,20 @@ where
         meta: M,
         expected_ref: Option<Ref>,
     ) -> Result<Update, CoreError> {
+        self.update_as(owner, topic, key, meta, expected_ref, None)
+    }
+
+    /// [`Registry::update`], with the new ref made by the caller when it is
+    /// `Some` (see [`Registry::track_as`]).
+    pub fn update_as(
+        &mut self,
+        owner: O,
+        topic: &[u8],
+        key: &[u8],
+        meta: M,
+        expected_ref: Option<Ref>,
+        new_ref: Option<Ref>,
+    ) -> Result<Update, CoreError> {
         let (topic_name, old_ref, index) =
             self.find(&owner, topic, key).ok_or(CoreError::NotTracked)?;
         let Some(owner_entry) = self.owners.get_mut(&owner) else {
@@ -341,8 +377,8 @@ where
             return Ok(Update::Unchanged(old_ref));
         }
 
-        let new_ref = self.refs.next_ref();
-        let before = entry.replace(index, meta, new_ref);
+        let (new_ref, seq) = self.refs.next(new_ref);
+        let before = entry.replace(index, meta, new_ref, seq);
         owner_entry.rename(old_ref, new_ref);
         if self.exact {
             // Phoenix's update: the old meta leaves, the new one joins, in
@@ -351,7 +387,7 @@ where
             entry.push_op(0, Vec::from([after]), Vec::from([before]));
             entry.joins_from_seq = self.refs.next_seq();
         } else {
-            entry.record_leave(&self.refs, before);
+            entry.record_leave(before);
             entry.coalesced_joins = true;
         }
         let wake = self.mark_dirty(&topic_name);
@@ -439,7 +475,6 @@ where
                 ops: std::mem::take(&mut topic.ops),
                 leaves: std::mem::take(&mut topic.pending_leaves),
                 entries: (topic.coalesced_joins && !topic.is_empty()).then(|| topic.snapshot()),
-                refs: self.refs.clone(),
                 joins_from_seq: topic.joins_from_seq,
             };
             topic.joins_from_seq = next_seq;
@@ -529,7 +564,7 @@ where
         if self.exact {
             topic.push_op(group, Vec::new(), Vec::from([removed]));
         } else {
-            topic.record_leave(&self.refs, removed);
+            topic.record_leave(removed);
         }
         self.presences -= 1;
         self.mark_dirty(topic_name)
@@ -606,6 +641,34 @@ mod tests {
         );
         assert_eq!(r.counts(b"none"), Counts::default());
         assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn refs_made_outside_keep_the_order_of_changes_whatever_their_values() {
+        let mut r = reg();
+        // Given refs count down, so their values say nothing of the order
+        // the presences joined in: coalescing must go by that order.
+        r.track_as(1, b"t", b"a", "a", Some(900), watch).unwrap();
+        assert_eq!(r.take_diffs(usize::MAX, usize::MAX)[0].joins().count(), 1);
+        let change = r.track_as(2, b"t", b"b", "b", Some(800), watch).unwrap();
+        assert_eq!(change.phx_ref, 800);
+        r.update_as(1, b"t", b"a", "a2", Some(900), Some(700))
+            .unwrap();
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        let mut joins: Vec<(Ref, Option<Ref>)> =
+            diffs[0].joins().map(|p| (p.phx_ref, p.prev_ref)).collect();
+        joins.sort();
+        assert_eq!(joins, [(700, Some(900)), (800, None)]);
+        let leaves: Vec<Ref> = diffs[0].leaves().map(|p| p.phx_ref).collect();
+        assert_eq!(leaves, [900]);
+        // A presence joined and gone within one diff is never sent.
+        r.track_as(3, b"t", b"c", "c", Some(5), watch).unwrap();
+        r.untrack(3, b"t", b"c");
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        assert!(diffs
+            .iter()
+            .all(|d| d.joins().count() == 0 && d.leaves().len() == 0));
+        assert_eq!(r.lookup(1, b"t", b"a").map(|p| p.phx_ref), Some(700));
     }
 
     #[test]

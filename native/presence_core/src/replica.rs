@@ -60,7 +60,7 @@ where
             return false;
         }
         let topic_name = self.intern_topic(join.topic);
-        let local_ref = self.refs.next_ref();
+        let (local_ref, seq) = self.refs.next(None);
         let entry = self.topics.get_mut(&topic_name).expect("interned above");
         let key = entry.interned_key(join.key);
         let index = entry.insert(Presence {
@@ -69,6 +69,7 @@ where
             meta: join.meta,
             phx_ref: local_ref,
             prev_ref: join.prev_ref,
+            seq,
         });
         entry.record_join(&self.refs, index, self.exact);
         self.presences += 1;

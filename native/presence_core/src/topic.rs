@@ -285,7 +285,13 @@ where
 
     /// Gives the presence at `index` a new meta and ref, remembering the old
     /// ref; returns it as it was before.
-    pub(crate) fn replace(&mut self, index: usize, meta: M, new_ref: Ref) -> Presence<O, M> {
+    pub(crate) fn replace(
+        &mut self,
+        index: usize,
+        meta: M,
+        new_ref: Ref,
+        seq: u64,
+    ) -> Presence<O, M> {
         let slot = self
             .entries
             .get_mut(index)
@@ -295,6 +301,7 @@ where
         slot.meta = meta;
         slot.phx_ref = new_ref;
         slot.prev_ref = Some(old_ref);
+        slot.seq = seq;
         let (owner, key) = (slot.owner, slot.key.clone());
         self.position.remove(&old_ref);
         self.position.insert(new_ref, index as u32);
@@ -313,8 +320,8 @@ where
 
     /// A leave cancels a join that nobody can have seen yet, neither in a
     /// diff nor in a listing; any other is recorded for the next diff.
-    pub(crate) fn record_leave(&mut self, refs: &RefGen, presence: Presence<O, M>) {
-        let seq = refs.seq(presence.phx_ref);
+    pub(crate) fn record_leave(&mut self, presence: Presence<O, M>) {
+        let seq = presence.seq;
         if seq < self.joins_from_seq || seq < self.observed_before_seq {
             self.pending_leaves.push(presence);
         }
@@ -363,7 +370,7 @@ where
             let from = self.joins_from_seq;
             self.entries
                 .iter()
-                .filter(|p| refs.seq(p.phx_ref) >= from)
+                .filter(|p| p.seq >= from)
                 .cloned()
                 .collect()
         } else {
