@@ -44,11 +44,30 @@
 //!
 //! A replica body's changes are the presences each (topic, key) gained or
 //! lost: the BEAM keeps counts in ETS, and replicated presences count too.
+//!
+//! Version 3: the BEAM decides local writes and the sidecar applies them
+//! without a reply. A caller takes a lock on the owner in ETS, checks and
+//! journals the write, makes its ref, writes it to the port and lets go:
+//! nobody waits for the sidecar, and one owner's writes reach the pipe in
+//! the order they were decided in. Removals name the refs they remove, so
+//! the sidecar can tell the BEAM which leaves it no longer owes.
+//!
+//! ```text
+//! Track    owner:u64 str(topic) str(key) ref:u64 meta:rest
+//! Untrack  owner:u64 str(topic) str(key) ref:u64
+//! Update   owner:u64 str(topic) str(key) old_ref:u64 new_ref:u64 meta:rest
+//! Exit     owner:u64 n:u32 ref:u64*n   (the refs the journal held for it)
+//! Wake     (from the sidecar, ids 0) a diff became pending: wake the dispatcher
+//! Replay   n:u32 (owner:u64 str(topic) str(key) old_ref:u64 new_ref:u64 str(meta))*n
+//! TakeDiffs, AckPart replies end with n:u32 ref:u64*n: removed presences
+//!          whose leaves subscribers have been told (or never needed), so
+//!          the BEAM stops owing them
+//! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The protocol version this sidecar speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// First bytes of a `Hello` body.
 pub const MAGIC: &[u8; 4] = b"DRPS";
 /// The largest frame read: a meta of the largest `max_meta_bytes` (1 GiB)
@@ -63,6 +82,8 @@ pub enum Op {
     Hello = 1,
     Configure = 2,
     SetDispatcher = 3,
+    /// Sent by the sidecar, never to it.
+    Wake = 4,
     Track = 16,
     Untrack = 17,
     Lookup = 18,
@@ -88,10 +109,11 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 25] = [
+    pub const ALL: [Op; 26] = [
         Op::Hello,
         Op::Configure,
         Op::SetDispatcher,
+        Op::Wake,
         Op::Track,
         Op::Untrack,
         Op::Lookup,
@@ -187,13 +209,15 @@ impl std::fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
-/// A presence replayed into a restarted sidecar, with the ref it had.
+/// A presence replayed into a restarted sidecar: the ref it had, whose
+/// leave subscribers are owed, and its new one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayEntry {
     pub owner: u64,
     pub topic: Bytes,
     pub key: Bytes,
     pub old_ref: u64,
+    pub new_ref: u64,
     pub meta: Bytes,
 }
 
@@ -219,16 +243,21 @@ pub enum Request {
     SetDispatcher {
         dispatcher: u64,
     },
+    /// Only the sidecar sends it; received, it is a bad frame.
+    Wake,
     Track {
         owner: u64,
         topic: Bytes,
         key: Bytes,
+        phx_ref: u64,
         meta: Bytes,
     },
+    /// Removes the presence `phx_ref`, which the BEAM journaled for it.
     Untrack {
         owner: u64,
         topic: Bytes,
         key: Bytes,
+        phx_ref: u64,
     },
     Lookup {
         owner: u64,
@@ -239,12 +268,16 @@ pub enum Request {
         owner: u64,
         topic: Bytes,
         key: Bytes,
-        expected_ref: Option<u64>,
+        old_ref: u64,
+        new_ref: u64,
         meta: Bytes,
     },
-    /// The owner's process is gone (told by the BEAM's monitor pool).
+    /// Every presence of the owner goes: its process is gone (told by the
+    /// BEAM's monitor pool), or the BEAM resyncs it. `refs`: those the
+    /// journal held for it.
     Exit {
         owner: u64,
+        refs: Vec<u64>,
     },
     Counts {
         topic: Bytes,
@@ -299,6 +332,7 @@ impl Request {
     pub fn op(&self) -> Op {
         match self {
             Request::Hello { .. } => Op::Hello,
+            Request::Wake => Op::Wake,
             Request::Configure { .. } => Op::Configure,
             Request::SetDispatcher { .. } => Op::SetDispatcher,
             Request::Track { .. } => Op::Track,
@@ -412,6 +446,22 @@ impl Reader {
     }
 }
 
+fn put_refs(out: &mut BytesMut, refs: &[u64]) {
+    out.put_u32(refs.len() as u32);
+    for r in refs {
+        out.put_u64(*r);
+    }
+}
+
+fn read_refs(r: &mut Reader) -> Result<Vec<u64>, FrameError> {
+    let n = r.count(8)?;
+    let mut refs = Vec::with_capacity(n);
+    for _ in 0..n {
+        refs.push(r.u64()?);
+    }
+    Ok(refs)
+}
+
 pub fn put_str(out: &mut BytesMut, bytes: &[u8]) {
     out.put_u32(bytes.len() as u32);
     out.put_slice(bytes);
@@ -450,37 +500,37 @@ impl Envelope {
             Op::SetDispatcher => Request::SetDispatcher {
                 dispatcher: r.u64()?,
             },
+            Op::Wake => Request::Wake,
             Op::Track => Request::Track {
                 owner: r.u64()?,
                 topic: r.str()?,
                 key: r.str()?,
+                phx_ref: r.u64()?,
                 meta: r.rest(),
             },
             Op::Untrack => Request::Untrack {
                 owner: r.u64()?,
                 topic: r.str()?,
                 key: r.str()?,
+                phx_ref: r.u64()?,
             },
             Op::Lookup => Request::Lookup {
                 owner: r.u64()?,
                 topic: r.str()?,
                 key: r.str()?,
             },
-            Op::Update => {
-                let owner = r.u64()?;
-                let topic = r.str()?;
-                let key = r.str()?;
-                let has_expected = r.u8()?;
-                let expected = r.u64()?;
-                Request::Update {
-                    owner,
-                    topic,
-                    key,
-                    expected_ref: (has_expected != 0).then_some(expected),
-                    meta: r.rest(),
-                }
-            }
-            Op::Exit => Request::Exit { owner: r.u64()? },
+            Op::Update => Request::Update {
+                owner: r.u64()?,
+                topic: r.str()?,
+                key: r.str()?,
+                old_ref: r.u64()?,
+                new_ref: r.u64()?,
+                meta: r.rest(),
+            },
+            Op::Exit => Request::Exit {
+                owner: r.u64()?,
+                refs: read_refs(&mut r)?,
+            },
             Op::Counts => Request::Counts { topic: r.str()? },
             Op::List => Request::List { topic: r.str()? },
             Op::GetByKey => Request::GetByKey {
@@ -494,7 +544,7 @@ impl Envelope {
             Op::AckPart => Request::AckPart { part: r.u64()? },
             Op::Stats => Request::Stats,
             Op::Replay => {
-                let n = r.count(8 + 4 + 4 + 8 + 4)?;
+                let n = r.count(8 + 4 + 4 + 8 + 8 + 4)?;
                 let mut entries = Vec::with_capacity(n);
                 for _ in 0..n {
                     entries.push(ReplayEntry {
@@ -502,6 +552,7 @@ impl Envelope {
                         topic: r.str()?,
                         key: r.str()?,
                         old_ref: r.u64()?,
+                        new_ref: r.u64()?,
                         meta: r.str()?,
                     });
                 }
@@ -566,18 +617,32 @@ impl Envelope {
                 out.put_u8(u8::from(*exact));
             }
             Request::SetDispatcher { dispatcher } => out.put_u64(*dispatcher),
+            Request::Wake => {}
             Request::Track {
                 owner,
                 topic,
                 key,
+                phx_ref,
                 meta,
             } => {
                 out.put_u64(*owner);
                 put_str(&mut out, topic);
                 put_str(&mut out, key);
+                out.put_u64(*phx_ref);
                 out.put_slice(meta);
             }
-            Request::Untrack { owner, topic, key } | Request::Lookup { owner, topic, key } => {
+            Request::Untrack {
+                owner,
+                topic,
+                key,
+                phx_ref,
+            } => {
+                out.put_u64(*owner);
+                put_str(&mut out, topic);
+                put_str(&mut out, key);
+                out.put_u64(*phx_ref);
+            }
+            Request::Lookup { owner, topic, key } => {
                 out.put_u64(*owner);
                 put_str(&mut out, topic);
                 put_str(&mut out, key);
@@ -586,17 +651,21 @@ impl Envelope {
                 owner,
                 topic,
                 key,
-                expected_ref,
+                old_ref,
+                new_ref,
                 meta,
             } => {
                 out.put_u64(*owner);
                 put_str(&mut out, topic);
                 put_str(&mut out, key);
-                out.put_u8(expected_ref.is_some() as u8);
-                out.put_u64(expected_ref.unwrap_or(0));
+                out.put_u64(*old_ref);
+                out.put_u64(*new_ref);
                 out.put_slice(meta);
             }
-            Request::Exit { owner } => out.put_u64(*owner),
+            Request::Exit { owner, refs } => {
+                out.put_u64(*owner);
+                put_refs(&mut out, refs);
+            }
             Request::Counts { topic } | Request::List { topic } => put_str(&mut out, topic),
             Request::GetByKey { topic, key } => {
                 put_str(&mut out, topic);
@@ -616,6 +685,7 @@ impl Envelope {
                     put_str(&mut out, &e.topic);
                     put_str(&mut out, &e.key);
                     out.put_u64(e.old_ref);
+                    out.put_u64(e.new_ref);
                     put_str(&mut out, &e.meta);
                 }
             }
@@ -690,20 +760,14 @@ impl Reply {
     }
 }
 
-/// Flags of a write's reply, read by the port owner.
+/// Flags of a replication write's reply, read by the port owner.
 pub mod flags {
-    /// Track: the owner had no presence before; the BEAM must watch it.
-    pub const NEW_OWNER: u8 = 1;
-    /// Untrack: the owner's last presence went; the BEAM may stop watching.
-    pub const RELEASED: u8 = 1;
     /// The first pending diff appeared: tell the dispatcher.
     pub const WAKE: u8 = 2;
-    /// Untrack removed a presence; update changed the meta.
-    pub const CHANGED: u8 = 4;
 }
 
-/// The body of a successful reply, per op. The port owner journals writes
-/// from these (`owner`, `topic`, `key`, `meta` are the request's own).
+/// The body of a successful reply, per op. Local writes (track, untrack,
+/// update, exit) have none: they are not answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     Hello {
@@ -714,37 +778,10 @@ pub enum Body {
     SetDispatcher {
         pending: bool,
     },
-    Track {
-        phx_ref: u64,
-        flags: u8,
-        owner: u64,
-        topic: Bytes,
-        key: Bytes,
-        meta: Bytes,
-    },
-    Untrack {
-        flags: u8,
-        owner: u64,
-        topic: Bytes,
-        key: Bytes,
-    },
     /// The meta with its refs, as `term_to_binary/1` writes it.
     Lookup {
         phx_ref: u64,
         meta_term: Bytes,
-    },
-    Update {
-        phx_ref: u64,
-        flags: u8,
-        owner: u64,
-        topic: Bytes,
-        key: Bytes,
-        meta: Bytes,
-    },
-    Exit {
-        flags: u8,
-        owner: u64,
-        removed: u64,
     },
     Counts {
         users: u64,
@@ -763,17 +800,17 @@ pub enum Body {
         queued: u64,
         pending: u64,
         delta_started: bool,
+        delivered: Vec<u64>,
     },
     /// NextPart: `None` when the outbox is empty.
     Part(Option<PartBody>),
+    /// `delivered`: refs of removed presences whose leaves no subscriber
+    /// can still be owed (see `Store::take_diffs`).
     AckPart {
         outbox_empty: bool,
+        delivered: Vec<u64>,
     },
     Stats(Stats),
-    Replay {
-        flags: u8,
-        refs: Vec<u64>,
-    },
     /// DeltaSeq: the seq of the last delta handed out; LocalState's last
     /// reply: the seq the state follows.
     Seq {
@@ -832,53 +869,9 @@ impl Body {
             Body::Hello { version } => out.put_u16(*version),
             Body::Empty => {}
             Body::SetDispatcher { pending } => out.put_u8(*pending as u8),
-            Body::Track {
-                phx_ref,
-                flags,
-                owner,
-                topic,
-                key,
-                meta,
-            }
-            | Body::Update {
-                phx_ref,
-                flags,
-                owner,
-                topic,
-                key,
-                meta,
-            } => {
-                out.reserve(40 + topic.len() + key.len() + meta.len());
-                out.put_u64(*phx_ref);
-                out.put_u8(*flags);
-                out.put_u64(*owner);
-                put_str(&mut out, topic);
-                put_str(&mut out, key);
-                out.put_slice(meta);
-            }
-            Body::Untrack {
-                flags,
-                owner,
-                topic,
-                key,
-            } => {
-                out.put_u8(*flags);
-                out.put_u64(*owner);
-                put_str(&mut out, topic);
-                put_str(&mut out, key);
-            }
             Body::Lookup { phx_ref, meta_term } => {
                 out.put_u64(*phx_ref);
                 out.put_slice(meta_term);
-            }
-            Body::Exit {
-                flags,
-                owner,
-                removed,
-            } => {
-                out.put_u8(*flags);
-                out.put_u64(*owner);
-                out.put_u64(*removed);
             }
             Body::Counts { users, connections } => {
                 out.put_u64(*users);
@@ -892,10 +885,12 @@ impl Body {
                 queued,
                 pending,
                 delta_started,
+                delivered,
             } => {
                 out.put_u64(*queued);
                 out.put_u64(*pending);
                 out.put_u8(u8::from(*delta_started));
+                put_refs(&mut out, delivered);
             }
             Body::Part(None) => out.put_u8(0),
             Body::Part(Some(p)) => {
@@ -905,7 +900,13 @@ impl Body {
                 put_str(&mut out, &p.joins);
                 put_str(&mut out, &p.leaves);
             }
-            Body::AckPart { outbox_empty } => out.put_u8(*outbox_empty as u8),
+            Body::AckPart {
+                outbox_empty,
+                delivered,
+            } => {
+                out.put_u8(*outbox_empty as u8);
+                put_refs(&mut out, delivered);
+            }
             Body::Stats(s) => {
                 for v in [
                     s.presences,
@@ -918,13 +919,6 @@ impl Body {
                     s.replicas,
                 ] {
                     out.put_u64(v);
-                }
-            }
-            Body::Replay { flags, refs } => {
-                out.put_u8(*flags);
-                out.put_u32(refs.len() as u32);
-                for r in refs {
-                    out.put_u64(*r);
                 }
             }
             Body::Seq { seq } => out.put_u64(*seq),
@@ -968,47 +962,11 @@ impl Body {
             Op::SetDispatcher => Body::SetDispatcher {
                 pending: r.u8()? != 0,
             },
-            Op::Track | Op::Update => {
-                let phx_ref = r.u64()?;
-                let flags = r.u8()?;
-                let owner = r.u64()?;
-                let topic = r.str()?;
-                let key = r.str()?;
-                let meta = r.rest();
-                if op == Op::Track {
-                    Body::Track {
-                        phx_ref,
-                        flags,
-                        owner,
-                        topic,
-                        key,
-                        meta,
-                    }
-                } else {
-                    Body::Update {
-                        phx_ref,
-                        flags,
-                        owner,
-                        topic,
-                        key,
-                        meta,
-                    }
-                }
-            }
-            Op::Untrack => Body::Untrack {
-                flags: r.u8()?,
-                owner: r.u64()?,
-                topic: r.str()?,
-                key: r.str()?,
-            },
+            // Writes are not answered; a reply to one is a bad frame's.
+            Op::Track | Op::Untrack | Op::Update | Op::Exit | Op::Wake | Op::Replay => Body::Empty,
             Op::Lookup => Body::Lookup {
                 phx_ref: r.u64()?,
                 meta_term: r.rest(),
-            },
-            Op::Exit => Body::Exit {
-                flags: r.u8()?,
-                owner: r.u64()?,
-                removed: r.u64()?,
             },
             Op::Counts => Body::Counts {
                 users: r.u64()?,
@@ -1022,6 +980,7 @@ impl Body {
                 queued: r.u64()?,
                 pending: r.u64()?,
                 delta_started: r.u8()? != 0,
+                delivered: read_refs(&mut r)?,
             },
             Op::NextPart => match r.u8()? {
                 0 => Body::Part(None),
@@ -1034,6 +993,7 @@ impl Body {
             },
             Op::AckPart => Body::AckPart {
                 outbox_empty: r.u8()? != 0,
+                delivered: read_refs(&mut r)?,
             },
             Op::Stats => Body::Stats(Stats {
                 presences: r.u64()?,
@@ -1045,15 +1005,6 @@ impl Body {
                 heap_bytes: r.u64()?,
                 replicas: r.u64()?,
             }),
-            Op::Replay => {
-                let flags = r.u8()?;
-                let n = r.count(8)?;
-                let mut refs = Vec::with_capacity(n);
-                for _ in 0..n {
-                    refs.push(r.u64()?);
-                }
-                Body::Replay { flags, refs }
-            }
             Op::SetReplicator => Body::Empty,
             Op::DeltaSeq => Body::Seq { seq: r.u64()? },
             Op::TakeDelta => match r.u8()? {

@@ -260,22 +260,30 @@ fn handle(
             exact,
         } => store.configure(max_meta_bytes, exact),
         Request::SetDispatcher { dispatcher } => store.set_dispatcher(dispatcher),
+        Request::Wake => Outcome::Reply(Status::BadFrame, Body::Empty),
         Request::Track {
             owner,
             topic,
             key,
+            phx_ref,
             meta,
-        } => store.track(owner, topic, key, meta),
-        Request::Untrack { owner, topic, key } => store.untrack(owner, topic, key),
+        } => store.track(owner, &topic, &key, phx_ref, meta),
+        Request::Untrack {
+            owner,
+            topic,
+            key,
+            phx_ref,
+        } => store.untrack(owner, &topic, &key, phx_ref),
         Request::Lookup { owner, topic, key } => store.lookup(owner, &topic, &key),
         Request::Update {
             owner,
             topic,
             key,
-            expected_ref,
+            old_ref,
+            new_ref,
             meta,
-        } => store.update(owner, topic, key, expected_ref, meta),
-        Request::Exit { owner } => store.exit(owner),
+        } => store.update(owner, &topic, &key, old_ref, new_ref, meta),
+        Request::Exit { owner, refs } => store.exit(owner, refs),
         Request::Counts { topic } => store.counts(&topic),
         Request::List { topic } => store.list(&topic),
         Request::GetByKey { topic, key } => store.get_by_key(&topic, &key),
@@ -312,10 +320,19 @@ fn handle(
         }
     };
     send_outcome(op, header, outcome, tx);
+    if store.take_woke() {
+        let _ = tx.send(reply(
+            Op::Wake as u8,
+            Header::default(),
+            Status::Ok,
+            Bytes::new(),
+        ));
+    }
 }
 
 fn send_outcome(op: Op, header: Header, outcome: Outcome, tx: &mpsc::UnboundedSender<Bytes>) {
     match outcome {
+        Outcome::Applied => {}
         Outcome::Reply(Status::Ok, body) => {
             let _ = tx.send(reply(op as u8, header, Status::Ok, body.encode()));
         }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use presence_core::outbox::{listed_size, Outbox};
 use presence_core::{etf, CoreError, Holder, Presence, Registry, Snapshot, Update};
 
-use crate::protocol::{flags, Body, LeaveEntry, PartBody, ReplayEntry, Stats, Status};
+use crate::protocol::{Body, LeaveEntry, PartBody, ReplayEntry, Stats, Status};
 
 mod replication;
 pub use replication::{Job, APPLY_CHUNK};
@@ -37,10 +37,19 @@ pub struct Store {
     recovery_leaves: HashMap<presence_core::Bytes, Vec<Entry>>,
     /// Cluster mode (see `replication.rs`).
     replication: replication::Replication,
+    /// A write made a diff pending; the server sends `Wake`.
+    woke: bool,
+    /// Refs of presences removed since the last take that left nothing
+    /// pending: the BEAM owes their leaves after a restart until they are
+    /// known delivered. `taken`: those a take has moved to the outbox.
+    removed: Vec<u64>,
+    taken: Vec<u64>,
 }
 
 /// What a request did, for the server to send.
 pub enum Outcome {
+    /// A write: nothing to answer.
+    Applied,
     Reply(Status, Body),
     /// A listing: the registry's snapshot to encode off the request loop,
     /// or `None` for an empty one.
@@ -55,15 +64,6 @@ pub enum Listing {
     Key(Vec<Entry>),
 }
 
-fn error_status(e: CoreError) -> Status {
-    match e {
-        CoreError::AlreadyTracked => Status::AlreadyTracked,
-        CoreError::NotTracked => Status::NotTracked,
-        CoreError::OwnerGone => Status::Noproc,
-        CoreError::Stale => Status::Stale,
-    }
-}
-
 impl Store {
     pub fn new(ref_seed: u64, max_meta_bytes: usize) -> Self {
         Store {
@@ -76,6 +76,9 @@ impl Store {
             dispatcher: None,
             recovery_leaves: HashMap::new(),
             replication: Default::default(),
+            woke: false,
+            removed: Vec::new(),
+            taken: Vec::new(),
         }
     }
 
@@ -101,62 +104,46 @@ impl Store {
         Outcome::Reply(Status::Ok, Body::SetDispatcher { pending })
     }
 
-    pub fn track(&mut self, owner: u64, topic: Bytes, key: Bytes, meta: Bytes) -> Outcome {
+    /// Adds the presence the BEAM journaled under `phx_ref`. One the
+    /// sidecar still holds under the same key can only be what a caller
+    /// killed between its journal and the port left behind: it goes.
+    pub fn track(
+        &mut self,
+        owner: u64,
+        topic: &[u8],
+        key: &[u8],
+        phx_ref: u64,
+        meta: Bytes,
+    ) -> Outcome {
         let stored = match self.check_meta(&meta) {
             Ok(m) => m,
             Err(status) => return Outcome::Reply(status, Body::Empty),
         };
-        let mut new_owner = false;
-        let result = self.registry.track(owner, &topic, &key, stored, || {
-            new_owner = true;
-            Some(())
-        });
-        match result {
-            Ok(change) => {
-                let mut f = 0;
-                if new_owner {
-                    f |= flags::NEW_OWNER;
-                }
-                if change.wake {
-                    f |= flags::WAKE;
-                }
-                Outcome::Reply(
-                    Status::Ok,
-                    Body::Track {
-                        phx_ref: change.phx_ref,
-                        flags: f,
-                        owner,
-                        topic,
-                        key,
-                        meta,
-                    },
-                )
-            }
-            Err(e) => Outcome::Reply(error_status(e), Body::Empty),
+        self.place(owner, topic, key, phx_ref, stored);
+        Outcome::Applied
+    }
+
+    fn place(&mut self, owner: u64, topic: &[u8], key: &[u8], phx_ref: u64, meta: Meta) {
+        if self.registry.lookup(owner, topic, key).is_some() {
+            self.woke |= self.registry.untrack(owner, topic, key).wake;
+        }
+        // Absent (made so above), and an owner's watch here is `()`: the
+        // registry cannot refuse it.
+        if let Ok(change) = self
+            .registry
+            .track_as(owner, topic, key, meta, Some(phx_ref), || Some(()))
+        {
+            self.woke |= change.wake;
         }
     }
 
-    pub fn untrack(&mut self, owner: u64, topic: Bytes, key: Bytes) -> Outcome {
-        let removed = self.registry.untrack(owner, &topic, &key);
-        let mut f = 0;
-        if removed.released_watch.is_some() {
-            f |= flags::RELEASED;
+    /// Removes the presence `phx_ref`, if the sidecar has it.
+    pub fn untrack(&mut self, owner: u64, topic: &[u8], key: &[u8], phx_ref: u64) -> Outcome {
+        if self.registry.lookup(owner, topic, key).map(|p| p.phx_ref) == Some(phx_ref) {
+            self.woke |= self.registry.untrack(owner, topic, key).wake;
         }
-        if removed.wake {
-            f |= flags::WAKE;
-        }
-        if removed.removed > 0 {
-            f |= flags::CHANGED;
-        }
-        Outcome::Reply(
-            Status::Ok,
-            Body::Untrack {
-                flags: f,
-                owner,
-                topic,
-                key,
-            },
-        )
+        self.removed.push(phx_ref);
+        Outcome::Applied
     }
 
     pub fn lookup(&mut self, owner: u64, topic: &[u8], key: &[u8]) -> Outcome {
@@ -178,62 +165,57 @@ impl Store {
         }
     }
 
+    /// Gives the presence `old_ref` a new meta under `new_ref`, as the BEAM
+    /// decided; without it (left behind by a killed caller), `new_ref` is
+    /// placed all the same, so that the sidecar holds what the journal does.
     pub fn update(
         &mut self,
         owner: u64,
-        topic: Bytes,
-        key: Bytes,
-        expected_ref: Option<u64>,
+        topic: &[u8],
+        key: &[u8],
+        old_ref: u64,
+        new_ref: u64,
         meta: Bytes,
     ) -> Outcome {
         let stored = match self.check_meta(&meta) {
             Ok(m) => m,
             Err(status) => return Outcome::Reply(status, Body::Empty),
         };
-        match self
-            .registry
-            .update(owner, &topic, &key, stored, expected_ref)
+        self.removed.push(old_ref);
+        let updated = if self.registry.lookup(owner, topic, key).map(|p| p.phx_ref) == Some(old_ref)
         {
-            Ok(Update::Unchanged(phx_ref)) => Outcome::Reply(
-                Status::Ok,
-                Body::Update {
-                    phx_ref,
-                    flags: 0,
-                    owner,
-                    topic,
-                    key,
-                    meta: Bytes::new(),
-                },
-            ),
-            Ok(Update::Changed(change)) => {
-                let wake = if change.wake { flags::WAKE } else { 0 };
-                Outcome::Reply(
-                    Status::Ok,
-                    Body::Update {
-                        phx_ref: change.phx_ref,
-                        flags: flags::CHANGED | wake,
-                        owner,
-                        topic,
-                        key,
-                        meta,
-                    },
-                )
-            }
-            Err(e) => Outcome::Reply(error_status(e), Body::Empty),
+            self.registry.update_as(
+                owner,
+                topic,
+                key,
+                stored.clone(),
+                Some(old_ref),
+                Some(new_ref),
+            )
+        } else {
+            Err(CoreError::NotTracked)
+        };
+        match updated {
+            Ok(Update::Changed(change)) => self.woke |= change.wake,
+            // The BEAM sends an update only for another meta; the ref must
+            // change all the same, as the caller was told it did.
+            Ok(Update::Unchanged(_)) | Err(_) => self.place(owner, topic, key, new_ref, stored),
         }
+        Outcome::Applied
     }
 
-    /// Every presence of `owner` at once: the BEAM told us it exited.
-    pub fn exit(&mut self, owner: u64) -> Outcome {
-        let removed = self.registry.untrack_owner(owner);
-        Outcome::Reply(
-            Status::Ok,
-            Body::Exit {
-                flags: if removed.wake { flags::WAKE } else { 0 },
-                owner,
-                removed: removed.removed as u64,
-            },
-        )
+    /// Every presence of `owner` at once: the BEAM told us it exited, or
+    /// resyncs it. `refs` are those its journal held.
+    pub fn exit(&mut self, owner: u64, refs: Vec<u64>) -> Outcome {
+        self.woke |= self.registry.untrack_owner(owner).wake;
+        self.removed.extend(refs);
+        Outcome::Applied
+    }
+
+    /// Whether a write made a diff pending since the last call: the server
+    /// then tells the BEAM, which wakes the dispatcher.
+    pub fn take_woke(&mut self) -> bool {
+        std::mem::take(&mut self.woke)
     }
 
     pub fn counts(&self, topic: &[u8]) -> Outcome {
@@ -281,6 +263,9 @@ impl Store {
                 for (topic, owed) in self.recovery_leaves.drain() {
                     self.outbox.push_leaves(&topic, &owed);
                 }
+                // Every removal so far is in the outbox now, or needed no
+                // leave (its join was never sent).
+                self.taken.append(&mut self.removed);
             }
         }
         Outcome::Reply(
@@ -289,6 +274,7 @@ impl Store {
                 queued: self.outbox.len() as u64,
                 pending: self.registry.pending_topics() as u64,
                 delta_started,
+                delivered: self.delivered(),
             },
         )
     }
@@ -321,8 +307,19 @@ impl Store {
             Status::Ok,
             Body::AckPart {
                 outbox_empty: self.outbox.is_empty(),
+                delivered: self.delivered(),
             },
         )
+    }
+
+    /// Removals whose leaves are delivered: those taken, once the outbox
+    /// they went to is empty.
+    fn delivered(&mut self) -> Vec<u64> {
+        if self.outbox.is_empty() {
+            std::mem::take(&mut self.taken)
+        } else {
+            Vec::new()
+        }
     }
 
     pub fn stats(&self, heap_bytes: u64) -> Outcome {
@@ -342,15 +339,12 @@ impl Store {
         )
     }
 
-    /// Tracks presences a crashed sidecar held, each owing subscribers the
-    /// leave of its old ref once its new join is out. Returns the new refs
-    /// in order (0 for an entry refused, e.g. a bad meta).
+    /// Tracks presences a crashed sidecar held, under the new refs the
+    /// BEAM made, each owing subscribers the leave of its old ref once its
+    /// new join is out. An entry with a bad meta is skipped.
     pub fn replay(&mut self, entries: Vec<ReplayEntry>) -> Outcome {
-        let mut refs = Vec::with_capacity(entries.len());
-        let mut wake = false;
         for e in entries {
             let Ok(meta) = self.check_meta(&e.meta) else {
-                refs.push(0);
                 continue;
             };
             let old = Entry {
@@ -359,24 +353,16 @@ impl Store {
                 meta: meta.clone(),
                 phx_ref: e.old_ref,
                 prev_ref: None,
+                seq: 0,
             };
-            match self
-                .registry
-                .track(e.owner, &e.topic, &e.key, meta, || Some(()))
-            {
-                Ok(change) => {
-                    wake |= change.wake;
-                    refs.push(change.phx_ref);
-                    self.recovery_leaves
-                        .entry(Arc::from(&*e.topic))
-                        .or_default()
-                        .push(old);
-                }
-                Err(_) => refs.push(0),
-            }
+            self.place(e.owner, &e.topic, &e.key, e.new_ref, meta);
+            self.removed.push(e.old_ref);
+            self.recovery_leaves
+                .entry(Arc::from(&*e.topic))
+                .or_default()
+                .push(old);
         }
-        let f = if wake { flags::WAKE } else { 0 };
-        Outcome::Reply(Status::Ok, Body::Replay { flags: f, refs })
+        Outcome::Reply(Status::Ok, Body::Empty)
     }
 
     /// Records leaves owed for presences that went while their leave was
@@ -395,7 +381,9 @@ impl Store {
                     meta: Arc::from(&*e.meta),
                     phx_ref: e.phx_ref,
                     prev_ref: None,
+                    seq: 0,
                 });
+            self.removed.push(e.phx_ref);
         }
         Outcome::Reply(Status::Ok, Body::Empty)
     }

@@ -22,16 +22,19 @@ fn every_request() -> Vec<Request> {
             exact: true,
         },
         Request::SetDispatcher { dispatcher: 7 },
+        Request::Wake,
         Request::Track {
             owner: 1 << 40 | 9,
             topic: b("room:1"),
             key: b("ann"),
+            phx_ref: u64::MAX,
             meta: Bytes::from_static(META),
         },
         Request::Untrack {
             owner: 3,
             topic: b("t"),
             key: b(""),
+            phx_ref: 1,
         },
         Request::Lookup {
             owner: 3,
@@ -42,17 +45,18 @@ fn every_request() -> Vec<Request> {
             owner: 3,
             topic: b("t"),
             key: b("k"),
-            expected_ref: Some(u64::MAX),
+            old_ref: u64::MAX,
+            new_ref: 0,
             meta: Bytes::from_static(META),
         },
-        Request::Update {
-            owner: 3,
-            topic: b("t"),
-            key: b("k"),
-            expected_ref: None,
-            meta: Bytes::from_static(META),
+        Request::Exit {
+            owner: 12,
+            refs: vec![],
         },
-        Request::Exit { owner: 12 },
+        Request::Exit {
+            owner: 12,
+            refs: vec![1, u64::MAX, 3],
+        },
         Request::Counts { topic: b("t") },
         Request::List { topic: b("t") },
         Request::GetByKey {
@@ -70,6 +74,7 @@ fn every_request() -> Vec<Request> {
                     topic: b("t"),
                     key: b("k"),
                     old_ref: 99,
+                    new_ref: 100,
                     meta: Bytes::from_static(META),
                 };
                 3
@@ -136,51 +141,19 @@ fn every_body() -> Vec<(Op, Body)> {
         (Op::Hello, Body::Hello { version: 1 }),
         (Op::Configure, Body::Empty),
         (Op::RecoveryLeaves, Body::Empty),
+        // Sent unprompted when a diff became pending.
+        (Op::Wake, Body::Empty),
+        // Writes are answered only when refused, with a message.
+        (Op::Track, Body::Empty),
+        (Op::Untrack, Body::Empty),
+        (Op::Update, Body::Empty),
+        (Op::Exit, Body::Empty),
         (Op::SetDispatcher, Body::SetDispatcher { pending: true }),
-        (
-            Op::Track,
-            Body::Track {
-                phx_ref: 77,
-                flags: 3,
-                owner: 5,
-                topic: b("t"),
-                key: b("k"),
-                meta: Bytes::from_static(META),
-            },
-        ),
-        (
-            Op::Untrack,
-            Body::Untrack {
-                flags: 5,
-                owner: 5,
-                topic: b("t"),
-                key: b("k"),
-            },
-        ),
         (
             Op::Lookup,
             Body::Lookup {
                 phx_ref: 1,
                 meta_term: Bytes::from_static(META),
-            },
-        ),
-        (
-            Op::Update,
-            Body::Update {
-                phx_ref: 78,
-                flags: 4,
-                owner: 5,
-                topic: b("t"),
-                key: b("k"),
-                meta: Bytes::from_static(META),
-            },
-        ),
-        (
-            Op::Exit,
-            Body::Exit {
-                flags: 2,
-                owner: 5,
-                removed: 40_000,
             },
         ),
         (
@@ -210,6 +183,7 @@ fn every_body() -> Vec<(Op, Body)> {
                 queued: 3,
                 pending: 0,
                 delta_started: true,
+                delivered: vec![7, 8],
             },
         ),
         (Op::NextPart, Body::Part(None)),
@@ -222,7 +196,20 @@ fn every_body() -> Vec<(Op, Body)> {
                 leaves: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),
             })),
         ),
-        (Op::AckPart, Body::AckPart { outbox_empty: true }),
+        (
+            Op::AckPart,
+            Body::AckPart {
+                outbox_empty: true,
+                delivered: vec![],
+            },
+        ),
+        (
+            Op::AckPart,
+            Body::AckPart {
+                outbox_empty: false,
+                delivered: vec![u64::MAX],
+            },
+        ),
         (
             Op::Stats,
             Body::Stats(Stats {
@@ -236,13 +223,7 @@ fn every_body() -> Vec<(Op, Body)> {
                 replicas: 8,
             }),
         ),
-        (
-            Op::Replay,
-            Body::Replay {
-                flags: 2,
-                refs: vec![1, 2, 3],
-            },
-        ),
+        (Op::Replay, Body::Empty),
         (Op::SetReplicator, Body::Empty),
         (Op::DeltaSeq, Body::Seq { seq: 42 }),
         (Op::LocalState, Body::Seq { seq: 0 }),

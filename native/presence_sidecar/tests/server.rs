@@ -12,6 +12,8 @@ const META: &[u8] = &[131, 116, 0, 0, 0, 1, 100, 0, 1, 97, 97, 1];
 struct Client {
     io: Framed<DuplexStream, LengthDelimitedCodec>,
     next_id: u64,
+    /// `Wake` frames seen (skipped by `recv`).
+    wakes: usize,
 }
 
 impl Client {
@@ -33,9 +35,23 @@ impl Client {
         self.next_id
     }
 
+    /// The next reply; `Wake` frames (a diff became pending) are counted.
     async fn recv(&mut self) -> Reply {
-        let frame = self.io.next().await.expect("a reply").unwrap();
-        Reply::decode(frame.freeze()).unwrap()
+        loop {
+            let frame = self.io.next().await.expect("a reply").unwrap();
+            let reply = Reply::decode(frame.freeze()).unwrap();
+            if reply.op == Op::Wake as u8 {
+                assert_eq!(reply.header, Header::default());
+                self.wakes += 1;
+                continue;
+            }
+            return reply;
+        }
+    }
+
+    /// A write: not answered.
+    async fn write(&mut self, request: Request) {
+        self.send(request).await;
     }
 
     async fn call(&mut self, request: Request) -> Reply {
@@ -57,6 +73,7 @@ fn start() -> (
     let client = Client {
         io: Framed::new(ours, LengthDelimitedCodec::new()),
         next_id: 0,
+        wakes: 0,
     };
     (client, task)
 }
@@ -75,59 +92,122 @@ fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
+fn track_request(owner: u64, topic: &str, key: &str, phx_ref: u64) -> Request {
+    Request::Track {
+        owner,
+        topic: b(topic),
+        key: b(key),
+        phx_ref,
+        meta: Bytes::from_static(META),
+    }
+}
+
+async fn stats(c: &mut Client) -> presence_sidecar::protocol::Stats {
+    let reply = c.call(Request::Stats).await;
+    let Body::Stats(s) = Body::decode(Op::Stats, reply.body).unwrap() else {
+        panic!()
+    };
+    s
+}
+
 #[tokio::test]
 async fn track_count_list_and_closing_stdin_ends_the_server() {
     let (mut c, task) = started().await;
-    let reply = c
-        .call(Request::Track {
-            owner: 1,
-            topic: b("t"),
-            key: b("ann"),
-            meta: Bytes::from_static(META),
-        })
-        .await;
-    assert_eq!(reply.status, Status::Ok);
-    let Body::Track { flags, .. } = Body::decode(Op::Track, reply.body).unwrap() else {
-        panic!()
-    };
-    assert_eq!(flags & 1, 1, "a new owner");
-    let again = c
-        .call(Request::Track {
-            owner: 1,
-            topic: b("t"),
-            key: b("ann"),
-            meta: Bytes::from_static(META),
-        })
-        .await;
-    assert_eq!(again.status, Status::AlreadyTracked);
-    let counts = c.call(Request::Counts { topic: b("t") }).await;
-    assert_eq!(
-        Body::decode(Op::Counts, counts.body).unwrap(),
-        Body::Counts {
-            users: 1,
-            connections: 1
-        }
-    );
+    c.write(track_request(1, "t", "ann", 500)).await;
+    // What a writer killed between the journal and the port can leave: the
+    // next write of the same presence replaces it.
+    c.write(track_request(1, "t", "ann", 501)).await;
+    assert_eq!(counts(&mut c, "t").await, (1, 1));
     let list = c.call(Request::List { topic: b("t") }).await;
     assert_eq!(list.status, Status::Ok);
+    assert_eq!(
+        c.wakes, 1,
+        "one wake: the diff was pending from the first write on"
+    );
 
     drop(c);
     assert!(task.await.unwrap().is_ok());
 }
 
 #[tokio::test]
+async fn writes_apply_the_refs_the_beam_made() {
+    let (mut c, _task) = started().await;
+    c.write(track_request(1, "t", "ann", 10)).await;
+    // An update names the ref it replaces.
+    c.write(Request::Update {
+        owner: 1,
+        topic: b("t"),
+        key: b("ann"),
+        old_ref: 10,
+        new_ref: 11,
+        meta: Bytes::from_static(&[131, 116, 0, 0, 0, 1, 100, 0, 1, 97, 97, 2]),
+    })
+    .await;
+    // An untrack of a ref the sidecar does not hold changes nothing.
+    c.write(Request::Untrack {
+        owner: 1,
+        topic: b("t"),
+        key: b("ann"),
+        phx_ref: 10,
+    })
+    .await;
+    assert_eq!(counts(&mut c, "t").await, (1, 1));
+    // An update of a presence the sidecar lacks places the new one.
+    c.write(Request::Update {
+        owner: 2,
+        topic: b("t"),
+        key: b("bob"),
+        old_ref: 20,
+        new_ref: 21,
+        meta: Bytes::from_static(META),
+    })
+    .await;
+    assert_eq!(counts(&mut c, "t").await, (2, 2));
+    c.write(Request::Untrack {
+        owner: 1,
+        topic: b("t"),
+        key: b("ann"),
+        phx_ref: 11,
+    })
+    .await;
+    c.write(Request::Exit {
+        owner: 2,
+        refs: vec![21],
+    })
+    .await;
+    assert_eq!(counts(&mut c, "t").await, (0, 0));
+    assert_eq!(stats(&mut c).await.owners, 0);
+
+    // Every removal's leave is delivered (or was never needed) once a take
+    // left nothing pending and its parts are acknowledged.
+    let take = c.call(Request::TakeDiffs { max_topics: 10 }).await;
+    let Body::TakeDiffs { delivered, .. } = Body::decode(Op::TakeDiffs, take.body).unwrap() else {
+        panic!()
+    };
+    // Nothing was listed, so nothing went out: every join was cancelled by
+    // its leave, and no leave is owed.
+    let mut all = delivered;
+    loop {
+        let part = c.call(Request::NextPart).await;
+        let Body::Part(Some(p)) = Body::decode(Op::NextPart, part.body).unwrap() else {
+            break;
+        };
+        let ack = c.call(Request::AckPart { part: p.part }).await;
+        let Body::AckPart { delivered, .. } = Body::decode(Op::AckPart, ack.body).unwrap() else {
+            panic!()
+        };
+        all.extend(delivered);
+    }
+    all.sort_unstable();
+    assert_eq!(all, [10, 10, 11, 20, 21]);
+}
+
+#[tokio::test]
 async fn a_large_listing_streams_in_chunks() {
     let (mut c, _task) = started().await;
     for i in 0..2_500u64 {
-        let r = c
-            .call(Request::Track {
-                owner: i,
-                topic: b("big"),
-                key: Bytes::from(format!("k{i}")),
-                meta: Bytes::from_static(META),
-            })
+        c.write(track_request(i, "big", &format!("k{i}"), 1_000 + i))
             .await;
-        assert_eq!(r.status, Status::Ok);
     }
     let id = c.send(Request::List { topic: b("big") }).await;
     let mut chunks = 0;
@@ -159,21 +239,19 @@ async fn garbage_gets_an_error_reply_and_the_server_goes_on() {
     assert_eq!(c.recv().await.status, Status::BadFrame);
     c.send_raw(Bytes::new()).await;
     assert_eq!(c.recv().await.status, Status::BadFrame);
-    // A meta that is not a map is refused, not stored.
+    // A meta that is not a map is refused, not stored: a write is
+    // answered only when it is refused.
     let r = c
         .call(Request::Track {
             owner: 1,
             topic: b("t"),
             key: b("k"),
+            phx_ref: 1,
             meta: Bytes::from_static(&[131, 97, 1]),
         })
         .await;
     assert_eq!(r.status, Status::BadFrame);
-    let stats = c.call(Request::Stats).await;
-    let Body::Stats(s) = Body::decode(Op::Stats, stats.body).unwrap() else {
-        panic!()
-    };
-    assert_eq!(s.presences, 0);
+    assert_eq!(stats(&mut c).await.presences, 0);
 }
 
 #[tokio::test]
@@ -209,6 +287,7 @@ async fn exit_diffs_and_replay_owe_leaves_after_joins() {
                 topic: b("t"),
                 key: b("k"),
                 old_ref: 12345,
+                new_ref: 12346,
                 meta: Bytes::from_static(META),
             }],
         })
@@ -220,17 +299,25 @@ async fn exit_diffs_and_replay_owe_leaves_after_joins() {
         Body::TakeDiffs {
             queued: 2,
             pending: 0,
-            delta_started: false
+            delta_started: false,
+            delivered: vec![],
         }
     );
     // The join first, then the owed leave of the old ref.
     let mut parts = Vec::new();
+    let mut delivered = Vec::new();
     loop {
         let r = c.call(Request::NextPart).await;
         match Body::decode(Op::NextPart, r.body).unwrap() {
             Body::Part(None) => break,
             Body::Part(Some(p)) => {
-                c.call(Request::AckPart { part: p.part }).await;
+                let ack = c.call(Request::AckPart { part: p.part }).await;
+                let Body::AckPart { delivered: d, .. } =
+                    Body::decode(Op::AckPart, ack.body).unwrap()
+                else {
+                    panic!()
+                };
+                delivered.extend(d);
                 parts.push(p);
             }
             _ => panic!(),
@@ -239,30 +326,25 @@ async fn exit_diffs_and_replay_owe_leaves_after_joins() {
     assert_eq!(parts.len(), 2);
     assert_eq!(&parts[0].leaves[..], &[131, 116, 0, 0, 0, 0]);
     assert_eq!(&parts[1].joins[..], &[131, 116, 0, 0, 0, 0]);
-    let r = c.call(Request::Exit { owner: 3 }).await;
-    assert_eq!(
-        Body::decode(Op::Exit, r.body).unwrap(),
-        Body::Exit {
-            flags: 2,
-            owner: 3,
-            removed: 1
-        }
-    );
+    // The old ref's leave went out: the BEAM owes it no more.
+    assert_eq!(delivered, [12345]);
+    let wakes = c.wakes;
+    c.write(Request::Exit {
+        owner: 3,
+        refs: vec![12346],
+    })
+    .await;
+    assert_eq!(stats(&mut c).await.presences, 0);
+    assert_eq!(c.wakes, wakes + 1, "the exit made a diff pending");
 }
 
 // Cluster mode: one sidecar's deltas and state applied by another, as two
 // nodes' cluster processes would hand them over.
 
 async fn track(c: &mut Client, owner: u64, topic: &str, key: &str) {
-    let reply = c
-        .call(Request::Track {
-            owner,
-            topic: b(topic),
-            key: b(key),
-            meta: Bytes::from_static(META),
-        })
-        .await;
-    assert_eq!(reply.status, Status::Ok);
+    c.next_id += 1;
+    let phx_ref = 1_000_000 + c.next_id;
+    c.write(track_request(owner, topic, key, phx_ref)).await;
 }
 
 fn replica_body(reply: Reply) -> presence_sidecar::protocol::ReplicaBody {
@@ -381,8 +463,11 @@ async fn deltas_and_states_replicate_between_two_sidecars() {
     assert_eq!(counts(&mut b_, "t").await, (2, 2));
 
     // An exit on A, and a full state: the differences only.
-    let exit = a.call(Request::Exit { owner: 2 }).await;
-    assert_eq!(exit.status, Status::Ok);
+    a.write(Request::Exit {
+        owner: 2,
+        refs: vec![],
+    })
+    .await;
     track(&mut a, 3, "u", "cid").await;
     let (state_seq, chunks) = local_state(&mut a).await;
     assert_eq!(state_seq, 1);

@@ -104,12 +104,11 @@ defmodule Drab.Presence.SidecarTest do
     Enum.each(workers, &send(&1, :done))
   end
 
-  # The port owner sends watches a millisecond late, in batches: one killed
-  # right after a burst of tracks dies with some unsent, and the owners of
-  # those presences must still leave when they exit. Its successor must
-  # also wake the dispatcher, which registered with the dead one, so that
-  # subscribers hear of the leaves.
-  test "a port owner killed before sending its watches: owners leave, subscribers hear it" do
+  # A port owner killed right after a burst of tracks: the owners of those
+  # presences must still leave when they exit. Its successor must also wake the dispatcher,
+  # which registered with the dead one, so that subscribers hear of the
+  # leaves.
+  test "a port owner killed after a burst of tracks: owners leave, subscribers hear it" do
     topic = "watch:#{System.unique_integer([:positive])}"
     viewer = start_viewer(topic)
     owners = for _ <- 1..2_000, do: spawn_owner()
@@ -148,6 +147,108 @@ defmodule Drab.Presence.SidecarTest do
       send(viewer, {:view, self()})
       receive do: ({:view, view} -> view == %{})
     end)
+  end
+
+  # Writes are decided on the BEAM side and not answered, so writes of one
+  # owner from many processes must reach the sidecar in the order they were
+  # decided in: at the end it holds exactly the journal's presences, refs
+  # and all, and the counts agree.
+  test "many processes writing one owner's presences: the sidecar holds what the journal does" do
+    topic = "one-owner:#{System.unique_integer([:positive])}"
+    owner = spawn_owner()
+    keys = for i <- 1..4, do: "k#{i}"
+    deadline = System.monotonic_time(:millisecond) + 1_500
+
+    writers =
+      for w <- 1..8 do
+        Task.async(fn ->
+          :rand.seed(:exsss, {w, 7, 7})
+          write_randomly(owner, topic, keys, deadline, 0)
+        end)
+      end
+
+    writes = writers |> Enum.map(&Task.await(&1, 10_000)) |> Enum.sum()
+    assert writes > 1_000
+
+    journal =
+      for key <- keys,
+          {:ok, {meta, ref}} <- [Sidecar.lookup(handle(), owner, topic, key)],
+          into: %{},
+          do: {key, {meta.n, Drab.Presence.Sidecar.Wire.ref_string(ref)}}
+
+    listed =
+      for {key, %{metas: [meta]}} <- Crashy.list(topic),
+          into: %{},
+          do: {key, {meta.n, meta.phx_ref}}
+
+    assert listed == journal
+    assert Crashy.count_connections(topic) == map_size(journal)
+    assert Crashy.count_users(topic) == map_size(journal)
+  end
+
+  defp write_randomly(owner, topic, keys, deadline, writes) do
+    if System.monotonic_time(:millisecond) > deadline do
+      writes
+    else
+      key = Enum.random(keys)
+
+      case :rand.uniform(3) do
+        1 -> Crashy.track(owner, topic, key, %{n: :rand.uniform(1_000)})
+        2 -> Crashy.untrack(owner, topic, key)
+        3 -> Crashy.update(owner, topic, key, %{n: :rand.uniform(1_000)})
+      end
+
+      write_randomly(owner, topic, keys, deadline, writes + 1)
+    end
+  end
+
+  # A writer killed by an exit it cannot trap, between journaling a write
+  # and writing it to the port, leaves its lock behind and the sidecar one
+  # presence short. The next writer of that owner waits for the port owner
+  # to repair it: the presence is resynced into the sidecar, the counts
+  # recomputed, the lock gone. One of a dead owner is removed instead.
+  test "a writer killed holding an owner's lock: the owner is resynced, the counts recomputed" do
+    alias Drab.Presence.Sidecar.{Wire, Writes}
+
+    h = handle()
+    topic = "killed-writer:#{System.unique_integer([:positive])}"
+    live = spawn_owner()
+    gone = spawn_owner()
+
+    half_done = fn owner_pid, key ->
+      writer =
+        spawn(fn ->
+          owner = Wire.pid_id(owner_pid)
+          true = :ets.insert_new(h.locks, {owner, self()})
+          meta = :erlang.term_to_binary(%{half: true})
+          true = :ets.insert_new(h.journal, {{owner, topic, key}, Writes.new_ref(h), meta, nil})
+          # Killed here: counted, never sent, lock held.
+          Writes.count(h.counts, topic, key, 1)
+          :ets.update_counter(h.owners, owner, 1, {owner, 0})
+        end)
+
+      ref = Process.monitor(writer)
+      assert_receive {:DOWN, ^ref, :process, ^writer, _}
+    end
+
+    half_done.(live, "half")
+    half_done.(gone, "orphan")
+    Process.exit(gone, :kill)
+    assert Crashy.count_connections(topic) == 2
+    assert Crashy.list(topic) == %{}
+
+    # The next write of the live owner waits for the repair.
+    {:ok, _} = Crashy.track(live, topic, "next", %{})
+
+    wait_until(fn ->
+      Map.keys(Crashy.list(topic)) == ["half", "next"] and
+        Crashy.count_connections(topic) == 2 and :ets.tab2list(h.locks) == []
+    end)
+
+    assert [%{half: true}] = Crashy.list(topic)["half"].metas
+    assert Crashy.count_users(topic) == 2
+    Process.exit(live, :kill)
+    wait_until(fn -> Crashy.list(topic) == %{} and Crashy.count_connections(topic) == 0 end)
   end
 
   defp tables_equal?(model) do

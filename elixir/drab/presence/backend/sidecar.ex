@@ -3,19 +3,19 @@ defmodule Drab.Presence.Backend.Sidecar do
   # The table in a sidecar OS process (native/presence_sidecar), behind a
   # port. Same calls, results and errors as Backend.NIF.
   #
-  # The caller writes its request straight to the port and waits for the
-  # reply, which the port owner routes back by request id: no process
-  # serialises callers, and no caller waits for another's request to be
-  # handled by one. Counts are read from ETS (kept by the port owner from
-  # the replies), without crossing the port. Listings arrive in chunks.
+  # Writes are decided on this side (see Writes): the caller checks them
+  # against the BEAM-side journal, journals and counts them, and writes
+  # them to the port without waiting for the sidecar. Other requests go
+  # straight to the port, and the caller waits for the reply, which the
+  # port owner routes back by request id: no process serialises callers.
+  # Counts and lookups read ETS, without crossing the port. Listings
+  # arrive in chunks.
   #
-  # A caller whose sidecar died while it waited sends its request again
-  # once a new sidecar has been replayed (see PortOwner); a request that
-  # got no reply was not journaled, so sending it again is what makes it
-  # count once.
+  # A caller whose sidecar died while it waited for a reply sends its
+  # request again once a new sidecar has been replayed (see PortOwner).
   @behaviour Drab.Presence.Backend
 
-  alias Drab.Presence.Sidecar.{Handle, Instance, Wire}
+  alias Drab.Presence.Sidecar.{Handle, Instance, Wire, Writes}
 
   # How often a waiting caller checks that its sidecar is still the same.
   @recheck_ms 50
@@ -115,48 +115,34 @@ defmodule Drab.Presence.Backend.Sidecar do
 
   @impl true
   def track(handle, pid, topic, key, meta) do
-    with {:ok, encoded} <- encode_meta(handle, meta) do
-      alive? = Process.alive?(pid)
-      body = [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key), encoded]
-
-      case call(handle, :track, body) do
-        {0, <<ref::64, _::binary>>} ->
-          # As the NIF (and Phoenix) answer a process that is gone: a ref,
-          # and the presence leaves at once. The exit goes before any later
-          # request of this caller, so a list right after does not show it.
-          unless alive?, do: send_exit(handle, pid)
-          {:ok, Wire.ref_string(ref)}
-
-        {status, _} ->
-          error(status)
-      end
+    with {:ok, encoded} <- encode_meta(handle, meta),
+         {:ok, ref} <- Writes.track(handle, pid, topic, key, encoded) do
+      {:ok, Wire.ref_string(ref)}
     end
   end
 
   @impl true
-  def untrack(handle, pid, topic, key) do
-    {0, _} = call(handle, :untrack, [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key)])
-    :ok
-  end
+  def untrack(handle, pid, topic, key), do: Writes.untrack(handle, Wire.pid_id(pid), topic, key)
 
   @impl true
-  def lookup(handle, pid, topic, key) do
-    case call(handle, :lookup, [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key)]) do
-      {0, <<ref::64, meta::binary>>} -> {:ok, {:erlang.binary_to_term(meta), ref}}
-      {status, _} -> error(status)
+  def lookup(%Handle{journal: journal}, pid, topic, key) do
+    case :ets.lookup(journal, {Wire.pid_id(pid), topic, key}) do
+      [{_, ref, meta, prev}] -> {:ok, {with_refs(:erlang.binary_to_term(meta), ref, prev), ref}}
+      [] -> {:error, :not_tracked}
     end
   end
+
+  # As the NIF gives it: the meta with its refs.
+  defp with_refs(meta, ref, nil), do: Map.put(meta, :phx_ref, Wire.ref_string(ref))
+
+  defp with_refs(meta, ref, prev),
+    do: meta |> with_refs(ref, nil) |> Map.put(:phx_ref_prev, Wire.ref_string(prev))
 
   @impl true
   def update(handle, pid, topic, key, meta, expected_ref) do
-    with {:ok, encoded} <- encode_meta(handle, meta) do
-      expected = if expected_ref, do: <<1, expected_ref::64>>, else: <<0, 0::64>>
-      body = [<<Wire.pid_id(pid)::64>>, Wire.str(topic), Wire.str(key), expected, encoded]
-
-      case call(handle, :update, body) do
-        {0, <<ref::64, _::binary>>} -> {:ok, Wire.ref_string(ref)}
-        {status, _} -> error(status)
-      end
+    with {:ok, encoded} <- encode_meta(handle, meta),
+         {:ok, ref} <- Writes.update(handle, Wire.pid_id(pid), topic, key, encoded, expected_ref) do
+      {:ok, Wire.ref_string(ref)}
     end
   end
 
@@ -177,8 +163,9 @@ defmodule Drab.Presence.Backend.Sidecar do
 
   @impl true
   def take_diffs(handle, max_topics) do
-    # The last byte (this node's delta started pending) is the port owner's.
-    {0, <<queued::64, pending::64, _delta_started>>} = call(handle, :take_diffs, <<max_topics::32>>)
+    # The rest (this node's delta started pending, leaves delivered) is the
+    # port owner's.
+    {0, <<queued::64, pending::64, _rest::binary>>} = call(handle, :take_diffs, <<max_topics::32>>)
 
     {queued, pending}
   end
@@ -325,9 +312,6 @@ defmodule Drab.Presence.Backend.Sidecar do
     end
   end
 
-  defp error(6), do: raise(ArgumentError, "the presence sidecar could not read a request")
-  defp error(status), do: {:error, Wire.reason(status)}
-
   ## Requests
 
   defp listing(handle, op, body) do
@@ -355,15 +339,6 @@ defmodule Drab.Presence.Backend.Sidecar do
 
   defp collect(status, <<continues, term::binary>>, acc),
     do: {status, [{continues == 1, term} | acc]}
-
-  # As the monitor pool tells the sidecar of an exit (no reply wanted).
-  defp send_exit(handle, pid) do
-    {_epoch, port} = await_port(handle, System.monotonic_time(:millisecond))
-    Port.command(port, [Wire.op(:exit), <<0::64, 0::64, Wire.pid_id(pid)::64>>])
-  rescue
-    # Closed under us: the restarted sidecar's replay skips dead owners.
-    ArgumentError -> :ok
-  end
 
   defp call(handle, op, body, collect \\ nil) do
     {epoch, port} = await_port(handle, System.monotonic_time(:millisecond))

@@ -3,18 +3,23 @@ defmodule Drab.Presence.Sidecar.Handle do
   # What callers of a sidecar table hold: the names of its ETS tables and
   # processes, the meta limit, and where to find the current port.
   #
-  # The BEAM-side state, written only by the port owner from the sidecar's
-  # replies, in the order the sidecar applied them:
+  # The BEAM-side state. Local writes are decided here, by their callers,
+  # each under a lock on its owner (see Writes), before the sidecar hears
+  # of them:
   #
-  #   * journal: `{{owner, topic, key}, ref, meta}`, every presence the
-  #     sidecar holds (ordered_set: an owner's presences are one range);
+  #   * journal: `{{owner, topic, key}, ref, meta, prev_ref | nil}`, every
+  #     local presence (ordered_set: an owner's presences are one range);
   #     replayed into a restarted sidecar;
-  #   * leaves: `{seq, topic, key, ref, meta}`, presences removed since the
-  #     last diff that is known delivered; their leaves are owed again
+  #   * leaves: `{ref, topic, key, meta}`, presences removed whose leaves
+  #     the sidecar has not yet said are delivered; they are owed again
   #     after a restart;
   #   * counts: `{topic, users, connections}` and `{{topic, key}, n}`, so
   #     that counting reads ETS (O(1)) instead of crossing the port;
-  #     replicated presences (cluster mode) count too;
+  #     replicated presences (cluster mode) count too, written by the port
+  #     owner from the sidecar's replies;
+  #   * owners: `{owner, n}`, the presences each owner has in the journal:
+  #     its monitor watches it while there are any;
+  #   * locks: `{owner, writer}`, held during each write of the owner's;
   #   * replication (cluster mode): `{:incarnation, uuid}` (made with the
   #     handle: this table's replica name on other nodes), `{:replicator,
   #     pid | nil}`, `{:seq, n}` (the last delta handed out), replica ids by
@@ -30,6 +35,9 @@ defmodule Drab.Presence.Sidecar.Handle do
     :journal,
     :leaves,
     :counts,
+    :owners,
+    :locks,
+    :refs,
     :replication,
     :max_meta,
     :monitors,
@@ -43,6 +51,9 @@ defmodule Drab.Presence.Sidecar.Handle do
           journal: atom(),
           leaves: atom(),
           counts: atom(),
+          owners: atom(),
+          locks: atom(),
+          refs: :atomics.atomics_ref(),
           replication: atom(),
           max_meta: :atomics.atomics_ref(),
           monitors: tuple(),
@@ -58,12 +69,20 @@ defmodule Drab.Presence.Sidecar.Handle do
     # 1: max_meta_bytes; 2: 1 for `diff_window: 0` (one diff per operation).
     max_meta = :atomics.new(2, signed: false)
     :atomics.put(max_meta, 1, max_meta_bytes)
+    # 1: a random seed, so that refs differ between tables and nodes; 2: the
+    # refs handed out (see Writes.new_ref/1).
+    refs = :atomics.new(2, signed: false)
+    <<seed::64>> = for _ <- 1..8, into: <<>>, do: <<:rand.uniform(256) - 1>>
+    :atomics.put(refs, 1, seed)
 
     %__MODULE__{
       id: id,
       journal: name.(:journal),
       leaves: name.(:leaves),
       counts: name.(:counts),
+      owners: name.(:owners),
+      locks: name.(:locks),
+      refs: refs,
       replication: name.(:replication),
       max_meta: max_meta,
       monitors: List.to_tuple(for i <- 1..pool_size, do: name.("monitor#{i}")),
@@ -75,9 +94,19 @@ defmodule Drab.Presence.Sidecar.Handle do
   @doc false
   @spec create_tables(t()) :: :ok
   def create_tables(%__MODULE__{} = h) do
-    :ets.new(h.journal, [:ordered_set, :public, :named_table])
-    :ets.new(h.leaves, [:ordered_set, :public, :named_table])
-    :ets.new(h.counts, [:set, :public, :named_table, read_concurrency: true])
+    :ets.new(h.journal, [:ordered_set, :public, :named_table, write_concurrency: true])
+    :ets.new(h.leaves, [:set, :public, :named_table, write_concurrency: true])
+
+    :ets.new(h.counts, [
+      :set,
+      :public,
+      :named_table,
+      read_concurrency: true,
+      write_concurrency: true
+    ])
+
+    :ets.new(h.owners, [:set, :public, :named_table, write_concurrency: true])
+    :ets.new(h.locks, [:set, :public, :named_table, write_concurrency: true])
     :ets.new(h.replication, [:set, :public, :named_table])
 
     :ets.insert(h.replication, [

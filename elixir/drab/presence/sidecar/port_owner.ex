@@ -6,40 +6,37 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # process never waits on a caller, and callers never wait in its queue
   # for a request to go out.
   #
-  # Replies arrive in the order the sidecar applied the requests, so this
-  # is where the BEAM-side journal and counts are kept (see Handle): from
-  # the replies of successful writes, before the caller hears of them. When
-  # the sidecar dies (killed, crashed, or it refused a frame it could not
-  # skip), this process starts a new one and replays the journal into it,
-  # while callers wait for the new port; requests that got no reply are
-  # sent again by their callers.
+  # Local writes are decided and journaled by their callers (see Writes)
+  # and not answered. What comes here besides replies: `Wake` when a diff
+  # became pending (the dispatcher is told), the refs of removals whose
+  # leaves the sidecar says are delivered (they are owed no more), and the
+  # count changes of replicated presences (cluster mode).
   #
-  # Owners to watch or unwatch are gathered and go to each monitor process
-  # as one list a millisecond after the first: a burst of tracks costs a
-  # monitor one message (and one wake-up) per millisecond, not one per
-  # owner. A list keeps the sidecar's order, so a watch and an unwatch of
-  # one owner never cross; an owner that dies before it is watched gets
-  # its DOWN at once when it is.
+  # When the sidecar dies (killed, crashed, or it refused a frame it could
+  # not skip), this process starts a new one, waits until no writer holds
+  # a lock (writers wait for the new port before they take one), and
+  # replays the journal into it; requests that got no reply are sent again
+  # by their callers. The same pause repairs an owner whose writer was
+  # killed holding its lock: its presences are resynced and the counts
+  # recomputed from the journal.
   use GenServer
   require Logger
 
-  alias Drab.Presence.Sidecar.{Handle, Wire}
-  alias Drab.Presence.Table
+  alias Drab.Presence.Sidecar.{Handle, Wire, Writes}
 
   import Bitwise, only: [band: 2]
 
-  @new_owner 1
-  @released 1
   @wake 2
-  @changed 4
 
   @replay_batch 2_000
-  @watch_delay_ms 1
   @handshake_timeout 10_000
+  # How often locks are checked for writers killed holding them, and how
+  # long a pause waits for live writers to let go.
+  @sweep_ms 1_000
+  @quiesce_ms 5_000
 
+  @wake_op 4
   @track 16
-  @untrack 17
-  @update 19
   @exit 20
   @take_diffs 24
   @ack_part 26
@@ -64,16 +61,9 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   def init({handle, _opts}) do
     Process.flag(:trap_exit, true)
     {epoch, _} = Handle.current(handle)
-    # A port owner that replaces a crashed one goes on from its state in
-    # the handle's tables: the dispatcher to wake, and the numbering of the
-    # leaves still owed.
+    # A port owner that replaces a crashed one finds the dispatcher to wake
+    # in the handle's table.
     [{:dispatcher, dispatcher}] = :ets.lookup(handle.replication, :dispatcher)
-
-    seq =
-      case :ets.last(handle.leaves) do
-        :"$end_of_table" -> 0
-        last -> last
-      end
 
     state = %{
       handle: handle,
@@ -81,23 +71,12 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       template_node: node(),
       port: nil,
       epoch: epoch,
-      dispatcher: dispatcher,
-      # Removals are numbered; `delivered` is the number up to which their
-      # leaves are known to have been broadcast.
-      seq: seq,
-      taken: nil,
-      outbox_empty?: true,
-      # Monitor process => its `{:watch | :unwatch, owner}`, newest first.
-      watches: %{}
+      dispatcher: dispatcher
     }
 
     case start_sidecar(state) do
       {:ok, state} ->
-        # Watches a predecessor gathered and did not send died with it;
-        # the journal has their owners.
-        if epoch > 0,
-          do: for(name <- Tuple.to_list(handle.monitors), do: send(name, :watch_journal))
-
+        Process.send_after(self(), :sweep_locks, @sweep_ms)
         {:ok, state}
 
       {:error, message} ->
@@ -109,7 +88,18 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   def handle_info({port, {:data, frame}}, %{port: port} = state),
     do: {:noreply, reply(frame, Wire.fresh_template(state))}
 
-  def handle_info(:send_watches, state), do: {:noreply, send_watches(state)}
+  def handle_info(:sweep_locks, state) do
+    # A writer that asks comes on top of the timer's sweeps; one in the
+    # mailbox is enough.
+    receive do
+      :sweep_locks -> :ok
+    after
+      0 -> :ok
+    end
+
+    Process.send_after(self(), :sweep_locks, @sweep_ms)
+    {:noreply, repair_locks(state)}
+  end
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state),
     do: restart(state, "exited with status #{status}")
@@ -119,21 +109,6 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   def handle_info(_other, state), do: {:noreply, state}
 
-  defp watch(state, owner, change) do
-    if state.watches == %{}, do: Process.send_after(self(), :send_watches, @watch_delay_ms)
-    monitor = Handle.monitor_for(state.handle, owner)
-
-    %{
-      state
-      | watches: Map.update(state.watches, monitor, [{change, owner}], &[{change, owner} | &1])
-    }
-  end
-
-  defp send_watches(state) do
-    for {monitor, changes} <- state.watches, do: send(monitor, {:watches, Enum.reverse(changes)})
-    %{state | watches: %{}}
-  end
-
   @impl true
   def terminate(_reason, state) do
     Handle.publish(state.handle, state.epoch + 1, nil)
@@ -142,7 +117,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   end
 
   defp restart(state, why) do
-    state = state |> Wire.fresh_template() |> send_watches()
+    state = Wire.fresh_template(state)
 
     Logger.error("Drab.Presence sidecar #{why}; restarting it and replaying its presences")
 
@@ -166,15 +141,17 @@ defmodule Drab.Presence.Sidecar.PortOwner do
         :use_stdio
       ])
 
-    state = %{state | port: port, epoch: epoch, outbox_empty?: true, taken: nil}
+    state = %{state | port: port, epoch: epoch}
 
     with :ok <- handshake(port),
          :ok <- sync(port, Wire.op(:configure), configuration(state)),
          :ok <- resume_replication(state),
-         {:ok, state} <- replay(state) do
+         :ok <- quiesce(state.handle),
+         :ok <- replay(state) do
+      :ets.delete_all_objects(state.handle.locks)
+      recount(state.handle)
       if state.dispatcher, do: set_dispatcher(state)
       Handle.publish(state.handle, epoch, port)
-      for name <- Tuple.to_list(state.handle.monitors), do: send(name, :sidecar_ready)
       replicas_lost(state)
       {:ok, state}
     else
@@ -191,10 +168,6 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # of what they applied) and resync this node's full state, which holds
   # the replayed presences under their new refs.
   defp resume_replication(%{handle: h} = state) do
-    for {{:remote, topic, key}, n} <- :ets.match_object(h.replication, {{:remote, :_, :_}, :_}) do
-      count_by(h.counts, topic, key, -n)
-    end
-
     :ets.match_delete(h.replication, {{:remote, :_, :_}, :_})
 
     case :ets.lookup(h.replication, :replicator) do
@@ -260,37 +233,136 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     end
   end
 
-  # Every presence of a live owner goes back in, with the leave of its old
-  # ref owed to subscribers after its new join; presences of owners that
-  # died meanwhile, and removals whose leaves were not known delivered,
-  # are owed as leaves only.
+  ## Pauses: no writer may be half way while the journal is read whole
+
+  # Writers take their owner's lock only while the port is published, and
+  # let go when they find it is not: once no live process holds a lock,
+  # every decided write is in the journal, and none is on its way.
+  defp quiesce(h, since \\ System.monotonic_time(:millisecond)) do
+    cond do
+      Enum.all?(:ets.tab2list(h.locks), fn {_owner, writer} -> not Process.alive?(writer) end) ->
+        :ok
+
+      System.monotonic_time(:millisecond) - since > @quiesce_ms ->
+        Logger.error("Drab.Presence sidecar: writers still hold locks after #{@quiesce_ms} ms")
+        :ok
+
+      true ->
+        Process.sleep(1)
+        quiesce(h, since)
+    end
+  end
+
+  # Counts from the journal and the replicated presences, written while
+  # no writer runs: what a killed writer may have left half counted is
+  # counted again.
+  defp recount(h) do
+    :ets.delete_all_objects(h.counts)
+    :ets.delete_all_objects(h.owners)
+
+    for {{owner, topic, key}, _ref, _meta, _prev} <- :ets.tab2list(h.journal) do
+      Writes.count(h.counts, topic, key, 1)
+      :ets.update_counter(h.owners, owner, 1, {owner, 0})
+    end
+
+    for {{:remote, topic, key}, n} <- :ets.match_object(h.replication, {{:remote, :_, :_}, :_}) do
+      Writes.count(h.counts, topic, key, n)
+    end
+
+    :ok
+  end
+
+  # Owners whose writer was killed holding their lock: writes pause, each
+  # such owner's presences are resynced into the sidecar under new refs
+  # (the old ones leave), or removed if the owner is gone, and everything
+  # is counted again.
+  defp repair_locks(%{port: nil} = state), do: state
+
+  defp repair_locks(state) do
+    h = state.handle
+    dead = for {owner, writer} <- :ets.tab2list(h.locks), not Process.alive?(writer), do: owner
+
+    if dead != [] do
+      Handle.publish(h, state.epoch, nil)
+      :ok = quiesce(h)
+      Enum.each(dead, &resync_owner(state, &1))
+      recount(h)
+      Handle.publish(h, state.epoch, state.port)
+
+      Logger.warning(
+        "Drab.Presence sidecar: resynced #{length(dead)} owner(s) whose writer was killed mid-write"
+      )
+    end
+
+    state
+  end
+
+  defp resync_owner(state, owner) do
+    h = state.handle
+    pid = Wire.id_pid(state.template, owner)
+    old_refs = for {_, ref, _, _} <- Writes.owner_rows(h, owner), do: ref
+
+    tracks =
+      if Process.alive?(pid) do
+        for {{_, topic, key} = row, old, meta, _prev} <- Writes.owner_rows(h, owner) do
+          ref = Writes.new_ref(h)
+          :ets.insert(h.journal, {row, ref, meta, nil})
+          :ets.insert(h.leaves, {old, topic, key, meta})
+          [<<@track, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key), <<ref::64>>, meta]
+        end
+      else
+        Writes.drop_rows(h, owner)
+        []
+      end
+
+    if tracks != [], do: send(Handle.monitor_for(h, owner), {:watch, owner})
+
+    exit = [
+      <<@exit, 0::64, 0::64, owner::64, length(old_refs)::32>> | for(r <- old_refs, do: <<r::64>>)
+    ]
+
+    # One frame per command: the port adds each one's length prefix.
+    Enum.each([exit | tracks], &Port.command(state.port, &1))
+    :ets.delete(h.locks, owner)
+  rescue
+    # The port closed under us: the restart replays the journal.
+    ArgumentError -> :ets.delete(state.handle.locks, owner)
+  end
+
+  # Every presence of a live owner goes back in under a new ref, with the
+  # leave of its old ref owed to subscribers after its new join; presences
+  # of owners that died meanwhile, and removals whose leaves were not known
+  # delivered, are owed as leaves only.
   defp replay(state) do
     h = state.handle
     {live, dead} = :ets.tab2list(h.journal) |> Enum.split_with(&alive?(state, &1))
 
-    state =
-      Enum.reduce(dead, state, fn {{owner, topic, key}, ref, meta}, state ->
-        :ets.delete(h.journal, {owner, topic, key})
-        uncount(h.counts, topic, key)
-        owe_leave(state, topic, key, ref, meta)
-      end)
+    for {{_owner, topic, key} = row, ref, meta, _prev} <- dead do
+      :ets.delete(h.journal, row)
+      :ets.insert(h.leaves, {ref, topic, key, meta})
+    end
 
     owed = :ets.tab2list(h.leaves)
 
-    with :ok <- replay_tracks(state, live),
+    replayed =
+      for {row, old, meta, _prev} <- live do
+        ref = Writes.new_ref(h)
+        :ets.insert(h.journal, {row, ref, meta, nil})
+        {row, old, ref, meta}
+      end
+
+    with :ok <- replay_tracks(state, replayed),
          :ok <- send_leaves(state, owed) do
       # The old refs of the replayed presences are owed too, should this
       # sidecar die before they go out.
-      state =
-        Enum.reduce(live, state, fn {{_owner, topic, key}, ref, meta}, state ->
-          owe_leave(state, topic, key, ref, meta)
-        end)
+      for {{_owner, topic, key}, old, _ref, meta} <- replayed,
+          do: :ets.insert(h.leaves, {old, topic, key, meta})
 
-      {:ok, state}
+      :ok
     end
   end
 
-  defp alive?(state, {{owner, _, _}, _, _}),
+  defp alive?(state, {{owner, _, _}, _, _, _}),
     do: Process.alive?(Wire.id_pid(state.template, owner))
 
   defp replay_tracks(state, entries) do
@@ -299,23 +371,14 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     |> Enum.reduce_while(:ok, fn batch, :ok ->
       body = [
         <<length(batch)::32>>
-        | for {{owner, topic, key}, ref, meta} <- batch do
-            [<<owner::64>>, Wire.str(topic), Wire.str(key), <<ref::64>>, Wire.str(meta)]
+        | for {{owner, topic, key}, old, ref, meta} <- batch do
+            [<<owner::64>>, Wire.str(topic), Wire.str(key), <<old::64, ref::64>>, Wire.str(meta)]
           end
       ]
 
-      case sync_body(state.port, Wire.op(:replay), body) do
-        {:ok, <<_flags, n::32, refs::binary-size(n * 8)>>} ->
-          batch
-          |> Enum.zip(for <<ref::64 <- refs>>, do: ref)
-          |> Enum.each(fn {{k, _old, _meta}, new} ->
-            :ets.update_element(state.handle.journal, k, {2, new})
-          end)
-
-          {:cont, :ok}
-
-        {:error, _} = error ->
-          {:halt, error}
+      case sync(state.port, Wire.op(:replay), body) do
+        :ok -> {:cont, :ok}
+        {:error, _} = error -> {:halt, error}
       end
     end)
   end
@@ -328,7 +391,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     |> Enum.reduce_while(:ok, fn batch, :ok ->
       body = [
         <<length(batch)::32>>
-        | for {_seq, topic, key, ref, meta} <- batch do
+        | for {ref, topic, key, meta} <- batch do
             [Wire.str(topic), Wire.str(key), <<ref::64>>, Wire.str(meta)]
           end
       ]
@@ -351,8 +414,11 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   ## Replies
 
-  # Writes are journaled (and counted) before their caller hears of them,
-  # so a caller that saw :ok finds its presence in any later replay.
+  defp reply(<<@wake_op, 0::64, 0::64, 0>>, state) do
+    if state.dispatcher, do: send(state.dispatcher, :drab_presence_pending)
+    state
+  end
+
   defp reply(<<_op, _id::64, _to::64, 6, message::binary>>, state) do
     # The answer to a frame the sidecar could not read: its ids may be
     # garbage too, so it goes nowhere but the log.
@@ -385,73 +451,21 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     state
   end
 
-  defp journal(@track, _to, body, state) do
-    <<ref::64, flags, owner::64, tl::32, topic::binary-size(tl), kl::32, key::binary-size(kl),
-      meta::binary>> = body
-
-    {topic, key} = {:binary.copy(topic), :binary.copy(key)}
-    :ets.insert(state.handle.journal, {{owner, topic, key}, ref, meta})
-    count(state.handle.counts, topic, key)
-
-    state = if band(flags, @new_owner) != 0, do: watch(state, owner, :watch), else: state
-    wake(flags, state)
-  end
-
-  defp journal(@untrack, _to, body, state) do
-    <<flags, owner::64, tl::32, topic::binary-size(tl), kl::32, key::binary-size(kl)>> = body
-
-    state =
-      if band(flags, @changed) != 0,
-        do: remove(state, {owner, topic, key}),
-        else: state
-
-    state = if band(flags, @released) != 0, do: watch(state, owner, :unwatch), else: state
-    wake(flags, state)
-  end
-
-  defp journal(@update, _to, body, state) do
-    <<ref::64, flags, owner::64, tl::32, topic::binary-size(tl), kl::32, key::binary-size(kl),
-      meta::binary>> = body
-
-    if band(flags, @changed) != 0 do
-      {topic, key} = {:binary.copy(topic), :binary.copy(key)}
-      k = {owner, topic, key}
-      [{_, old_ref, old_meta}] = :ets.lookup(state.handle.journal, k)
-      :ets.insert(state.handle.journal, {k, ref, meta})
-      state = owe_leave(state, topic, key, old_ref, old_meta)
-      wake(flags, state)
-    else
-      state
-    end
-  end
-
-  defp journal(@exit, _to, <<flags, owner::64, _removed::64>>, state) do
-    h = state.handle
-    entries = :ets.select(h.journal, [{{{owner, :_, :_}, :_, :_}, [], [:"$_"]}])
-
-    state =
-      Enum.reduce(entries, state, fn {{_, topic, key} = k, ref, meta}, state ->
-        :ets.delete(h.journal, k)
-        uncount(h.counts, topic, key)
-        owe_leave(state, topic, key, ref, meta)
-      end)
-
-    wake(flags, state)
-  end
-
   defp journal(@set_dispatcher, to, _body, state) do
     dispatcher = Wire.id_pid(state.template, to)
     :ets.insert(state.handle.replication, {:dispatcher, dispatcher})
     %{state | dispatcher: dispatcher}
   end
 
-  # Removals up to here are in the diffs this take moved to the outbox,
-  # unless topics were left pending (those may hold some of them).
-  #
   # A take that started this node's delta pending (cluster mode) wakes the
   # replicator, as the NIF does itself.
-  defp journal(@take_diffs, _to, <<queued::64, pending::64, delta_started>>, state) do
-    taken = if state.outbox_empty? and pending == 0, do: state.seq, else: state.taken
+  defp journal(
+         @take_diffs,
+         _to,
+         <<_queued::64, _pending::64, delta_started, delivered::binary>>,
+         state
+       ) do
+    delivered(state.handle, delivered)
 
     if delta_started == 1 do
       case :ets.lookup(state.handle.replication, :replicator) do
@@ -460,7 +474,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       end
     end
 
-    %{state | taken: taken, outbox_empty?: queued == 0}
+    state
   end
 
   # The last seq handed out, for a restarted sidecar to go on from.
@@ -474,77 +488,25 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   defp journal(op, _to, <<flags, _dropped::64, n::32, changes::binary>>, state)
        when op in @apply_delta..@forget_replica do
     count_changes(state.handle, n, changes)
-    wake(flags, state)
-  end
 
-  defp journal(@ack_part, _to, <<empty>>, state) do
-    if empty == 1 and state.taken != nil do
-      taken = state.taken
-
-      :ets.select_delete(state.handle.leaves, [
-        {{:"$1", :_, :_, :_, :_}, [{:"=<", :"$1", taken}], [true]}
-      ])
-    end
-
-    %{state | outbox_empty?: empty == 1}
-  end
-
-  defp journal(_op, _to, _body, state), do: state
-
-  defp remove(state, k) do
-    h = state.handle
-
-    case :ets.lookup(h.journal, k) do
-      [{{_, topic, key}, ref, meta}] ->
-        :ets.delete(h.journal, k)
-        uncount(h.counts, topic, key)
-        owe_leave(state, topic, key, ref, meta)
-
-      [] ->
-        state
-    end
-  end
-
-  defp owe_leave(state, topic, key, ref, meta) do
-    seq = state.seq + 1
-    :ets.insert(state.handle.leaves, {seq, topic, key, ref, meta})
-    %{state | seq: seq}
-  end
-
-  defp wake(flags, state) do
     if band(flags, @wake) != 0 and state.dispatcher,
       do: send(state.dispatcher, :drab_presence_pending)
 
     state
   end
 
-  # Users are the strings keys are listed under: `42` and `"42"` are two
-  # presences of one user (a non-binary key is stored tagged with its
-  # string, see presence_core's key.rs).
-  defp count(counts, topic, key) do
-    key = Table.listed_key(key)
-
-    users = if :ets.update_counter(counts, {topic, key}, 1, {{topic, key}, 0}) == 1, do: 1, else: 0
-    :ets.update_counter(counts, topic, [{2, users}, {3, 1}], {topic, 0, 0})
+  defp journal(@ack_part, _to, <<_empty, delivered::binary>>, state) do
+    delivered(state.handle, delivered)
+    state
   end
 
-  defp uncount(counts, topic, key) do
-    key = Table.listed_key(key)
+  defp journal(_op, _to, _body, state), do: state
 
-    users =
-      case :ets.update_counter(counts, {topic, key}, -1) do
-        0 ->
-          :ets.delete(counts, {topic, key})
-          1
-
-        _ ->
-          0
-      end
-
-    case :ets.update_counter(counts, topic, [{2, -users}, {3, -1}]) do
-      [_, 0] -> :ets.delete(counts, topic)
-      _ -> :ok
-    end
+  # Removals whose leaves subscribers have had (or never needed): a
+  # restarted sidecar owes them no more.
+  defp delivered(h, <<n::32, refs::binary-size(n * 8)>>) do
+    for <<ref::64 <- refs>>, do: :ets.delete(h.leaves, ref)
+    :ok
   end
 
   defp count_changes(_handle, 0, <<>>), do: :ok
@@ -556,37 +518,13 @@ defmodule Drab.Presence.Sidecar.PortOwner do
            rest::binary>>
        ) do
     {topic, key} = {:binary.copy(topic), :binary.copy(key)}
-    count_by(h.counts, topic, key, change)
+    Writes.count(h.counts, topic, key, change)
 
     if :ets.update_counter(h.replication, {:remote, topic, key}, change, {{:remote, topic, key}, 0}) ==
          0,
        do: :ets.delete(h.replication, {:remote, topic, key})
 
     count_changes(h, n - 1, rest)
-  end
-
-  # `change` presences more (or fewer) under one key at once.
-  defp count_by(counts, topic, key, change) do
-    key = Table.listed_key(key)
-    now = :ets.update_counter(counts, {topic, key}, change, {{topic, key}, 0})
-
-    users =
-      cond do
-        now == 0 ->
-          :ets.delete(counts, {topic, key})
-          -1
-
-        now == change ->
-          1
-
-        true ->
-          0
-      end
-
-    case :ets.update_counter(counts, topic, [{2, users}, {3, change}], {topic, 0, 0}) do
-      [_, 0] -> :ets.delete(counts, topic)
-      _ -> :ok
-    end
   end
 
   defp close(port) do

@@ -6,12 +6,15 @@ defmodule Drab.Presence.Sidecar.Wire do
 
   # 2: cluster mode (replication ops 40..47, status 9 bad_delta, a
   # delta_started byte in take_diffs replies, replicas in stats).
-  @version 2
+  # 3: writes decided on the BEAM side, with their refs, and not answered;
+  # Wake frames; delivered leaves in take_diffs and ack_part replies.
+  @version 3
 
   @ops %{
     hello: 1,
     configure: 2,
     set_dispatcher: 3,
+    wake: 4,
     track: 16,
     untrack: 17,
     lookup: 18,
