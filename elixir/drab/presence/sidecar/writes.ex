@@ -68,7 +68,10 @@ defmodule Drab.Presence.Sidecar.Writes do
   defp lock(h, owner, tries) do
     unless :ets.insert_new(h.locks, {owner, self()}) do
       case :ets.lookup(h.locks, owner) do
-        [{_, holder}] when holder != self() ->
+        [{_, holder}] when holder == self() ->
+          raise ArgumentError, "a presence write of this owner is already in progress here"
+
+        [{_, holder}] ->
           # Another writer of this owner; or a dead one, whose write the
           # port owner must repair before anyone writes this owner again.
           if rem(tries, 64) == 63 and not Process.alive?(holder),
@@ -77,7 +80,7 @@ defmodule Drab.Presence.Sidecar.Writes do
           if tries < 16, do: :erlang.yield(), else: Process.sleep(1)
           lock(h, owner, tries + 1)
 
-        _ ->
+        [] ->
           lock(h, owner, tries + 1)
       end
     end
