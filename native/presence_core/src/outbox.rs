@@ -102,6 +102,11 @@ impl<O: Clone, M: Clone + AsRef<[u8]>> Outbox<O, M> {
         self.parts.front()
     }
 
+    /// The parts not acknowledged yet, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &OutboxPart<O, M>> {
+        self.parts.iter()
+    }
+
     /// Drops part `id`, if it is the oldest (an id acknowledged twice, or
     /// out of turn, changes nothing).
     pub fn ack(&mut self, id: u64) {

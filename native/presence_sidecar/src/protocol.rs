@@ -59,6 +59,10 @@
 //! Exit     owner:u64 n:u32 ref:u64*n   (the refs the journal held for it)
 //! Wake     (from the sidecar, ids 0) a diff became pending: wake the dispatcher
 //! Replay   n:u32 (owner:u64 str(topic) str(key) old_ref:u64 new_ref:u64 str(meta))*n
+//! NextPart max:u32 -> n:u32 (part:u64 str(topic) str(joins) str(leaves))*n
+//!          the oldest parts not acknowledged, up to max and about 256 KB
+//!          (at least one): a window's diffs in one round trip, not one
+//!          each
 //! TakeDiffs, AckPart replies end with n:u32 ref:u64*n: removed presences
 //!          whose leaves subscribers have been told (or never needed), so
 //!          the BEAM stops owing them
@@ -292,7 +296,9 @@ pub enum Request {
     TakeDiffs {
         max_topics: u32,
     },
-    NextPart,
+    NextPart {
+        max: u32,
+    },
     AckPart {
         part: u64,
     },
@@ -344,7 +350,7 @@ impl Request {
             Request::List { .. } => Op::List,
             Request::GetByKey { .. } => Op::GetByKey,
             Request::TakeDiffs { .. } => Op::TakeDiffs,
-            Request::NextPart => Op::NextPart,
+            Request::NextPart { .. } => Op::NextPart,
             Request::AckPart { .. } => Op::AckPart,
             Request::Stats => Op::Stats,
             Request::Replay { .. } => Op::Replay,
@@ -540,7 +546,7 @@ impl Envelope {
             Op::TakeDiffs => Request::TakeDiffs {
                 max_topics: r.u32()?,
             },
-            Op::NextPart => Request::NextPart,
+            Op::NextPart => Request::NextPart { max: r.u32()? },
             Op::AckPart => Request::AckPart { part: r.u64()? },
             Op::Stats => Request::Stats,
             Op::Replay => {
@@ -672,11 +678,8 @@ impl Envelope {
                 put_str(&mut out, key);
             }
             Request::TakeDiffs { max_topics } => out.put_u32(*max_topics),
-            Request::NextPart
-            | Request::Stats
-            | Request::DeltaSeq
-            | Request::TakeDelta
-            | Request::LocalState => {}
+            Request::NextPart { max } => out.put_u32(*max),
+            Request::Stats | Request::DeltaSeq | Request::TakeDelta | Request::LocalState => {}
             Request::AckPart { part } => out.put_u64(*part),
             Request::Replay { entries } => {
                 out.put_u32(entries.len() as u32);
@@ -802,8 +805,8 @@ pub enum Body {
         delta_started: bool,
         delivered: Vec<u64>,
     },
-    /// NextPart: `None` when the outbox is empty.
-    Part(Option<PartBody>),
+    /// NextPart: the oldest parts, none when the outbox is empty.
+    Parts(Vec<PartBody>),
     /// `delivered`: refs of removed presences whose leaves no subscriber
     /// can still be owed (see `Store::take_diffs`).
     AckPart {
@@ -892,13 +895,14 @@ impl Body {
                 out.put_u8(u8::from(*delta_started));
                 put_refs(&mut out, delivered);
             }
-            Body::Part(None) => out.put_u8(0),
-            Body::Part(Some(p)) => {
-                out.put_u8(1);
-                out.put_u64(p.part);
-                put_str(&mut out, &p.topic);
-                put_str(&mut out, &p.joins);
-                put_str(&mut out, &p.leaves);
+            Body::Parts(parts) => {
+                out.put_u32(parts.len() as u32);
+                for p in parts {
+                    out.put_u64(p.part);
+                    put_str(&mut out, &p.topic);
+                    put_str(&mut out, &p.joins);
+                    put_str(&mut out, &p.leaves);
+                }
             }
             Body::AckPart {
                 outbox_empty,
@@ -982,15 +986,19 @@ impl Body {
                 delta_started: r.u8()? != 0,
                 delivered: read_refs(&mut r)?,
             },
-            Op::NextPart => match r.u8()? {
-                0 => Body::Part(None),
-                _ => Body::Part(Some(PartBody {
-                    part: r.u64()?,
-                    topic: r.str()?,
-                    joins: r.str()?,
-                    leaves: r.str()?,
-                })),
-            },
+            Op::NextPart => {
+                let n = r.count(8 + 4 + 4 + 4)?;
+                let mut parts = Vec::with_capacity(n);
+                for _ in 0..n {
+                    parts.push(PartBody {
+                        part: r.u64()?,
+                        topic: r.str()?,
+                        joins: r.str()?,
+                        leaves: r.str()?,
+                    });
+                }
+                Body::Parts(parts)
+            }
             Op::AckPart => Body::AckPart {
                 outbox_empty: r.u8()? != 0,
                 delivered: read_refs(&mut r)?,

@@ -288,7 +288,7 @@ fn handle(
         Request::List { topic } => store.list(&topic),
         Request::GetByKey { topic, key } => store.get_by_key(&topic, &key),
         Request::TakeDiffs { max_topics } => store.take_diffs(max_topics),
-        Request::NextPart => store.next_part(),
+        Request::NextPart { max } => store.next_parts(max),
         Request::AckPart { part } => store.ack_part(part),
         Request::Stats => store.stats(presence_core::heap::held_bytes() as u64),
         Request::Replay { entries } => store.replay(entries),

@@ -279,26 +279,33 @@ impl Store {
         )
     }
 
-    pub fn next_part(&self) -> Outcome {
-        let body = match self.outbox.front() {
-            None => Body::Part(None),
-            Some(part) => {
-                let mut joins = Vec::new();
-                let mut leaves = Vec::new();
-                let written = etf::write_grouped(&mut joins, part.joins.iter())
-                    .and_then(|()| etf::write_grouped(&mut leaves, part.leaves.iter()));
-                if written.is_err() {
-                    return Outcome::Reply(Status::BadFrame, Body::Empty);
-                }
-                Body::Part(Some(PartBody {
-                    part: part.id,
-                    topic: Bytes::copy_from_slice(&part.topic),
-                    joins: joins.into(),
-                    leaves: leaves.into(),
-                }))
+    /// The oldest parts, up to `max` and about `CHUNK_BYTES` (at least one
+    /// when there is any): the dispatcher takes a window's diffs in one
+    /// round trip, not one per part, so that writes queued in the pipe ahead
+    /// of it hold it up once.
+    pub fn next_parts(&self, max: u32) -> Outcome {
+        let mut parts = Vec::new();
+        let mut bytes = 0;
+        for part in self.outbox.iter().take(max.max(1) as usize) {
+            if !parts.is_empty() && bytes >= CHUNK_BYTES {
+                break;
             }
-        };
-        Outcome::Reply(Status::Ok, body)
+            let mut joins = Vec::new();
+            let mut leaves = Vec::new();
+            let written = etf::write_grouped(&mut joins, part.joins.iter())
+                .and_then(|()| etf::write_grouped(&mut leaves, part.leaves.iter()));
+            if written.is_err() {
+                return Outcome::Reply(Status::BadFrame, Body::Empty);
+            }
+            bytes += joins.len() + leaves.len();
+            parts.push(PartBody {
+                part: part.id,
+                topic: Bytes::copy_from_slice(&part.topic),
+                joins: joins.into(),
+                leaves: leaves.into(),
+            });
+        }
+        Outcome::Reply(Status::Ok, Body::Parts(parts))
     }
 
     pub fn ack_part(&mut self, id: u64) -> Outcome {

@@ -64,7 +64,7 @@ fn every_request() -> Vec<Request> {
             key: b("k"),
         },
         Request::TakeDiffs { max_topics: 256 },
-        Request::NextPart,
+        Request::NextPart { max: 64 },
         Request::AckPart { part: 4 },
         Request::Stats,
         Request::Replay {
@@ -186,15 +186,18 @@ fn every_body() -> Vec<(Op, Body)> {
                 delivered: vec![7, 8],
             },
         ),
-        (Op::NextPart, Body::Part(None)),
+        (Op::NextPart, Body::Parts(vec![])),
         (
             Op::NextPart,
-            Body::Part(Some(PartBody {
-                part: 9,
-                topic: b("t"),
-                joins: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),
-                leaves: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),
-            })),
+            Body::Parts(vec![
+                PartBody {
+                    part: 9,
+                    topic: b("t"),
+                    joins: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),
+                    leaves: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),
+                };
+                2
+            ]),
         ),
         (
             Op::AckPart,

@@ -102,6 +102,16 @@ fn track_request(owner: u64, topic: &str, key: &str, phx_ref: u64) -> Request {
     }
 }
 
+/// The oldest diff part, if any.
+async fn next_part(c: &mut Client) -> Option<presence_sidecar::protocol::PartBody> {
+    let reply = c.call(Request::NextPart { max: 1 }).await;
+    let Body::Parts(parts) = Body::decode(Op::NextPart, reply.body).unwrap() else {
+        panic!()
+    };
+    assert!(parts.len() <= 1);
+    parts.into_iter().next()
+}
+
 async fn stats(c: &mut Client) -> presence_sidecar::protocol::Stats {
     let reply = c.call(Request::Stats).await;
     let Body::Stats(s) = Body::decode(Op::Stats, reply.body).unwrap() else {
@@ -187,11 +197,7 @@ async fn writes_apply_the_refs_the_beam_made() {
     // Nothing was listed, so nothing went out: every join was cancelled by
     // its leave, and no leave is owed.
     let mut all = delivered;
-    loop {
-        let part = c.call(Request::NextPart).await;
-        let Body::Part(Some(p)) = Body::decode(Op::NextPart, part.body).unwrap() else {
-            break;
-        };
+    while let Some(p) = next_part(&mut c).await {
         let ack = c.call(Request::AckPart { part: p.part }).await;
         let Body::AckPart { delivered, .. } = Body::decode(Op::AckPart, ack.body).unwrap() else {
             panic!()
@@ -303,26 +309,22 @@ async fn exit_diffs_and_replay_owe_leaves_after_joins() {
             delivered: vec![],
         }
     );
-    // The join first, then the owed leave of the old ref.
-    let mut parts = Vec::new();
+    // The join first, then the owed leave of the old ref: both parts in
+    // one round trip, oldest first.
+    let r = c.call(Request::NextPart { max: 64 }).await;
+    let Body::Parts(parts) = Body::decode(Op::NextPart, r.body).unwrap() else {
+        panic!()
+    };
     let mut delivered = Vec::new();
-    loop {
-        let r = c.call(Request::NextPart).await;
-        match Body::decode(Op::NextPart, r.body).unwrap() {
-            Body::Part(None) => break,
-            Body::Part(Some(p)) => {
-                let ack = c.call(Request::AckPart { part: p.part }).await;
-                let Body::AckPart { delivered: d, .. } =
-                    Body::decode(Op::AckPart, ack.body).unwrap()
-                else {
-                    panic!()
-                };
-                delivered.extend(d);
-                parts.push(p);
-            }
-            _ => panic!(),
-        }
+    for p in &parts {
+        let ack = c.call(Request::AckPart { part: p.part }).await;
+        let Body::AckPart { delivered: d, .. } = Body::decode(Op::AckPart, ack.body).unwrap()
+        else {
+            panic!()
+        };
+        delivered.extend(d);
     }
+    assert!(next_part(&mut c).await.is_none());
     assert_eq!(parts.len(), 2);
     assert_eq!(&parts[0].leaves[..], &[131, 116, 0, 0, 0, 0]);
     assert_eq!(&parts[1].joins[..], &[131, 116, 0, 0, 0, 0]);
@@ -372,14 +374,8 @@ async fn take_delta(c: &mut Client) -> Option<(u64, Bytes)> {
     };
     assert_eq!(delta_started, delta.is_some());
     // Acknowledge the diff parts, so the next take moves on.
-    loop {
-        let part = c.call(Request::NextPart).await;
-        match Body::decode(Op::NextPart, part.body).unwrap() {
-            Body::Part(Some(p)) => {
-                c.call(Request::AckPart { part: p.part }).await;
-            }
-            _ => break,
-        }
+    while let Some(p) = next_part(c).await {
+        c.call(Request::AckPart { part: p.part }).await;
     }
     delta
 }

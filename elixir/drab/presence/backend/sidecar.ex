@@ -170,22 +170,62 @@ defmodule Drab.Presence.Backend.Sidecar do
     {queued, pending}
   end
 
-  @impl true
-  def next_part(handle) do
-    case call(handle, :next_part, []) do
-      {0, <<0>>} ->
-        :none
+  # The dispatcher reads a window's parts in one round trip and keeps
+  # them in its process dictionary until it acknowledges them, one by one;
+  # acknowledgements go without waiting for a reply. Writes queued in the
+  # pipe ahead of the dispatcher's requests then hold it up once a window,
+  # not once per part. A dispatcher that dies takes its copies with it: the
+  # parts stay in the sidecar until acknowledged, and its successor reads
+  # them again.
+  @parts_per_read 64
 
-      {0,
-       <<1, id::64, tl::32, topic::binary-size(tl), jl::32, joins::binary-size(jl), ll::32,
-         leaves::binary-size(ll)>>} ->
-        {id, :binary.copy(topic), :erlang.binary_to_term(joins), :erlang.binary_to_term(leaves)}
+  @impl true
+  def next_part(%Handle{id: id} = handle) do
+    case Process.get({__MODULE__, :parts, id}, []) do
+      [part | _] ->
+        part
+
+      [] ->
+        case call(handle, :next_part, <<@parts_per_read::32>>) do
+          {0, <<0::32>>} ->
+            :none
+
+          {0, <<_n::32, parts::binary>>} ->
+            [first | _] = read = read_parts(parts)
+            Process.put({__MODULE__, :parts, id}, read)
+            first
+        end
     end
   end
 
+  defp read_parts(<<>>), do: []
+
+  defp read_parts(
+         <<id::64, tl::32, topic::binary-size(tl), jl::32, joins::binary-size(jl), ll::32,
+           leaves::binary-size(ll), rest::binary>>
+       ) do
+    part = {id, :binary.copy(topic), :erlang.binary_to_term(joins), :erlang.binary_to_term(leaves)}
+
+    [part | read_parts(rest)]
+  end
+
   @impl true
-  def ack_part(handle, id) do
-    {0, _} = call(handle, :ack_part, <<id::64>>)
+  def ack_part(%Handle{id: id} = handle, part) do
+    case Process.get({__MODULE__, :parts, id}, []) do
+      [{^part, _, _, _} | rest] -> Process.put({__MODULE__, :parts, id}, rest)
+      _ -> :ok
+    end
+
+    # The port owner reads the reply (the leaves now delivered). A sidecar
+    # restarted meanwhile has parts of other ids: the ack changes nothing.
+    {_epoch, port} = await_port(handle, System.monotonic_time(:millisecond))
+
+    try do
+      Port.command(port, [Wire.op(:ack_part), <<0::64, 0::64, part::64>>])
+    rescue
+      ArgumentError -> true
+    end
+
     :ok
   end
 
