@@ -56,7 +56,8 @@
 //! Track    owner:u64 str(topic) str(key) ref:u64 meta:rest
 //! Untrack  owner:u64 str(topic) str(key) ref:u64
 //! Update   owner:u64 str(topic) str(key) old_ref:u64 new_ref:u64 meta:rest
-//! Exit     owner:u64 n:u32 ref:u64*n   (the refs the journal held for it)
+//! Exit     n:u32 (owner:u64 m:u32 ref:u64*m)*n   owners gone, each with the
+//!          refs the journal held for it (a monitor sends a burst at once)
 //! Wake     (from the sidecar, ids 0) a diff became pending: wake the dispatcher
 //! Replay   n:u32 (owner:u64 str(topic) str(key) old_ref:u64 new_ref:u64 str(meta))*n
 //! NextPart max:u32 -> n:u32 (part:u64 str(topic) str(joins) str(leaves))*n
@@ -225,6 +226,13 @@ pub struct ReplayEntry {
     pub meta: Bytes,
 }
 
+/// An owner whose presences all go, with the refs the journal held for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Departed {
+    pub owner: u64,
+    pub refs: Vec<u64>,
+}
+
 /// A presence subscribers may still show, to be sent as a leave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaveEntry {
@@ -276,12 +284,10 @@ pub enum Request {
         new_ref: u64,
         meta: Bytes,
     },
-    /// Every presence of the owner goes: its process is gone (told by the
-    /// BEAM's monitor pool), or the BEAM resyncs it. `refs`: those the
-    /// journal held for it.
+    /// Every presence of each owner goes: its process is gone (told by
+    /// the BEAM's monitor pool), or the BEAM resyncs it.
     Exit {
-        owner: u64,
-        refs: Vec<u64>,
+        exits: Vec<Departed>,
     },
     Counts {
         topic: Bytes,
@@ -533,10 +539,17 @@ impl Envelope {
                 new_ref: r.u64()?,
                 meta: r.rest(),
             },
-            Op::Exit => Request::Exit {
-                owner: r.u64()?,
-                refs: read_refs(&mut r)?,
-            },
+            Op::Exit => {
+                let n = r.count(8 + 4)?;
+                let mut exits = Vec::with_capacity(n);
+                for _ in 0..n {
+                    exits.push(Departed {
+                        owner: r.u64()?,
+                        refs: read_refs(&mut r)?,
+                    });
+                }
+                Request::Exit { exits }
+            }
             Op::Counts => Request::Counts { topic: r.str()? },
             Op::List => Request::List { topic: r.str()? },
             Op::GetByKey => Request::GetByKey {
@@ -668,9 +681,12 @@ impl Envelope {
                 out.put_u64(*new_ref);
                 out.put_slice(meta);
             }
-            Request::Exit { owner, refs } => {
-                out.put_u64(*owner);
-                put_refs(&mut out, refs);
+            Request::Exit { exits } => {
+                out.put_u32(exits.len() as u32);
+                for e in exits {
+                    out.put_u64(e.owner);
+                    put_refs(&mut out, &e.refs);
+                }
             }
             Request::Counts { topic } | Request::List { topic } => put_str(&mut out, topic),
             Request::GetByKey { topic, key } => {

@@ -283,7 +283,7 @@ fn handle(
             new_ref,
             meta,
         } => store.update(owner, &topic, &key, old_ref, new_ref, meta),
-        Request::Exit { owner, refs } => store.exit(owner, refs),
+        Request::Exit { exits } => store.exit(exits),
         Request::Counts { topic } => store.counts(&topic),
         Request::List { topic } => store.list(&topic),
         Request::GetByKey { topic, key } => store.get_by_key(&topic, &key),

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use presence_core::outbox::{listed_size, Outbox};
 use presence_core::{etf, CoreError, Holder, Presence, Registry, Snapshot, Update};
 
-use crate::protocol::{Body, LeaveEntry, PartBody, ReplayEntry, Stats, Status};
+use crate::protocol::{Body, Departed, LeaveEntry, PartBody, ReplayEntry, Stats, Status};
 
 mod replication;
 pub use replication::{Job, APPLY_CHUNK};
@@ -204,11 +204,13 @@ impl Store {
         Outcome::Applied
     }
 
-    /// Every presence of `owner` at once: the BEAM told us it exited, or
-    /// resyncs it. `refs` are those its journal held.
-    pub fn exit(&mut self, owner: u64, refs: Vec<u64>) -> Outcome {
-        self.woke |= self.registry.untrack_owner(owner).wake;
-        self.removed.extend(refs);
+    /// Every presence of each owner at once: the BEAM told us they exited,
+    /// or resyncs them. Each comes with the refs its journal held.
+    pub fn exit(&mut self, exits: Vec<Departed>) -> Outcome {
+        for e in exits {
+            self.woke |= self.registry.untrack_owner(e.owner).wake;
+            self.removed.extend(e.refs);
+        }
         Outcome::Applied
     }
 

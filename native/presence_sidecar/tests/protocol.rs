@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 use presence_sidecar::protocol::{
-    Body, CountChange, Envelope, Header, LeaveEntry, Op, PartBody, ReplayEntry, ReplicaBody, Reply,
-    Request, Stats, Status,
+    Body, CountChange, Departed, Envelope, Header, LeaveEntry, Op, PartBody, ReplayEntry,
+    ReplicaBody, Reply, Request, Stats, Status,
 };
 use proptest::prelude::*;
 
@@ -49,13 +49,18 @@ fn every_request() -> Vec<Request> {
             new_ref: 0,
             meta: Bytes::from_static(META),
         },
+        Request::Exit { exits: vec![] },
         Request::Exit {
-            owner: 12,
-            refs: vec![],
-        },
-        Request::Exit {
-            owner: 12,
-            refs: vec![1, u64::MAX, 3],
+            exits: vec![
+                Departed {
+                    owner: 12,
+                    refs: vec![],
+                },
+                Departed {
+                    owner: u64::MAX,
+                    refs: vec![1, u64::MAX, 3],
+                },
+            ],
         },
         Request::Counts { topic: b("t") },
         Request::List { topic: b("t") },

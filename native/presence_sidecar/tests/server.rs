@@ -181,8 +181,10 @@ async fn writes_apply_the_refs_the_beam_made() {
     })
     .await;
     c.write(Request::Exit {
-        owner: 2,
-        refs: vec![21],
+        exits: vec![presence_sidecar::protocol::Departed {
+            owner: 2,
+            refs: vec![21],
+        }],
     })
     .await;
     assert_eq!(counts(&mut c, "t").await, (0, 0));
@@ -332,8 +334,10 @@ async fn exit_diffs_and_replay_owe_leaves_after_joins() {
     assert_eq!(delivered, [12345]);
     let wakes = c.wakes;
     c.write(Request::Exit {
-        owner: 3,
-        refs: vec![12346],
+        exits: vec![presence_sidecar::protocol::Departed {
+            owner: 3,
+            refs: vec![12346],
+        }],
     })
     .await;
     assert_eq!(stats(&mut c).await.presences, 0);
@@ -460,8 +464,10 @@ async fn deltas_and_states_replicate_between_two_sidecars() {
 
     // An exit on A, and a full state: the differences only.
     a.write(Request::Exit {
-        owner: 2,
-        refs: vec![],
+        exits: vec![presence_sidecar::protocol::Departed {
+            owner: 2,
+            refs: vec![],
+        }],
     })
     .await;
     track(&mut a, 3, "u", "cid").await;

@@ -11,10 +11,14 @@ defmodule Drab.Presence.Sidecar.Monitors do
   # an unwatch lets the owner go only if it still has no presence (its
   # count in the owners table, deleted at zero in one step, so that a
   # track meanwhile keeps the watch). On DOWN, this process removes the
-  # owner's presences (see Writes.exit_owner/2).
+  # owner's presences, and those of the DOWNs queued behind it, in one
+  # burst (see Writes.exit_owners/2).
   use GenServer
 
   alias Drab.Presence.Sidecar.{Handle, Wire, Writes}
+
+  # The most DOWNs taken in one burst.
+  @burst 500
 
   @doc false
   @spec child_spec({Handle.t(), non_neg_integer()}) :: Supervisor.child_spec()
@@ -67,20 +71,33 @@ defmodule Drab.Presence.Sidecar.Monitors do
 
   def handle_info(:watch_journal, state), do: {:noreply, watch_journal(state)}
 
-  def handle_info({:DOWN, ref, :process, pid, _reason}, state) do
-    owner = Wire.pid_id(pid)
-
-    case state.monitors do
-      %{^owner => ^ref} ->
-        Writes.exit_owner(state.handle, owner)
-        {:noreply, %{state | monitors: Map.delete(state.monitors, owner)}}
-
-      _ ->
-        {:noreply, state}
-    end
+  def handle_info({:DOWN, _ref, :process, _pid, _reason} = down, state) do
+    downs = [down | more_downs(@burst - 1)]
+    {owners, monitors} = Enum.reduce(downs, {[], state.monitors}, &gone/2)
+    if owners != [], do: Writes.exit_owners(state.handle, Enum.reverse(owners))
+    {:noreply, %{state | monitors: monitors}}
   end
 
   def handle_info(_other, state), do: {:noreply, state}
+
+  defp more_downs(0), do: []
+
+  defp more_downs(n) do
+    receive do
+      {:DOWN, _ref, :process, _pid, _reason} = down -> [down | more_downs(n - 1)]
+    after
+      0 -> []
+    end
+  end
+
+  defp gone({:DOWN, ref, :process, pid, _reason}, {owners, monitors}) do
+    owner = Wire.pid_id(pid)
+
+    case monitors do
+      %{^owner => ^ref} -> {[owner | owners], Map.delete(monitors, owner)}
+      _ -> {owners, monitors}
+    end
+  end
 
   defp watch(owner, state) do
     if Map.has_key?(state.monitors, owner) do

@@ -318,7 +318,8 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     if tracks != [], do: send(Handle.monitor_for(h, owner), {:watch, owner})
 
     exit = [
-      <<@exit, 0::64, 0::64, owner::64, length(old_refs)::32>> | for(r <- old_refs, do: <<r::64>>)
+      <<@exit, 0::64, 0::64, 1::32, owner::64, length(old_refs)::32>>
+      | for(r <- old_refs, do: <<r::64>>)
     ]
 
     # One frame per command: the port adds each one's length prefix.

@@ -52,17 +52,19 @@ defmodule Drab.Presence.Sidecar.Writes do
         # Restarting (or paused for a repair): the port owner waits for
         # every lock to go before it replays; ours must not hold it up.
         :ets.delete_object(h.locks, {owner, self()})
-
-        if System.monotonic_time(:millisecond) - since > @unavailable_ms do
-          exit(
-            {:sidecar_unavailable,
-             "the presence sidecar did not come back in #{@unavailable_ms} ms"}
-          )
-        end
-
-        Process.sleep(2)
+        await_port(since)
         run(h, owner, fun, since)
     end
+  end
+
+  defp await_port(since) do
+    if System.monotonic_time(:millisecond) - since > @unavailable_ms do
+      exit(
+        {:sidecar_unavailable, "the presence sidecar did not come back in #{@unavailable_ms} ms"}
+      )
+    end
+
+    Process.sleep(2)
   end
 
   defp lock(h, owner, tries) do
@@ -186,23 +188,47 @@ defmodule Drab.Presence.Sidecar.Writes do
   end
 
   @doc """
-  Every presence of `owner` goes: its process exited (told by its
-  monitor). Returns how many went.
+  Every presence of each of `owners` goes: their processes exited (told
+  by their monitor). One frame tells the sidecar of them all, so a mass
+  disconnect costs a pipe write per burst, not per owner; their locks are
+  held until it is written. An owner whose lock another writer holds is
+  done on its own afterwards, holding no other lock: a wait for a lock
+  never holds others up.
   """
-  @spec exit_owner(Handle.t(), non_neg_integer()) :: non_neg_integer()
-  def exit_owner(h, owner) do
-    run(h, owner, fn port ->
-      refs = drop_rows(h, owner)
-      :ets.delete(h.owners, owner)
+  @spec exit_owners(Handle.t(), [non_neg_integer()]) :: :ok
+  def exit_owners(%Handle{} = h, owners),
+    do: exit_owners(h, owners, System.monotonic_time(:millisecond))
 
-      command(
-        port,
-        <<@exit, 0::64, 0::64, owner::64, length(refs)::32>>,
-        for(r <- refs, do: <<r::64>>)
-      )
+  defp exit_owners(h, owners, since) do
+    {locked, busy} = Enum.split_with(owners, &:ets.insert_new(h.locks, {&1, self()}))
 
-      length(refs)
-    end)
+    case Handle.current(h) do
+      {_epoch, port} when port != nil ->
+        try do
+          if locked != [],
+            do: command(port, exit_head(length(locked)), Enum.map(locked, &depart(h, &1)))
+        after
+          Enum.each(locked, &:ets.delete_object(h.locks, {&1, self()}))
+        end
+
+        Enum.each(busy, fn owner ->
+          run(h, owner, fn port -> command(port, exit_head(1), [depart(h, owner)]) end)
+        end)
+
+      {_epoch, nil} ->
+        Enum.each(locked, &:ets.delete_object(h.locks, {&1, self()}))
+        await_port(since)
+        exit_owners(h, owners, since)
+    end
+  end
+
+  defp exit_head(n), do: <<@exit, 0::64, 0::64, n::32>>
+
+  # The owner's rows go; its part of an exit frame.
+  defp depart(h, owner) do
+    refs = drop_rows(h, owner)
+    :ets.delete(h.owners, owner)
+    [<<owner::64, length(refs)::32>> | for(r <- refs, do: <<r::64>>)]
   end
 
   @doc false
@@ -218,10 +244,16 @@ defmodule Drab.Presence.Sidecar.Writes do
     end
   end
 
-  @doc "The journal rows of `owner` (its rows are one range of the ordered set)."
+  @doc "The journal rows of `owner`: one range of the ordered set, walked from its start."
   @spec owner_rows(Handle.t(), non_neg_integer()) :: [tuple()]
-  def owner_rows(h, owner),
-    do: :ets.select(h.journal, [{{{owner, :_, :_}, :_, :_, :_}, [], [:"$_"]}])
+  # Topics are binaries, which sort after any number: {owner, 0, 0} comes
+  # just before the owner's first row.
+  def owner_rows(h, owner), do: rows_from(h.journal, owner, :ets.next(h.journal, {owner, 0, 0}))
+
+  defp rows_from(journal, owner, {owner, _, _} = row),
+    do: :ets.lookup(journal, row) ++ rows_from(journal, owner, :ets.next(journal, row))
+
+  defp rows_from(_journal, _owner, _other), do: []
 
   # The owner's last presence went: its monitor may let it go, unless a
   # track came meanwhile (the monitor checks the count again).
@@ -256,11 +288,12 @@ defmodule Drab.Presence.Sidecar.Writes do
         true -> 0
       end
 
-    if now <= 0, do: :ets.select_delete(counts, [{{listed, 0}, [], [true]}])
+    # Only a row still at zero goes: one counted meanwhile stays.
+    if now <= 0, do: :ets.delete_object(counts, {listed, 0})
 
     case :ets.update_counter(counts, topic, [{2, users}, {3, n}], {topic, 0, 0}) do
       [_, connections] when connections <= 0 ->
-        :ets.select_delete(counts, [{{topic, :_, 0}, [], [true]}])
+        :ets.delete_object(counts, {topic, 0, 0})
         :ok
 
       _ ->
