@@ -11,7 +11,7 @@ defmodule Drab.Presence.Sidecar.Monitors do
   # an unwatch lets the owner go only if it still has no presence (its
   # count in the owners table, deleted at zero in one step, so that a
   # track meanwhile keeps the watch). On DOWN, this process removes the
-  # owner's presences, and those of the DOWNs queued behind it, in one
+  # owner's presences, with those of the other DOWNs queued by then, in one
   # burst (see Writes.exit_owners/2).
   use GenServer
 
@@ -39,7 +39,11 @@ defmodule Drab.Presence.Sidecar.Monitors do
       name: elem(handle.monitors, index),
       template: Wire.pid_template(),
       template_node: node(),
-      monitors: %{}
+      monitors: %{},
+      # Owners gone, newest first, to tell the sidecar of in one burst.
+      exiting: [],
+      exiting_count: 0,
+      flush_sent?: false
     }
 
     # A restarted monitor takes over the owners the journal holds: its
@@ -71,32 +75,47 @@ defmodule Drab.Presence.Sidecar.Monitors do
 
   def handle_info(:watch_journal, state), do: {:noreply, watch_journal(state)}
 
-  def handle_info({:DOWN, _ref, :process, _pid, _reason} = down, state) do
-    downs = [down | more_downs(@burst - 1)]
-    {owners, monitors} = Enum.reduce(downs, {[], state.monitors}, &gone/2)
-    if owners != [], do: Writes.exit_owners(state.handle, Enum.reverse(owners))
-    {:noreply, %{state | monitors: monitors}}
+  # Exits wait for the messages queued before a flush this process sends
+  # itself (or for a full burst), and go to the sidecar together. No
+  # selective receive: a mailbox full of watches is never scanned.
+  def handle_info({:DOWN, ref, :process, pid, _reason}, state) do
+    owner = Wire.pid_id(pid)
+
+    case state.monitors do
+      %{^owner => ^ref} ->
+        state = %{
+          state
+          | monitors: Map.delete(state.monitors, owner),
+            exiting: [owner | state.exiting],
+            exiting_count: state.exiting_count + 1
+        }
+
+        cond do
+          state.exiting_count >= @burst ->
+            {:noreply, flush_exits(state)}
+
+          state.flush_sent? ->
+            {:noreply, state}
+
+          true ->
+            send(self(), :flush_exits)
+            {:noreply, %{state | flush_sent?: true}}
+        end
+
+      _ ->
+        {:noreply, state}
+    end
   end
+
+  def handle_info(:flush_exits, state), do: {:noreply, flush_exits(%{state | flush_sent?: false})}
 
   def handle_info(_other, state), do: {:noreply, state}
 
-  defp more_downs(0), do: []
+  defp flush_exits(%{exiting: []} = state), do: state
 
-  defp more_downs(n) do
-    receive do
-      {:DOWN, _ref, :process, _pid, _reason} = down -> [down | more_downs(n - 1)]
-    after
-      0 -> []
-    end
-  end
-
-  defp gone({:DOWN, ref, :process, pid, _reason}, {owners, monitors}) do
-    owner = Wire.pid_id(pid)
-
-    case monitors do
-      %{^owner => ^ref} -> {[owner | owners], Map.delete(monitors, owner)}
-      _ -> {owners, monitors}
-    end
+  defp flush_exits(state) do
+    Writes.exit_owners(state.handle, Enum.reverse(state.exiting))
+    %{state | exiting: [], exiting_count: 0}
   end
 
   defp watch(owner, state) do
