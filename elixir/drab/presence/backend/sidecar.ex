@@ -183,7 +183,7 @@ defmodule Drab.Presence.Backend.Sidecar do
   def next_part(%Handle{id: id} = handle) do
     case Process.get({__MODULE__, :parts, id}, []) do
       [part | _] ->
-        part
+        decode_part(part)
 
       [] ->
         case call(handle, :next_part, <<@parts_per_read::32>>) do
@@ -193,10 +193,16 @@ defmodule Drab.Presence.Backend.Sidecar do
           {0, <<_n::32, parts::binary>>} ->
             [first | _] = read = read_parts(parts)
             Process.put({__MODULE__, :parts, id}, read)
-            first
+            decode_part(first)
         end
     end
   end
+
+  # Each part is decoded as it is handed out, not all at once: the
+  # dispatcher broadcasts between two parts instead of decoding 256 KB in
+  # one go.
+  defp decode_part({id, topic, joins, leaves}),
+    do: {id, topic, :erlang.binary_to_term(joins), :erlang.binary_to_term(leaves)}
 
   defp read_parts(<<>>), do: []
 
@@ -204,9 +210,7 @@ defmodule Drab.Presence.Backend.Sidecar do
          <<id::64, tl::32, topic::binary-size(tl), jl::32, joins::binary-size(jl), ll::32,
            leaves::binary-size(ll), rest::binary>>
        ) do
-    part = {id, :binary.copy(topic), :erlang.binary_to_term(joins), :erlang.binary_to_term(leaves)}
-
-    [part | read_parts(rest)]
+    [{id, :binary.copy(topic), joins, leaves} | read_parts(rest)]
   end
 
   @impl true
