@@ -73,8 +73,6 @@ defmodule Drab.Presence.Sidecar.Monitors do
     end
   end
 
-  def handle_info(:watch_journal, state), do: {:noreply, watch_journal(state)}
-
   # Exits wait for the messages queued before a flush this process sends
   # itself (or for a full burst), and go to the sidecar together. No
   # selective receive: a mailbox full of watches is never scanned.
