@@ -289,7 +289,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       recount(h)
       Handle.publish(h, state.epoch, state.port)
 
-      Logger.warning(
+      Logger.error(
         "Drab.Presence sidecar: resynced #{length(dead)} owner(s) whose writer was killed mid-write"
       )
     end
