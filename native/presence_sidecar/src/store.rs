@@ -82,10 +82,12 @@ impl Store {
         }
     }
 
+    /// A meta of a write the BEAM side decided, size limit included (it
+    /// checks the encoded meta against the same `max_meta_bytes`, which may
+    /// have changed since the meta was stored): refusing one here would
+    /// leave the journal holding what the sidecar does not. Only bytes that
+    /// are not a map's, never from our BEAM side, are refused.
     fn check_meta(&self, meta: &[u8]) -> Result<Meta, Status> {
-        if meta.len() > self.max_meta_bytes {
-            return Err(Status::MetaTooLarge);
-        }
         etf::check_meta(meta).map_err(|_| Status::BadFrame)?;
         Ok(Arc::from(meta))
     }
