@@ -1,8 +1,9 @@
 //! The request loop: frames in, replies out.
 //!
-//! One task owns the [`Store`] and applies requests in arrival order, so
-//! replies leave in the order their writes were applied: the BEAM's port
-//! owner journals them in that order. Replies go through a channel to a
+//! One task owns the [`Store`] and applies requests in arrival order: the
+//! order the BEAM side decided each owner's writes in (they are not
+//! answered; a `Wake` goes out when one makes a diff pending). Replies go
+//! through a channel to a
 //! writer task that flushes stdout once the channel is drained, so a burst
 //! of requests costs one write. A large listing is encoded on a blocking
 //! thread from a copy-on-write snapshot and streamed in chunks, so replies

@@ -148,7 +148,9 @@ defmodule Drab.Presence.Sidecar.PortOwner do
          :ok <- resume_replication(state),
          :ok <- quiesce(state.handle),
          :ok <- replay(state) do
-      :ets.delete_all_objects(state.handle.locks)
+      # Locks of writers killed mid-write: the replay and the recount did
+      # what a repair would (their watches went before they wrote).
+      drop_dead_locks(state.handle)
       recount(state.handle)
       if state.dispatcher, do: set_dispatcher(state)
       Handle.publish(state.handle, epoch, port)
@@ -238,19 +240,28 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # Writers take their owner's lock only while the port is published, and
   # let go when they find it is not: once no live process holds a lock,
   # every decided write is in the journal, and none is on its way.
-  defp quiesce(h, since \\ System.monotonic_time(:millisecond)) do
-    cond do
-      Enum.all?(:ets.tab2list(h.locks), fn {_owner, writer} -> not Process.alive?(writer) end) ->
-        :ok
+  # Going on while a live writer is half way would lose its write: this
+  # waits as long as it takes (a writer gives up a lock it cannot use in
+  # Writes' own time limit), saying so now and then.
+  defp quiesce(h, since \\ System.monotonic_time(:millisecond), said? \\ false) do
+    if Enum.all?(:ets.tab2list(h.locks), fn {_owner, writer} -> not Process.alive?(writer) end) do
+      :ok
+    else
+      waited = System.monotonic_time(:millisecond) - since
+      say? = waited > @quiesce_ms and not said?
 
-      System.monotonic_time(:millisecond) - since > @quiesce_ms ->
-        Logger.error("Drab.Presence sidecar: writers still hold locks after #{@quiesce_ms} ms")
-        :ok
+      if say?,
+        do: Logger.error("Drab.Presence sidecar: writers still hold locks after #{waited} ms")
 
-      true ->
-        Process.sleep(1)
-        quiesce(h, since)
+      Process.sleep(1)
+      quiesce(h, since, said? or say?)
     end
+  end
+
+  defp drop_dead_locks(h) do
+    for {_owner, writer} = lock <- :ets.tab2list(h.locks),
+        not Process.alive?(writer),
+        do: :ets.delete_object(h.locks, lock)
   end
 
   # Counts from the journal and the replicated presences, written while
@@ -315,7 +326,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
         []
       end
 
-    if tracks != [], do: send(Handle.monitor_for(h, owner), {:watch, owner})
+    if tracks != [], do: Writes.notify(Handle.monitor_for(h, owner), {:watch, owner})
 
     exit = [
       <<@exit, 0::64, 0::64, 1::32, owner::64, length(old_refs)::32>>

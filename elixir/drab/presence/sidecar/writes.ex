@@ -9,7 +9,10 @@ defmodule Drab.Presence.Sidecar.Writes do
   # Every write of an owner's presences runs under a lock on that owner (a
   # row of the handle's locks table), so one owner's writes reach the pipe
   # in the order they were decided in, whichever processes make them, and
-  # the sidecar applies them in that order. The lock is also how the port
+  # the sidecar applies them in that order (the port runs the commands of
+  # all processes in the order they were made: a process's Port.command/2
+  # returns once its command is queued behind any earlier one, and the
+  # lock is let go only after). The lock is also how the port
   # owner knows no write is half done: before it replays a new sidecar, it
   # waits until no live process holds a lock (see PortOwner).
   #
@@ -38,7 +41,7 @@ defmodule Drab.Presence.Sidecar.Writes do
     do: run(h, owner, fun, System.monotonic_time(:millisecond))
 
   defp run(h, owner, fun, since) do
-    lock(h, owner, 0)
+    lock(h, owner, since, 0)
 
     case Handle.current(h) do
       {_epoch, port} when port != nil ->
@@ -67,8 +70,15 @@ defmodule Drab.Presence.Sidecar.Writes do
     Process.sleep(2)
   end
 
-  defp lock(h, owner, tries) do
+  defp lock(h, owner, since, tries) do
     unless :ets.insert_new(h.locks, {owner, self()}) do
+      if System.monotonic_time(:millisecond) - since > @unavailable_ms do
+        exit(
+          {:sidecar_unavailable,
+           "a presence write of this owner held its lock #{@unavailable_ms} ms"}
+        )
+      end
+
       case :ets.lookup(h.locks, owner) do
         [{_, holder}] when holder == self() ->
           raise ArgumentError, "a presence write of this owner is already in progress here"
@@ -77,13 +87,13 @@ defmodule Drab.Presence.Sidecar.Writes do
           # Another writer of this owner; or a dead one, whose write the
           # port owner must repair before anyone writes this owner again.
           if rem(tries, 64) == 63 and not Process.alive?(holder),
-            do: send(h.owner, :sweep_locks)
+            do: notify(h.owner, :sweep_locks)
 
           if tries < 16, do: :erlang.yield(), else: Process.sleep(1)
-          lock(h, owner, tries + 1)
+          lock(h, owner, since, tries + 1)
 
         [] ->
-          lock(h, owner, tries + 1)
+          lock(h, owner, since, tries + 1)
       end
     end
   end
@@ -107,11 +117,15 @@ defmodule Drab.Presence.Sidecar.Writes do
       row = {owner, topic, key}
       ref = new_ref(h)
 
+      # The watch goes before anything is written: a writer killed after
+      # it leaves a monitor on an owner that may have no presence (it is
+      # dropped on DOWN); one killed before it has written nothing.
+      unless :ets.member(h.journal, row) or owns_presences?(h, owner),
+        do: notify(Handle.monitor_for(h, owner), {:watch, owner})
+
       if :ets.insert_new(h.journal, {row, ref, meta, nil}) do
         count(h.counts, topic, key, 1)
-
-        if :ets.update_counter(h.owners, owner, 1, {owner, 0}) == 1,
-          do: send(Handle.monitor_for(h, owner), {:watch, owner})
+        :ets.update_counter(h.owners, owner, 1, {owner, 0})
 
         command(port, [<<@track, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key)], [
           <<ref::64>>,
@@ -134,11 +148,15 @@ defmodule Drab.Presence.Sidecar.Writes do
     run(h, owner, fn port -> remove(h, port, {owner, topic, key}) end)
   end
 
+  # The leave is owed before the row goes: a writer killed in between
+  # leaves a presence that is replayed under a new ref with its old ref's
+  # leave owed, never one that subscribers see and nobody owes a leave for.
   defp remove(h, port, {owner, topic, key} = row) do
-    case :ets.take(h.journal, row) do
+    case :ets.lookup(h.journal, row) do
       [{_, ref, meta, _prev}] ->
-        uncount(h.counts, topic, key, 1)
         :ets.insert(h.leaves, {ref, topic, key, meta})
+        :ets.delete(h.journal, row)
+        uncount(h.counts, topic, key, 1)
         release(h, owner, 1)
 
         command(port, [<<@untrack, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key)], [
@@ -174,8 +192,8 @@ defmodule Drab.Presence.Sidecar.Writes do
 
         [{_, old_ref, old_meta, _}] ->
           ref = new_ref(h)
-          :ets.insert(h.journal, {row, ref, meta, old_ref})
           :ets.insert(h.leaves, {old_ref, topic, key, old_meta})
+          :ets.insert(h.journal, {row, ref, meta, old_ref})
 
           command(port, [<<@update, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key)], [
             <<old_ref::64, ref::64>>,
@@ -259,7 +277,31 @@ defmodule Drab.Presence.Sidecar.Writes do
   # track came meanwhile (the monitor checks the count again).
   defp release(h, owner, n) do
     if :ets.update_counter(h.owners, owner, -n, {owner, 0}) <= 0,
-      do: send(Handle.monitor_for(h, owner), {:unwatch, owner})
+      do: notify(Handle.monitor_for(h, owner), {:unwatch, owner})
+  end
+
+  defp owns_presences?(h, owner) do
+    case :ets.lookup(h.owners, owner) do
+      [{_, n}] -> n > 0
+      [] -> false
+    end
+  end
+
+  @doc """
+  Sends to a process of the table by name, if it is there: one restarting
+  (a monitor, the port owner) must not make a write raise half way. A
+  restarted monitor watches every owner of the journal.
+  """
+  @spec notify(atom(), term()) :: :ok
+  def notify(name, message) do
+    case Process.whereis(name) do
+      nil ->
+        :ok
+
+      pid ->
+        send(pid, message)
+        :ok
+    end
   end
 
   # A closed port (the sidecar died) takes nothing from the journal: the
