@@ -15,7 +15,7 @@
 #   MIX_ENV=bench mix run bench/sidecar_floor.exs [rounds]   (default 7)
 
 alias Drab.Presence.Backend.Sidecar
-alias Drab.Presence.Sidecar.Wire
+alias Drab.Presence.Sidecar.{Wire, Writes}
 
 rounds = String.to_integer(List.first(System.argv()) || "7")
 
@@ -58,13 +58,12 @@ defmodule Bench.SidecarFloor do
     # The owners' exits afterwards, as the backend's monitors send them, so
     # that every round starts from the same table.
     exits = fn owners ->
-      for owner <- owners,
-          do: Port.command(port, [<<20, 0::64, 0::64, Wire.pid_id(owner)::64, 0::32>>])
+      Port.command(port, Writes.exit_frame(for owner <- owners, do: {Wire.pid_id(owner), []}))
     end
 
     run(exits, fn owner, i ->
-      body = [<<Wire.pid_id(owner)::64>>, str("floor:#{round}"), str("u#{i}"), <<i::64>>, meta]
-      Port.command(port, [<<16, 0::64, 0::64>> | body])
+      frame = Writes.track_frame(Wire.pid_id(owner), "floor:#{round}", "u#{i}", i, meta)
+      Port.command(port, frame)
     end)
   end
 
@@ -92,8 +91,6 @@ defmodule Bench.SidecarFloor do
     after_round.(owners)
     us
   end
-
-  defp str(bytes), do: [<<byte_size(bytes)::32>>, bytes]
 
   def summary(values) do
     sorted = Enum.sort(values)

@@ -51,6 +51,7 @@
 //! nobody waits for the sidecar, and one owner's writes reach the pipe in
 //! the order they were decided in. Removals name the refs they remove, so
 //! the sidecar can tell the BEAM which leaves it no longer owes.
+//! Op 18 (`Lookup`) is gone: lookups read the BEAM-side journal.
 //!
 //! ```text
 //! Track    owner:u64 str(topic) str(key) ref:u64 meta:rest
@@ -91,7 +92,6 @@ pub enum Op {
     Wake = 4,
     Track = 16,
     Untrack = 17,
-    Lookup = 18,
     Update = 19,
     Exit = 20,
     Counts = 21,
@@ -114,14 +114,13 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 26] = [
+    pub const ALL: [Op; 25] = [
         Op::Hello,
         Op::Configure,
         Op::SetDispatcher,
         Op::Wake,
         Op::Track,
         Op::Untrack,
-        Op::Lookup,
         Op::Update,
         Op::Exit,
         Op::Counts,
@@ -271,11 +270,6 @@ pub enum Request {
         key: Bytes,
         phx_ref: u64,
     },
-    Lookup {
-        owner: u64,
-        topic: Bytes,
-        key: Bytes,
-    },
     Update {
         owner: u64,
         topic: Bytes,
@@ -349,7 +343,6 @@ impl Request {
             Request::SetDispatcher { .. } => Op::SetDispatcher,
             Request::Track { .. } => Op::Track,
             Request::Untrack { .. } => Op::Untrack,
-            Request::Lookup { .. } => Op::Lookup,
             Request::Update { .. } => Op::Update,
             Request::Exit { .. } => Op::Exit,
             Request::Counts { .. } => Op::Counts,
@@ -526,11 +519,6 @@ impl Envelope {
                 key: r.str()?,
                 phx_ref: r.u64()?,
             },
-            Op::Lookup => Request::Lookup {
-                owner: r.u64()?,
-                topic: r.str()?,
-                key: r.str()?,
-            },
             Op::Update => Request::Update {
                 owner: r.u64()?,
                 topic: r.str()?,
@@ -660,11 +648,6 @@ impl Envelope {
                 put_str(&mut out, topic);
                 put_str(&mut out, key);
                 out.put_u64(*phx_ref);
-            }
-            Request::Lookup { owner, topic, key } => {
-                out.put_u64(*owner);
-                put_str(&mut out, topic);
-                put_str(&mut out, key);
             }
             Request::Update {
                 owner,
@@ -797,11 +780,6 @@ pub enum Body {
     SetDispatcher {
         pending: bool,
     },
-    /// The meta with its refs, as `term_to_binary/1` writes it.
-    Lookup {
-        phx_ref: u64,
-        meta_term: Bytes,
-    },
     Counts {
         users: u64,
         connections: u64,
@@ -888,10 +866,6 @@ impl Body {
             Body::Hello { version } => out.put_u16(*version),
             Body::Empty => {}
             Body::SetDispatcher { pending } => out.put_u8(*pending as u8),
-            Body::Lookup { phx_ref, meta_term } => {
-                out.put_u64(*phx_ref);
-                out.put_slice(meta_term);
-            }
             Body::Counts { users, connections } => {
                 out.put_u64(*users);
                 out.put_u64(*connections);
@@ -984,10 +958,6 @@ impl Body {
             },
             // Writes are not answered; a reply to one is a bad frame's.
             Op::Track | Op::Untrack | Op::Update | Op::Exit | Op::Wake | Op::Replay => Body::Empty,
-            Op::Lookup => Body::Lookup {
-                phx_ref: r.u64()?,
-                meta_term: r.rest(),
-            },
             Op::Counts => Body::Counts {
                 users: r.u64()?,
                 connections: r.u64()?,

@@ -260,7 +260,7 @@ fn handle(
             max_meta_bytes,
             exact,
         } => store.configure(max_meta_bytes, exact),
-        Request::SetDispatcher { dispatcher } => store.set_dispatcher(dispatcher),
+        Request::SetDispatcher { .. } => store.set_dispatcher(),
         Request::Wake => Outcome::Reply(Status::BadFrame, Body::Empty),
         Request::Track {
             owner,
@@ -275,7 +275,6 @@ fn handle(
             key,
             phx_ref,
         } => store.untrack(owner, &topic, &key, phx_ref),
-        Request::Lookup { owner, topic, key } => store.lookup(owner, &topic, &key),
         Request::Update {
             owner,
             topic,

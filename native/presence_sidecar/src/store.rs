@@ -30,7 +30,6 @@ pub struct Store {
     registry: Registry<u64, Meta, ()>,
     outbox: Outbox<u64, Meta>,
     max_meta_bytes: usize,
-    dispatcher: Option<u64>,
     /// Leaves of presences a restarted sidecar's subscribers may still
     /// show, by topic: sent as parts of their own after the topic's next
     /// diff, so a client sees the replayed joins before the old refs go.
@@ -73,7 +72,6 @@ impl Store {
             // happens to have the same number.
             outbox: Outbox::new(ref_seed >> 1),
             max_meta_bytes,
-            dispatcher: None,
             recovery_leaves: HashMap::new(),
             replication: Default::default(),
             woke: false,
@@ -98,8 +96,9 @@ impl Store {
         Outcome::Reply(Status::Ok, Body::Empty)
     }
 
-    pub fn set_dispatcher(&mut self, dispatcher: u64) -> Outcome {
-        self.dispatcher = Some(dispatcher);
+    /// The BEAM's port owner wakes the dispatcher; it only asks whether
+    /// anything is pending already.
+    pub fn set_dispatcher(&mut self) -> Outcome {
         let pending = !self.outbox.is_empty()
             || self.registry.pending_topics() > 0
             || !self.recovery_leaves.is_empty();
@@ -146,25 +145,6 @@ impl Store {
         }
         self.removed.push(phx_ref);
         Outcome::Applied
-    }
-
-    pub fn lookup(&mut self, owner: u64, topic: &[u8], key: &[u8]) -> Outcome {
-        match self.registry.lookup(owner, topic, key) {
-            None => Outcome::Reply(Status::NotTracked, Body::Empty),
-            Some(p) => {
-                let mut out = Vec::new();
-                match etf::write_meta_term(&mut out, p) {
-                    Ok(()) => Outcome::Reply(
-                        Status::Ok,
-                        Body::Lookup {
-                            phx_ref: p.phx_ref,
-                            meta_term: out.into(),
-                        },
-                    ),
-                    Err(_) => Outcome::Reply(Status::BadFrame, Body::Empty),
-                }
-            }
-        }
     }
 
     /// Gives the presence `old_ref` a new meta under `new_ref`, as the BEAM

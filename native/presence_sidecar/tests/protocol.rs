@@ -36,11 +36,6 @@ fn every_request() -> Vec<Request> {
             key: b(""),
             phx_ref: 1,
         },
-        Request::Lookup {
-            owner: 3,
-            topic: b("t"),
-            key: b("k"),
-        },
         Request::Update {
             owner: 3,
             topic: b("t"),
@@ -154,13 +149,6 @@ fn every_body() -> Vec<(Op, Body)> {
         (Op::Update, Body::Empty),
         (Op::Exit, Body::Empty),
         (Op::SetDispatcher, Body::SetDispatcher { pending: true }),
-        (
-            Op::Lookup,
-            Body::Lookup {
-                phx_ref: 1,
-                meta_term: Bytes::from_static(META),
-            },
-        ),
         (
             Op::Counts,
             Body::Counts {

@@ -224,7 +224,6 @@ defmodule Drab.Presence.SidecarTest do
           true = :ets.insert_new(h.journal, {{owner, topic, key}, Writes.new_ref(h), meta, nil})
           # Killed here: counted, never sent, lock held.
           Writes.count(h.counts, topic, key, 1)
-          :ets.update_counter(h.owners, owner, 1, {owner, 0})
         end)
 
       ref = Process.monitor(writer)

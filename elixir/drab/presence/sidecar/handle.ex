@@ -17,8 +17,6 @@ defmodule Drab.Presence.Sidecar.Handle do
   #     that counting reads ETS (O(1)) instead of crossing the port;
   #     replicated presences (cluster mode) count too, written by the port
   #     owner from the sidecar's replies;
-  #   * owners: `{owner, n}`, the presences each owner has in the journal:
-  #     its monitor watches it while there are any;
   #   * locks: `{owner, writer}`, held during each write of the owner's;
   #   * replication (cluster mode): `{:incarnation, uuid}` (made with the
   #     handle: this table's replica name on other nodes), `{:replicator,
@@ -35,8 +33,8 @@ defmodule Drab.Presence.Sidecar.Handle do
     :journal,
     :leaves,
     :counts,
-    :owners,
     :locks,
+    :ref_seed,
     :refs,
     :replication,
     :max_meta,
@@ -51,8 +49,8 @@ defmodule Drab.Presence.Sidecar.Handle do
           journal: atom(),
           leaves: atom(),
           counts: atom(),
-          owners: atom(),
           locks: atom(),
+          ref_seed: non_neg_integer(),
           refs: :atomics.atomics_ref(),
           replication: atom(),
           max_meta: :atomics.atomics_ref(),
@@ -69,20 +67,18 @@ defmodule Drab.Presence.Sidecar.Handle do
     # 1: max_meta_bytes; 2: 1 for `diff_window: 0` (one diff per operation).
     max_meta = :atomics.new(2, signed: false)
     :atomics.put(max_meta, 1, max_meta_bytes)
-    # 1: a random seed, so that refs differ between tables and nodes; 2: the
-    # refs handed out (see Writes.new_ref/1).
-    refs = :atomics.new(2, signed: false)
-    <<seed::64>> = for _ <- 1..8, into: <<>>, do: <<:rand.uniform(256) - 1>>
-    :atomics.put(refs, 1, seed)
+    # Refs handed out are counted from a random seed, so that refs differ
+    # between tables and nodes (see Writes.new_ref/1).
+    <<ref_seed::64>> = random_bytes(8)
 
     %__MODULE__{
       id: id,
       journal: name.(:journal),
       leaves: name.(:leaves),
       counts: name.(:counts),
-      owners: name.(:owners),
       locks: name.(:locks),
-      refs: refs,
+      ref_seed: ref_seed,
+      refs: :atomics.new(1, signed: false),
       replication: name.(:replication),
       max_meta: max_meta,
       monitors: List.to_tuple(for i <- 1..pool_size, do: name.("monitor#{i}")),
@@ -105,7 +101,6 @@ defmodule Drab.Presence.Sidecar.Handle do
       write_concurrency: true
     ])
 
-    :ets.new(h.owners, [:set, :public, :named_table, write_concurrency: true])
     :ets.new(h.locks, [:set, :public, :named_table, write_concurrency: true])
     :ets.new(h.replication, [:set, :public, :named_table])
 
@@ -122,11 +117,13 @@ defmodule Drab.Presence.Sidecar.Handle do
   # A random (v4) UUID, as the NIF names its tables (:rand is seeded from
   # the node, the pid and the time; :crypto is not among our applications).
   defp uuid do
-    <<a::48, _::4, b::12, _::2, c::62>> = for _ <- 1..16, into: <<>>, do: <<:rand.uniform(256) - 1>>
+    <<a::48, _::4, b::12, _::2, c::62>> = random_bytes(16)
     hex = Base.encode16(<<a::48, 4::4, b::12, 2::2, c::62>>, case: :lower)
     <<p1::binary-8, p2::binary-4, p3::binary-4, p4::binary-4, p5::binary-12>> = hex
     Enum.join([p1, p2, p3, p4, p5], "-")
   end
+
+  defp random_bytes(n), do: for(_ <- 1..n, into: <<>>, do: <<:rand.uniform(256) - 1>>)
 
   @doc "The monitor process in charge of `owner`."
   @spec monitor_for(t(), non_neg_integer()) :: atom()

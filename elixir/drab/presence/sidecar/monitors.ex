@@ -8,9 +8,8 @@ defmodule Drab.Presence.Sidecar.Monitors do
   # A writer sends `{:watch, owner}` when the owner's first presence is
   # journaled, and `{:unwatch, owner}` when its last one goes. Watches and
   # unwatches of one owner come from different processes and may cross, so
-  # an unwatch lets the owner go only if it still has no presence (its
-  # count in the owners table, deleted at zero in one step, so that a
-  # track meanwhile keeps the watch). On DOWN, this process removes the
+  # an unwatch lets the owner go only if, under the owner's lock, it still
+  # has no presence: a track writes its row before it lets the lock go. On DOWN, this process removes the
   # owner's presences, with those of the other DOWNs queued by then, in one
   # burst (see Writes.exit_owners/2).
   use GenServer
@@ -63,9 +62,10 @@ defmodule Drab.Presence.Sidecar.Monitors do
     do: {:noreply, watch(owner, Wire.fresh_template(state))}
 
   def handle_info({:unwatch, owner}, state) do
+    h = state.handle
+
     with {ref, monitors} when ref != nil <- Map.pop(state.monitors, owner),
-         1 <-
-           :ets.select_delete(state.handle.owners, [{{owner, :"$1"}, [{:"=<", :"$1", 0}], [true]}]) do
+         false <- Writes.locked(h, owner, fn -> Writes.has_presences?(h, owner) end) do
       Process.demonitor(ref, [:flush])
       {:noreply, %{state | monitors: monitors}}
     else

@@ -36,8 +36,6 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   @quiesce_ms 5_000
 
   @wake_op 4
-  @track 16
-  @exit 20
   @take_diffs 24
   @ack_part 26
   @set_dispatcher 3
@@ -269,11 +267,9 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # counted again.
   defp recount(h) do
     :ets.delete_all_objects(h.counts)
-    :ets.delete_all_objects(h.owners)
 
-    for {{owner, topic, key}, _ref, _meta, _prev} <- :ets.tab2list(h.journal) do
+    for {{_owner, topic, key}, _ref, _meta, _prev} <- :ets.tab2list(h.journal) do
       Writes.count(h.counts, topic, key, 1)
-      :ets.update_counter(h.owners, owner, 1, {owner, 0})
     end
 
     for {{:remote, topic, key}, n} <- :ets.match_object(h.replication, {{:remote, :_, :_}, :_}) do
@@ -311,15 +307,16 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   defp resync_owner(state, owner) do
     h = state.handle
     pid = Wire.id_pid(state.template, owner)
-    old_refs = for {_, ref, _, _} <- Writes.owner_rows(h, owner), do: ref
+    rows = Writes.owner_rows(h, owner)
+    old_refs = for {_, ref, _, _} <- rows, do: ref
 
     tracks =
       if Process.alive?(pid) do
-        for {{_, topic, key} = row, old, meta, _prev} <- Writes.owner_rows(h, owner) do
+        for {{_, topic, key} = row, old, meta, _prev} <- rows do
           ref = Writes.new_ref(h)
-          :ets.insert(h.journal, {row, ref, meta, nil})
           :ets.insert(h.leaves, {old, topic, key, meta})
-          [<<@track, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key), <<ref::64>>, meta]
+          :ets.insert(h.journal, {row, ref, meta, nil})
+          Writes.track_frame(owner, topic, key, ref, meta)
         end
       else
         Writes.drop_rows(h, owner)
@@ -328,10 +325,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
     if tracks != [], do: Writes.notify(Handle.monitor_for(h, owner), {:watch, owner})
 
-    exit = [
-      <<@exit, 0::64, 0::64, 1::32, owner::64, length(old_refs)::32>>
-      | for(r <- old_refs, do: <<r::64>>)
-    ]
+    exit = Writes.exit_frame([{owner, old_refs}])
 
     # One frame per command: the port adds each one's length prefix.
     Enum.each([exit | tracks], &Port.command(state.port, &1))

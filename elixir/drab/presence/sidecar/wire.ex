@@ -17,7 +17,6 @@ defmodule Drab.Presence.Sidecar.Wire do
     wake: 4,
     track: 16,
     untrack: 17,
-    lookup: 18,
     update: 19,
     exit: 20,
     counts: 21,
@@ -46,17 +45,6 @@ defmodule Drab.Presence.Sidecar.Wire do
   @doc "The byte of an op."
   @spec op(atom()) :: byte()
   def op(name), do: Map.fetch!(@ops, name)
-
-  @doc "The error reason of a reply status, as the NIF names it."
-  @spec reason(byte()) :: atom()
-  def reason(1), do: :already_tracked
-  def reason(2), do: :not_tracked
-  def reason(3), do: :noproc
-  def reason(4), do: :stale
-  def reason(5), do: :meta_too_large
-  def reason(6), do: :bad_frame
-  def reason(8), do: :refused
-  def reason(9), do: :bad_delta
 
   @doc """
   A local pid as a u64, `serial <<< 32 ||| number`: unique among live local

@@ -100,9 +100,8 @@ defmodule Drab.Presence.Sidecar.Writes do
 
   @doc "A ref for a new presence (or a new meta): unique in this table, random across tables."
   @spec new_ref(Handle.t()) :: non_neg_integer()
-  def new_ref(%Handle{refs: refs}) do
-    Bitwise.band(:atomics.get(refs, 1) + :atomics.add_get(refs, 2, 1), 0xFFFF_FFFF_FFFF_FFFF)
-  end
+  def new_ref(%Handle{ref_seed: seed, refs: refs}),
+    do: Bitwise.band(seed + :atomics.add_get(refs, 1, 1), 0xFFFF_FFFF_FFFF_FFFF)
 
   @doc """
   Tracks `owner` (the id of `pid`). A pid that is no longer alive gets a
@@ -120,17 +119,13 @@ defmodule Drab.Presence.Sidecar.Writes do
       # The watch goes before anything is written: a writer killed after
       # it leaves a monitor on an owner that may have no presence (it is
       # dropped on DOWN); one killed before it has written nothing.
-      unless :ets.member(h.journal, row) or owns_presences?(h, owner),
+      unless has_presences?(h, owner),
         do: notify(Handle.monitor_for(h, owner), {:watch, owner})
 
       if :ets.insert_new(h.journal, {row, ref, meta, nil}) do
         count(h.counts, topic, key, 1)
-        :ets.update_counter(h.owners, owner, 1, {owner, 0})
 
-        command(port, [<<@track, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key)], [
-          <<ref::64>>,
-          meta
-        ])
+        command(port, track_frame(owner, topic, key, ref, meta))
 
         # Its monitor may have seen it go before this row was in: the
         # presence goes now, as the NIF lets it.
@@ -157,11 +152,13 @@ defmodule Drab.Presence.Sidecar.Writes do
         :ets.insert(h.leaves, {ref, topic, key, meta})
         :ets.delete(h.journal, row)
         uncount(h.counts, topic, key, 1)
-        release(h, owner, 1)
 
-        command(port, [<<@untrack, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key)], [
-          <<ref::64>>
-        ])
+        # Its monitor checks again, under the owner's lock, before letting
+        # it go: a track may come in between.
+        unless has_presences?(h, owner),
+          do: notify(Handle.monitor_for(h, owner), {:unwatch, owner})
+
+        command(port, [write_head(@untrack, owner, topic, key), <<ref::64>>])
 
       [] ->
         :ok
@@ -195,10 +192,7 @@ defmodule Drab.Presence.Sidecar.Writes do
           :ets.insert(h.leaves, {old_ref, topic, key, old_meta})
           :ets.insert(h.journal, {row, ref, meta, old_ref})
 
-          command(port, [<<@update, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key)], [
-            <<old_ref::64, ref::64>>,
-            meta
-          ])
+          command(port, [write_head(@update, owner, topic, key), <<old_ref::64, ref::64>>, meta])
 
           {:ok, ref}
       end
@@ -224,13 +218,13 @@ defmodule Drab.Presence.Sidecar.Writes do
       {_epoch, port} when port != nil ->
         try do
           if locked != [],
-            do: command(port, exit_head(length(locked)), Enum.map(locked, &depart(h, &1)))
+            do: command(port, exit_frame(Enum.map(locked, &{&1, drop_rows(h, &1)})))
         after
           Enum.each(locked, &:ets.delete_object(h.locks, {&1, self()}))
         end
 
         Enum.each(busy, fn owner ->
-          run(h, owner, fn port -> command(port, exit_head(1), [depart(h, owner)]) end)
+          run(h, owner, fn port -> command(port, exit_frame([{owner, drop_rows(h, owner)}])) end)
         end)
 
       {_epoch, nil} ->
@@ -240,13 +234,26 @@ defmodule Drab.Presence.Sidecar.Writes do
     end
   end
 
-  defp exit_head(n), do: <<@exit, 0::64, 0::64, n::32>>
+  # Frames of writes (protocol 3): no request id, no reply address.
+  defp write_head(op, owner, topic, key),
+    do: [<<op, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key)]
 
-  # The owner's rows go; its part of an exit frame.
-  defp depart(h, owner) do
-    refs = drop_rows(h, owner)
-    :ets.delete(h.owners, owner)
-    [<<owner::64, length(refs)::32>> | for(r <- refs, do: <<r::64>>)]
+  @doc false
+  @spec track_frame(non_neg_integer(), binary(), binary(), non_neg_integer(), binary()) :: iodata()
+  def track_frame(owner, topic, key, ref, meta),
+    do: [write_head(@track, owner, topic, key), <<ref::64>>, meta]
+
+  @doc false
+  # Owners gone, each with the refs its journal held.
+  @spec exit_frame([{non_neg_integer(), [non_neg_integer()]}]) :: iodata()
+  def exit_frame(departed) do
+    [
+      <<@exit, 0::64, 0::64, length(departed)::32>>
+      | for(
+          {owner, refs} <- departed,
+          do: [<<owner::64, length(refs)::32>> | for(r <- refs, do: <<r::64>>)]
+        )
+    ]
   end
 
   @doc false
@@ -273,17 +280,26 @@ defmodule Drab.Presence.Sidecar.Writes do
 
   defp rows_from(_journal, _owner, _other), do: []
 
-  # The owner's last presence went: its monitor may let it go, unless a
-  # track came meanwhile (the monitor checks the count again).
-  defp release(h, owner, n) do
-    if :ets.update_counter(h.owners, owner, -n, {owner, 0}) <= 0,
-      do: notify(Handle.monitor_for(h, owner), {:unwatch, owner})
-  end
+  @doc """
+  Whether `owner` has a presence in the journal: its rows are one range of
+  the ordered set, and topics (binaries) sort after any number, so the row
+  after `{owner, 0, 0}` is its first if it has any.
+  """
+  @spec has_presences?(Handle.t(), non_neg_integer()) :: boolean()
+  def has_presences?(h, owner), do: match?({^owner, _, _}, :ets.next(h.journal, {owner, 0, 0}))
 
-  defp owns_presences?(h, owner) do
-    case :ets.lookup(h.owners, owner) do
-      [{_, n}] -> n > 0
-      [] -> false
+  @doc """
+  Runs `fun` holding `owner`'s lock, whether or not the sidecar is up: for
+  a monitor that must see the owner's presences with no write half way.
+  """
+  @spec locked(Handle.t(), non_neg_integer(), (() -> result)) :: result when result: term()
+  def locked(h, owner, fun) do
+    lock(h, owner, System.monotonic_time(:millisecond), 0)
+
+    try do
+      fun.()
+    after
+      :ets.delete_object(h.locks, {owner, self()})
     end
   end
 
@@ -306,8 +322,8 @@ defmodule Drab.Presence.Sidecar.Writes do
 
   # A closed port (the sidecar died) takes nothing from the journal: the
   # port owner replays it into the next sidecar once no lock is held.
-  defp command(port, head, tail) do
-    Port.command(port, [head | tail])
+  defp command(port, frame) do
+    Port.command(port, frame)
   rescue
     ArgumentError -> true
   end
