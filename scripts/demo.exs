@@ -118,6 +118,19 @@ nodes =
 
     unless Node.alive?() do
       {_, 0} = System.cmd("epmd", ["-daemon"])
+
+      # epmd -daemon returns before the daemon listens (a fresh machine's
+      # first node would find no epmd).
+      epmd_up? = fn ->
+        match?({:ok, _}, :erl_epmd.names(~c"127.0.0.1")) or
+          (Process.sleep(50) == :ok and false)
+      end
+
+      Enum.any?(1..100, fn _ -> epmd_up?.() end) ||
+        raise "epmd did not start listening on 127.0.0.1"
+
+      # Loopback only, for the node and every connection it accepts.
+      :ok = :application.set_env(:kernel, :inet_dist_use_interface, {127, 0, 0, 1})
       {:ok, _} = :net_kernel.start([:"demo#{System.pid()}@127.0.0.1", :longnames])
     end
 

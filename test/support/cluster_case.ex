@@ -70,6 +70,7 @@ defmodule Drab.Presence.ClusterCase do
       # started without --name has none of its own.
       epmd = System.find_executable("epmd") || raise "epmd not found on the PATH"
       {_, 0} = System.cmd(epmd, ["-daemon"])
+      await_epmd!(100)
       # Loopback only, for the node and for every connection it accepts.
       :ok = :application.set_env(:kernel, :inet_dist_use_interface, {127, 0, 0, 1})
       name = :"drab_test_#{System.pid()}_#{System.unique_integer([:positive])}@127.0.0.1"
@@ -82,6 +83,21 @@ defmodule Drab.Presence.ClusterCase do
     end
 
     node()
+  end
+
+  # `epmd -daemon` forks and returns before the daemon listens: on a fresh
+  # machine, a node started at once finds no epmd (econnrefused).
+  defp await_epmd!(0), do: raise("epmd did not start listening on #{@host}")
+
+  defp await_epmd!(tries) do
+    case :erl_epmd.names(@host) do
+      {:ok, _names} ->
+        :ok
+
+      {:error, _} ->
+        Process.sleep(50)
+        await_epmd!(tries - 1)
+    end
   end
 
   @doc """
