@@ -90,7 +90,10 @@ defmodule Drab.Presence do
   through `fetch/2`. Changes to one topic within `:diff_window` milliseconds
   go out as one diff; a presence that joins and leaves within the window is
   never sent (unless `list/1` or `get_by_key/2` showed it meanwhile: then its
-  leave is sent); an update that leaves the meta as it was sends nothing. A
+  join and its leave go out in the same diff, so that a client that synced
+  from that listing drops it, and one that did not never hears a ref leave
+  that it did not hear join); an update that leaves the meta as it was sends
+  nothing. A
   diff carries at most 500 presences: a larger change (a mass disconnect)
   goes out as several consecutive diffs, so that no single send copies
   megabytes into every subscriber, and a key's leave and join (an update)

@@ -17,9 +17,13 @@ defmodule Drab.Presence.Soak do
   # rebuilds the topic from presence_diff broadcasts as phoenix.js does
   # (syncDiff); when the subscriber registry restarts, it re-subscribes and
   # takes list/1 as its new state, as phoenix.js takes presence_state on a
-  # rejoin. Meanwhile a chaos process kills the dispatcher (often right as it
-  # delivers), kills the registry, and stops and restarts the whole presence
-  # supervisor.
+  # rejoin. Listers call list/1 on random topics all along, as channels
+  # that join push presence_state: a presence a listing showed must still
+  # reach a subscriber that never listed as a join before its leave. Until
+  # it resyncs, each subscriber counts the leaves of refs it never had and
+  # the joins of refs it had. Meanwhile a chaos process kills the dispatcher
+  # (often right as it delivers), kills the registry, and stops and restarts
+  # the whole presence supervisor.
   #
   # At the end: churn stops, the views settle, and counts, list/1 and every
   # subscriber's view must equal the model; then every owner exits, every
@@ -36,6 +40,7 @@ defmodule Drab.Presence.Soak do
     topics: 50,
     keys: 30,
     workers: 4,
+    listers: 2,
     owners_per_worker: 60,
     # Ops per second per worker: flat out, workers would starve the
     # dispatcher and the subscribers of the two cores CI machines have.
@@ -62,11 +67,14 @@ defmodule Drab.Presence.Soak do
   @kill_registry 5
   @restart 6
   @gave_up 7
+  @lists 8
+  @unknown_leaves 9
+  @duplicate_joins 10
 
   @doc """
   Runs the soak; returns what it did. Raises `RuntimeError` on a mismatch.
 
-  Options: `seconds`, `topics`, `keys` (per topic), `workers`,
+  Options: `seconds`, `topics`, `keys` (per topic), `workers`, `listers`,
   `owners_per_worker`, `rate` (ops per second per worker, or `:infinity`), `diff_window`, `chaos` (any of `:kill_dispatcher`,
   `:kill_registry`, `:restart`; `[]` for none), `chaos_every_ms` (a range),
   `mid_delivery` (the share of dispatcher kills made right as a diff
@@ -79,7 +87,7 @@ defmodule Drab.Presence.Soak do
     seed = opts[:seed] || :erlang.unique_integer([:positive])
     opts = Keyword.put(opts, :seed, seed)
     topics = for i <- 1..opts[:topics], do: "soak:#{i}"
-    counters = :counters.new(7, [:write_concurrency])
+    counters = :counters.new(10, [:write_concurrency])
 
     stop_presence()
     start_presence(opts)
@@ -101,6 +109,11 @@ defmodule Drab.Presence.Soak do
       for id <- 1..opts[:workers],
           do: spawn_link(fn -> worker(id, opts, topics, counters, parent) end)
 
+    listers =
+      for id <- 1..opts[:listers],
+          opts[:listers] > 0,
+          do: spawn_link(fn -> lister(id, opts, topics, counters) end)
+
     try do
       started = System.monotonic_time(:millisecond)
       churn_for(opts, counters, started, started)
@@ -108,6 +121,7 @@ defmodule Drab.Presence.Soak do
       elapsed_ms = System.monotonic_time(:millisecond) - started
 
       call(chaos, :stop)
+      Enum.each(listers, &kill_linked/1)
       models = Enum.map(workers, &call(&1, :stop))
       expected = expected_by_topic(models)
       at_end = Presence.stats()
@@ -129,6 +143,9 @@ defmodule Drab.Presence.Soak do
         presences_at_end: at_end.presences,
         diffs: :counters.get(counters, @diffs),
         resyncs: :counters.get(counters, @resyncs),
+        lists: :counters.get(counters, @lists),
+        unknown_leaves: :counters.get(counters, @unknown_leaves),
+        duplicate_joins: :counters.get(counters, @duplicate_joins),
         chaos: chaos_counts(counters),
         nif_heap_bytes: %{
           baseline: baseline.nif_heap_bytes,
@@ -144,7 +161,7 @@ defmodule Drab.Presence.Soak do
                 __STACKTRACE__
     after
       # Workers take their linked owners with them.
-      for pid <- [chaos | workers] ++ Map.values(subscribers), do: kill_linked(pid)
+      for pid <- [chaos | workers] ++ listers ++ Map.values(subscribers), do: kill_linked(pid)
       stop_presence()
     end
   end
@@ -154,7 +171,9 @@ defmodule Drab.Presence.Soak do
   def summary(result) do
     "soak ok: seed #{result.seed}, #{result.ops} ops in #{result.seconds} s " <>
       "(#{result.ops_per_s}/s), #{result.presences_at_end} presences at the end, " <>
-      "#{result.diffs} diffs, #{result.resyncs} resyncs, chaos #{inspect(result.chaos)}, " <>
+      "#{result.diffs} diffs, #{result.resyncs} resyncs, #{result.lists} lists, " <>
+      "#{result.unknown_leaves} unknown leaves and #{result.duplicate_joins} duplicate joins " <>
+      "before a resync, chaos #{inspect(result.chaos)}, " <>
       "NIF heap #{mb(result.nif_heap_bytes.baseline)} -> #{mb(result.nif_heap_bytes.end)} " <>
       "-> #{mb(result.nif_heap_bytes.after)}"
   end
@@ -389,7 +408,7 @@ defmodule Drab.Presence.Soak do
   # exits to outlive a registry that restarts, and leave with their parent.
   defp subscriber(topic, counters, parent) do
     Process.flag(:trap_exit, true)
-    state = %{topic: topic, view: %{}, registry: nil, monitor: nil, parent: parent}
+    state = %{topic: topic, view: %{}, registry: nil, monitor: nil, parent: parent, pure?: true}
     state = resync(state, counters)
     send(parent, {:subscribed, topic})
     subscriber_loop(state, counters)
@@ -399,11 +418,12 @@ defmodule Drab.Presence.Soak do
     receive do
       %{event: "presence_diff", topic: ^topic, payload: payload} ->
         :counters.add(counters, @diffs, 1)
+        if state.pure?, do: count_surprises(state.view, payload, counters)
         subscriber_loop(%{state | view: PresenceCase.sync_diff(state.view, payload)}, counters)
 
       {:DOWN, ^monitor, :process, _, _} ->
         :counters.add(counters, @resyncs, 1)
-        subscriber_loop(resync(state, counters), counters)
+        subscriber_loop(%{resync(state, counters) | pure?: false}, counters)
 
       {:report, from, ref} ->
         send(from, {ref, %{view: state.view, registry: state.registry}})
@@ -415,6 +435,43 @@ defmodule Drab.Presence.Soak do
       {:EXIT, _registry_partition, _reason} ->
         subscriber_loop(state, counters)
     end
+  end
+
+  # What phoenix.js would get wrong, for a subscriber that took the empty
+  # table's list/1 and every diff since: a leave of a ref it never had
+  # (shown as someone who never appeared leaving), or a join of a ref it has.
+  defp count_surprises(view, %{joins: joins, leaves: leaves}, counters) do
+    refs = fn presences -> for {_, %{metas: metas}} <- presences, m <- metas, do: m.phx_ref end
+    had = MapSet.new(refs.(view))
+    joined = refs.(joins)
+    duplicates = Enum.count(joined, &MapSet.member?(had, &1))
+    had = MapSet.union(had, MapSet.new(joined))
+    unknown = Enum.count(refs.(leaves), &(not MapSet.member?(had, &1)))
+    if duplicates > 0, do: :counters.add(counters, @duplicate_joins, duplicates)
+    if unknown > 0, do: :counters.add(counters, @unknown_leaves, unknown)
+  end
+
+  ## Listers
+
+  # Lists random topics flat out, a channel join's presence_state each; a
+  # call made while the chaos process has the module stopped is skipped.
+  defp lister(id, opts, topics, counters) do
+    :rand.seed(:exsss, {opts[:seed], id, 3})
+    topics = List.to_tuple(topics)
+    lister_loop(topics, counters)
+  end
+
+  defp lister_loop(topics, counters) do
+    topic = elem(topics, :rand.uniform(tuple_size(topics)) - 1)
+
+    try do
+      Presence.list(topic)
+      :counters.add(counters, @lists, 1)
+    rescue
+      ArgumentError -> Process.sleep(1)
+    end
+
+    lister_loop(topics, counters)
   end
 
   # The registry is gone, so are our subscriptions: wait for its successor,

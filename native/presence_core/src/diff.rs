@@ -19,6 +19,9 @@ use crate::topic::Op;
 pub struct TopicDiff<O, M> {
     pub topic: Bytes,
     pub(crate) ops: Vec<Op<O, M>>,
+    /// Joins of presences gone since, sent because a listing showed them
+    /// (see `Topic::record_leave`): to subscribers only, with their leaves.
+    pub(crate) gone_joins: Vec<Presence<O, M>>,
     pub(crate) leaves: Vec<Presence<O, M>>,
     pub(crate) entries: Option<Snapshot<Presence<O, M>>>,
     pub(crate) joins_from_seq: u64,
@@ -63,7 +66,10 @@ impl<O, M> TopicDiff<O, M> {
         for leave in self.leaves().filter(|p| p.is_local()) {
             delta.leave(leave.phx_ref);
         }
-        for join in self.joins().filter(|p| p.is_local()) {
+        // Not the gone joins: the other nodes never listed this node's
+        // table mid-window (a full state is taken as a list, and its leaves
+        // are sent), and a join there after its leave would stay.
+        for join in self.present_joins().filter(|p| p.is_local()) {
             delta.join(&self.topic, join);
         }
     }
@@ -73,8 +79,16 @@ impl<O, M> TopicDiff<O, M> {
         &self.ops
     }
 
-    /// The coalesced joins (those of single operations are in [`Self::ops`]).
+    /// The coalesced joins (those of single operations are in [`Self::ops`]):
+    /// presences that joined or changed since the last diff, and those
+    /// among them that a listing showed and that left since (their leaves
+    /// are in [`Self::leaves`]).
     pub fn joins(&self) -> impl Iterator<Item = &Presence<O, M>> {
+        self.gone_joins.iter().chain(self.present_joins())
+    }
+
+    /// The coalesced joins of presences still on the topic.
+    fn present_joins(&self) -> impl Iterator<Item = &Presence<O, M>> {
         self.entries
             .iter()
             .flat_map(|snapshot| snapshot.iter())
@@ -116,8 +130,9 @@ impl<O, M> TopicDiff<O, M> {
 
 /// One diff cut into parts within `limits`.
 ///
-/// Applied in order, the parts have the same effect as the whole: no ref
-/// is in both joins and leaves, so parts touch disjoint presences. A key's
+/// Applied in order, the parts have the same effect as the whole: a ref in
+/// both joins and leaves (a presence listed mid-window, then gone) has its
+/// join in the same part as its leave or an earlier one. A key's
 /// joins and leaves travel in one part whenever they fit in one, so that
 /// an update (the leave of the old meta, the join of the new) never shows
 /// a client a user who left and came back. A key too large for one part

@@ -9,7 +9,7 @@ use crate::owner::{Departure, Handle, Holder, Owner, ReplicaId};
 use crate::phx_ref::RefGen;
 use crate::replica::ReplicaSet;
 use crate::sharded_map::ShardedMap;
-use crate::topic::Topic;
+use crate::topic::{TakenLeaves, Topic};
 
 /// A presence ref (rendered as `phx_ref` by [`crate::encode_ref`]).
 pub type Ref = u64;
@@ -470,10 +470,12 @@ where
                 break;
             }
             let topic_name = self.dirty.pop_front().expect("front checked above");
+            let TakenLeaves { gone_joins, leaves } = topic.take_leaves();
             let diff = TopicDiff {
                 topic: topic_name.clone(),
                 ops: std::mem::take(&mut topic.ops),
-                leaves: std::mem::take(&mut topic.pending_leaves),
+                gone_joins,
+                leaves,
                 entries: (topic.coalesced_joins && !topic.is_empty()).then(|| topic.snapshot()),
                 joins_from_seq: topic.joins_from_seq,
             };
@@ -778,23 +780,41 @@ mod tests {
     }
 
     #[test]
-    fn a_listed_join_is_not_cancelled_by_its_leave() {
+    fn a_listed_join_is_sent_with_its_leave() {
         let mut r = reg();
-        r.track(1, b"t", b"a", "x", watch).unwrap();
+        let stays = r.track(1, b"t", b"a", "x", watch).unwrap().phx_ref;
         let listed_ref = r.track(2, b"t", b"b", "x", watch).unwrap().phx_ref;
         r.observe(b"t");
         let unlisted = r.track(3, b"t", b"c", "x", watch).unwrap().phx_ref;
         r.untrack_owner(2);
         r.untrack_owner(3);
-        let diffs = r.take_diffs(usize::MAX, usize::MAX);
-        let leaves: Vec<Ref> = diffs[0].leaves().map(|p| p.phx_ref).collect();
+        // A client that listed has the listed one and must hear it leave;
+        // one that did not must hear it join first, in the same diff. The
+        // unlisted one cancels out.
         assert_eq!(
-            leaves,
-            vec![listed_ref],
-            "the listed one leaves, the other cancels"
+            sent(&mut r),
+            vec![(sorted(vec![stays, listed_ref]), vec![listed_ref])]
         );
-        assert!(!diffs[0].joins().any(|p| p.phx_ref == unlisted));
-        assert_eq!(diffs[0].joins().count(), 1);
+        assert_ne!(unlisted, listed_ref);
+    }
+
+    #[test]
+    fn a_listed_presence_updated_then_gone_is_sent_whole() {
+        let mut r = reg();
+        let first = r.track(1, b"t", b"a", "x", watch).unwrap().phx_ref;
+        r.observe(b"t");
+        let Update::Changed(second) = r.update(1, b"t", b"a", "y", None).unwrap() else {
+            panic!("meta changed")
+        };
+        // The update's new ref was never listed: its leave cancels its join.
+        r.untrack(1, b"t", b"a");
+        assert_eq!(sent(&mut r), vec![(vec![first], vec![first])]);
+        assert_ne!(second.phx_ref, first);
+    }
+
+    fn sorted(mut refs: Vec<Ref>) -> Vec<Ref> {
+        refs.sort();
+        refs
     }
 
     #[test]

@@ -62,9 +62,15 @@ where
         let topic_name = self.intern_topic(join.topic);
         let (local_ref, seq) = self.refs.next(None);
         let entry = self.topics.get_mut(&topic_name).expect("interned above");
+        let owner = Holder::Replica(replica, join.phx_ref);
+        // Dropped and synced back within one window: subscribers still
+        // have it, under the same ref, as long as its leave is not sent.
+        let seq = entry
+            .withdraw_leave(&owner, join.key, &join.meta)
+            .unwrap_or(seq);
         let key = entry.interned_key(join.key);
         let index = entry.insert(Presence {
-            owner: Holder::Replica(replica, join.phx_ref),
+            owner,
             key,
             meta: join.meta,
             phx_ref: local_ref,
@@ -279,6 +285,38 @@ mod tests {
         assert!(departure.is_done());
         assert_eq!(r.counts(b"t").connections, 1);
         assert_eq!(r.replica_count(), 0);
+    }
+
+    #[test]
+    fn a_presence_dropped_and_synced_back_in_one_window_is_not_sent_again() {
+        let mut r = Reg::new(0);
+        r.replica_join(3, join("t", "k", "m", 5));
+        r.replica_join(3, join("t", "gone", "m", 6));
+        drain(&mut r);
+        // A netsplit drops the replica, the heal syncs it back: both
+        // presences keep their refs, and one of them left meanwhile.
+        let mut departure = r.drop_replica(3).unwrap();
+        r.remove_departed(&mut departure, usize::MAX);
+        r.replica_begin_sync(3);
+        r.replica_join(3, join("t", "k", "m", 5));
+        r.replica_end_sync(3);
+        // Subscribers still have 5: its leave and join under the same ref
+        // in one diff would lose it (joins are applied first).
+        assert_eq!(drain(&mut r), (vec![], vec![6]));
+        assert_eq!(r.counts(b"t").connections, 1);
+        r.replica_leave(3, 5);
+        assert_eq!(drain(&mut r), (vec![], vec![5]));
+    }
+
+    #[test]
+    fn a_listed_presence_dropped_and_synced_back_joins_once() {
+        let mut r = Reg::new(0);
+        r.replica_join(3, join("t", "k", "m", 5));
+        r.observe(b"t");
+        let mut departure = r.drop_replica(3).unwrap();
+        r.remove_departed(&mut departure, usize::MAX);
+        r.replica_join(3, join("t", "k", "m", 5));
+        assert_eq!(drain(&mut r), (vec![5], vec![]));
     }
 
     #[test]

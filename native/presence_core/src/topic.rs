@@ -50,6 +50,20 @@ struct TermKeys {
     shared: usize,
 }
 
+/// A pending leave of another node's presence.
+#[derive(Debug)]
+pub(crate) struct ReplicaLeave<O, M> {
+    presence: Presence<O, M>,
+    /// Only a listing showed it: its join goes with its leave.
+    join_unsent: bool,
+}
+
+/// A topic's leaves since its last diff (see [`Topic::take_leaves`]).
+pub(crate) struct TakenLeaves<O, M> {
+    pub(crate) gone_joins: Vec<Presence<O, M>>,
+    pub(crate) leaves: Vec<Presence<O, M>>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Topic<O, M> {
     entries: CowChunks<Presence<O, M>>,
@@ -66,8 +80,20 @@ pub(crate) struct Topic<O, M> {
     /// synced from that list must hear of their leave, so it is recorded
     /// instead of cancelling the join.
     pub(crate) observed_before_seq: u64,
-    /// Leaves of presences whose join subscribers have seen.
+    /// Leaves of presences whose join subscribers have seen, or may have:
+    /// a listing showed it (see `gone_joins`).
     pub(crate) pending_leaves: Vec<Presence<O, M>>,
+    /// Joins of presences that a listing showed while their join was
+    /// pending, and that left before the diff: a subscriber that did not
+    /// list must hear the join before the leave, in the same diff, rather
+    /// than the leave of a ref it never had.
+    pub(crate) gone_joins: Vec<Presence<O, M>>,
+    /// Leaves of other nodes' presences, by holder, kept apart from the
+    /// others: such a presence keeps its node's ref, so one dropped in a
+    /// netsplit and synced back within one window would leave and join
+    /// under one ref in one diff, which phoenix.js applies joins first:
+    /// gone. Its return withdraws the leave instead (`withdraw_leave`).
+    pub(crate) replica_leaves: HashMap<Holder<O>, ReplicaLeave<O, M>>,
     /// Some presence joined since the last diff while coalescing: taking
     /// the diff must look for joins among the entries. Without it (leaves
     /// only, or single operations) taking a diff never walks the topic.
@@ -94,6 +120,8 @@ where
             joins_from_seq: next_seq,
             observed_before_seq: 0,
             pending_leaves: Vec::new(),
+            gone_joins: Vec::new(),
+            replica_leaves: HashMap::new(),
             coalesced_joins: false,
             ops: Vec::new(),
             dirty: false,
@@ -117,7 +145,7 @@ where
             .iter()
             .map(|op| op.joins.len() + op.leaves.len())
             .sum();
-        joins + self.pending_leaves.len() + ops
+        joins + self.gone_joins.len() + self.pending_leaves.len() + self.replica_leaves.len() + ops
     }
 
     /// Distinct keys as listed: Drab's `count_users/1` on Phoenix counts
@@ -319,12 +347,58 @@ where
     }
 
     /// A leave cancels a join that nobody can have seen yet, neither in a
-    /// diff nor in a listing; any other is recorded for the next diff.
+    /// diff nor in a listing. Any other is recorded for the next diff; when
+    /// only a listing showed the presence, with its join: every subscriber
+    /// then hears of a ref's join before its leave, listed or not.
     pub(crate) fn record_leave(&mut self, presence: Presence<O, M>) {
-        let seq = presence.seq;
-        if seq < self.joins_from_seq || seq < self.observed_before_seq {
-            self.pending_leaves.push(presence);
+        let join_unsent = presence.seq >= self.joins_from_seq;
+        if join_unsent && presence.seq >= self.observed_before_seq {
+            return;
         }
+        match presence.owner {
+            Holder::Replica(..) => {
+                let leave = ReplicaLeave {
+                    presence,
+                    join_unsent,
+                };
+                self.replica_leaves.insert(leave.presence.owner, leave);
+            }
+            Holder::Local(_) => {
+                if join_unsent {
+                    self.gone_joins.push(presence.clone());
+                }
+                self.pending_leaves.push(presence);
+            }
+        }
+    }
+
+    /// Withdraws the pending leave of `holder`'s presence, which comes back
+    /// as it left (see `replica_leaves`), and returns the seq it had: it
+    /// stands where it stood for subscribers, its join sent or not.
+    pub(crate) fn withdraw_leave(&mut self, holder: &Holder<O>, key: &[u8], meta: &M) -> Option<u64>
+    where
+        M: PartialEq,
+    {
+        let left = &self.replica_leaves.get(holder)?.presence;
+        if *left.key != *key || left.meta != *meta {
+            return None;
+        }
+        let left = self.replica_leaves.remove(holder).expect("found above");
+        Some(left.presence.seq)
+    }
+
+    /// The leaves recorded since the last diff, with the joins of those
+    /// gone since a listing showed them.
+    pub(crate) fn take_leaves(&mut self) -> TakenLeaves<O, M> {
+        let mut gone_joins = std::mem::take(&mut self.gone_joins);
+        let mut leaves = std::mem::take(&mut self.pending_leaves);
+        for (_, left) in self.replica_leaves.drain() {
+            if left.join_unsent {
+                gone_joins.push(left.presence.clone());
+            }
+            leaves.push(left.presence);
+        }
+        TakenLeaves { gone_joins, leaves }
     }
 
     /// Notes the join of the presence at `index`, made by an operation of
@@ -366,17 +440,14 @@ where
     /// single operations to come: O(entries), once, when `diff_window: 0`
     /// is switched on with a diff pending.
     pub(crate) fn seal(&mut self, refs: &RefGen) {
-        let joins: Vec<Presence<O, M>> = if self.coalesced_joins {
+        let TakenLeaves {
+            gone_joins: mut joins,
+            leaves,
+        } = self.take_leaves();
+        if self.coalesced_joins {
             let from = self.joins_from_seq;
-            self.entries
-                .iter()
-                .filter(|p| p.seq >= from)
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let leaves = std::mem::take(&mut self.pending_leaves);
+            joins.extend(self.entries.iter().filter(|p| p.seq >= from).cloned());
+        }
         // After any ops of an earlier spell of single operations: those
         // happened before what coalescing gathered since.
         if !joins.is_empty() || !leaves.is_empty() {

@@ -109,12 +109,27 @@ impl Cluster {
             diff.write_delta(&mut delta);
             let topic = TOPICS.iter().position(|t| *t == &*diff.topic).unwrap();
             let view = &mut self.views[node][topic];
+            // As phoenix.js applies a diff: its joins, then its leaves. These
+            // subscribers never list, so they hear each ref join once
+            // before it leaves, across netsplits and heals too.
             for (joins, leaves) in diff.parts(PartLimits::UNLIMITED, |_| 1) {
-                for leave in leaves {
-                    view.remove(&leave.shown_ref());
-                }
                 for join in joins {
-                    view.insert(join.shown_ref(), (join.key.to_vec(), join.meta.clone()));
+                    let joined = (join.key.to_vec(), join.meta.clone());
+                    let before = view.insert(join.shown_ref(), joined);
+                    assert_eq!(
+                        before,
+                        None,
+                        "node {node} heard {} join twice",
+                        join.shown_ref()
+                    );
+                }
+                for leave in leaves {
+                    let left = view.remove(&leave.shown_ref());
+                    assert!(
+                        left.is_some(),
+                        "node {node} heard {} leave unjoined",
+                        leave.shown_ref()
+                    );
                 }
             }
         }

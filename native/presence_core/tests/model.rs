@@ -1,8 +1,9 @@
 //! Random sequences of track, untrack, update, owner exit and diff draining,
 //! checked against a plain model after every step:
-//! counts, lists and `get_by_key` agree with the model, and a subscriber
-//! that applies every drained diff to the last list it saw ends up with
-//! exactly the current list.
+//! counts, lists and `get_by_key` agree with the model; a subscriber that
+//! applies every drained diff to the last list it saw ends up with exactly
+//! the current list; and one that never lists hears each ref join once,
+//! before its leave, however the other lists.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -78,18 +79,20 @@ fn modelled(model: &Model, topic: usize) -> View {
         .collect()
 }
 
-/// Applies drained diffs as a subscriber would, in parts of at most two
-/// presences, as the NIF cuts large diffs.
-fn apply_diffs(reg: &mut Reg, views: &mut [View], max_topics: usize) {
+/// What the subscribers of each topic believe: one that lists now and then
+/// (`Resync`), and one that never lists and knows only what diffs told it.
+#[derive(Default, Clone)]
+struct Views {
+    listing: View,
+    pure: View,
+}
+
+/// Applies drained diffs as phoenix.js does, in parts of at most two
+/// presences, as the NIF cuts large diffs: each part's joins, then its
+/// leaves.
+fn apply_diffs(reg: &mut Reg, views: &mut [Views], max_topics: usize) {
     for diff in reg.take_diffs(max_topics, usize::MAX) {
         let topic = TOPICS.iter().position(|t| *t == &*diff.topic).unwrap();
-        let joined: BTreeSet<Ref> = diff.joins().map(|p| p.phx_ref).collect();
-        for leave in diff.leaves() {
-            assert!(
-                !joined.contains(&leave.phx_ref),
-                "a ref both joins and leaves"
-            );
-        }
         for (joins, leaves) in diff.parts(
             PartLimits {
                 presences: 2,
@@ -97,20 +100,34 @@ fn apply_diffs(reg: &mut Reg, views: &mut [View], max_topics: usize) {
             },
             |_| 1,
         ) {
-            // As phoenix.js: a leave of a ref the view never had (one
-            // listed to another client) is ignored; a join of one it has
-            // (from its own listing) replaces it.
-            for leave in leaves {
-                if let Some(seen) = views[topic].remove(&leave.phx_ref) {
-                    assert_eq!(
-                        seen,
-                        (leave.key.to_vec(), leave.meta),
-                        "leave of another meta"
-                    );
-                }
-            }
+            let views = &mut views[topic];
             for join in joins {
-                views[topic].insert(join.phx_ref, (join.key.to_vec(), join.meta));
+                let joined = (join.key.to_vec(), join.meta);
+                // A join of a ref the listing view has (from its own
+                // listing) replaces it; a subscriber that never listed
+                // hears of each ref's join once.
+                views.listing.insert(join.phx_ref, joined.clone());
+                let before = views.pure.insert(join.phx_ref, joined);
+                assert_eq!(
+                    before, None,
+                    "a second join of {} for a subscriber",
+                    join.phx_ref
+                );
+            }
+            for leave in leaves {
+                let left = (leave.key.to_vec(), leave.meta);
+                // A leave of a ref the listing view never had (one listed
+                // to another client) is ignored, as phoenix.js ignores it.
+                if let Some(seen) = views.listing.remove(&leave.phx_ref) {
+                    assert_eq!(seen, left, "leave of another meta");
+                }
+                let seen = views.pure.remove(&leave.phx_ref);
+                assert_eq!(
+                    seen,
+                    Some(left),
+                    "a subscriber that never listed hears {} leave",
+                    leave.phx_ref
+                );
             }
         }
     }
@@ -123,7 +140,7 @@ proptest! {
     fn registry_agrees_with_the_model(ops in proptest::collection::vec(op(), 1..120)) {
         let mut reg = Reg::new(1000);
         let mut model = Model::new();
-        let mut views = vec![View::new(); TOPICS.len()];
+        let mut views = vec![Views::default(); TOPICS.len()];
 
         for op in ops {
             match op {
@@ -173,7 +190,7 @@ proptest! {
                 Op::Drain(max_topics) => apply_diffs(&mut reg, &mut views, max_topics),
                 Op::Resync(t) => {
                     reg.observe(TOPICS[t]);
-                    views[t] = listed(&reg, t);
+                    views[t].listing = listed(&reg, t);
                 }
             }
 
@@ -195,7 +212,8 @@ proptest! {
 
         apply_diffs(&mut reg, &mut views, usize::MAX);
         for (t, view) in views.iter().enumerate() {
-            prop_assert_eq!(view, &modelled(&model, t), "subscriber view of topic {}", t);
+            prop_assert_eq!(&view.listing, &modelled(&model, t), "listing view of topic {}", t);
+            prop_assert_eq!(&view.pure, &modelled(&model, t), "pure view of topic {}", t);
         }
         prop_assert_eq!(reg.pending_topics(), 0);
         prop_assert!(reg.take_diffs(usize::MAX, usize::MAX).is_empty());

@@ -1,8 +1,12 @@
 defmodule Drab.Presence.ModelProperTest do
   # PropEr (Debian's erlang-proper) drives random track, untrack, update and
   # process exits through the backend under test (Drab.PresenceCase.backend/0)
-  # and checks the table against a plain map: counts, list, get_by_key, and a
-  # subscriber view rebuilt from the diffs.
+  # and checks the table against a plain map: counts, list, get_by_key, and
+  # two subscriber views rebuilt from the diffs per topic. The model lists
+  # every topic after every step, as busy readers would: a subscriber that
+  # never lists must still hear each ref join once, before its leave; one
+  # that resyncs from list/1 now and then (as phoenix.js does from
+  # presence_state on a rejoin) must still converge.
   use ExUnit.Case, async: true
 
   @table Drab.PresenceCase.backend_module()
@@ -35,7 +39,8 @@ defmodule Drab.Presence.ModelProperTest do
         {2, :proper_types.tuple([:proper_types.exactly(:untrack), owner, topic, key])},
         {2, :proper_types.tuple([:proper_types.exactly(:update), owner, topic, key, meta])},
         {1, :proper_types.tuple([:proper_types.exactly(:exit), owner])},
-        {2, :proper_types.exactly(:drain)}
+        {2, :proper_types.exactly(:drain)},
+        {1, :proper_types.tuple([:proper_types.exactly(:resync), topic])}
       ])
 
     :proper_types.list(op)
@@ -44,11 +49,16 @@ defmodule Drab.Presence.ModelProperTest do
   defp run_ops(ops) do
     table = @table.new(max_meta_bytes: 1_024)
     owners = Map.new(@owners, &{&1, spawn_owner()})
-    state = %{table: table, owners: owners, model: %{}, views: Map.new(@topics, &{&1, %{}})}
+    views = Map.new(@topics, &{&1, %{pure: %{}, listing: %{}}})
+    state = %{table: table, owners: owners, model: %{}, views: views}
 
     try do
       state = Enum.reduce(ops, state, &step/2) |> drain()
-      Enum.all?(@topics, &(state.views[&1] == listed(state, &1)))
+
+      Enum.all?(@topics, fn topic ->
+        listed = listed(state, topic)
+        state.views[topic] == %{pure: listed, listing: listed}
+      end)
     after
       Enum.each(state.owners, fn {_, pid} -> Process.exit(pid, :kill) end)
       # A sidecar table is an OS process: end it with the run.
@@ -108,6 +118,9 @@ defmodule Drab.Presence.ModelProperTest do
 
   defp step(:drain, state), do: drain(state)
 
+  defp step({:resync, topic}, state),
+    do: put_in(state.views[topic].listing, listed(state, topic))
+
   # Takes the pending diffs and applies every part, as phoenix.js does:
   # joins, then leaves by phx_ref; each part is acknowledged once applied.
   defp drain(state) do
@@ -127,21 +140,25 @@ defmodule Drab.Presence.ModelProperTest do
   end
 
   defp apply_part(views, topic, joins, leaves) do
-    view = views[topic]
+    %{pure: pure, listing: listing} = views[topic]
+    joined = for {key, %{metas: metas}} <- joins, meta <- metas, do: {meta.phx_ref, {key, meta}}
+    left = for {_key, %{metas: metas}} <- leaves, meta <- metas, do: meta.phx_ref
 
-    left =
-      for {_key, %{metas: metas}} <- leaves, meta <- metas, into: MapSet.new(), do: meta.phx_ref
+    for {phx_ref, _} <- joined, Map.has_key?(pure, phx_ref) do
+      raise "a subscriber that never listed heard #{phx_ref} join twice"
+    end
 
-    joined =
-      for {key, %{metas: metas}} <- joins,
-          meta <- metas,
-          into: %{},
-          do: {meta.phx_ref, {key, meta}}
+    pure = Map.merge(pure, Map.new(joined))
 
-    # A leave may name a ref this view never saw: one listed (the model
-    # lists after every step) before its join went out. phoenix.js ignores
-    # it, and so does Map.drop/2.
-    Map.put(views, topic, view |> Map.drop(MapSet.to_list(left)) |> Map.merge(joined))
+    for phx_ref <- left, not Map.has_key?(pure, phx_ref) do
+      raise "a subscriber that never listed heard #{phx_ref} leave, never joined"
+    end
+
+    # A listing view may hear a leave of a ref it never had (listed to
+    # another client before its join went out); phoenix.js ignores it, as
+    # Map.drop/2 does.
+    listing = listing |> Map.merge(Map.new(joined)) |> Map.drop(left)
+    Map.put(views, topic, %{pure: Map.drop(pure, left), listing: listing})
   end
 
   defp check!(state) do

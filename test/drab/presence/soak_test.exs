@@ -16,6 +16,17 @@ defmodule Drab.Presence.SoakTest do
     IO.puts("\n" <> Soak.summary(result))
   end
 
+  test "listing while others churn: a subscriber that never lists hears each join before its leave" do
+    # With no redelivery (no dispatcher killed) and no resync, every
+    # subscriber is pure: whatever the listers saw, it must never hear a
+    # ref leave that it did not hear join, nor a ref join twice.
+    result = Soak.run(seconds: 3, chaos: [], listers: 2, diff_window: 50)
+    IO.puts("\n" <> Soak.summary(result))
+    assert result.lists > 100
+    assert result.resyncs == 0
+    assert {result.unknown_leaves, result.duplicate_joins} == {0, 0}
+  end
+
   test "killing the dispatcher as it delivers loses no diff" do
     # Two kills, each right as a diff arrives: under the supervisor's
     # default restart intensity, so no subscriber has to resync.
