@@ -36,6 +36,9 @@ defmodule Drab.Presence.Backend do
               {part_id(), topic(), joins :: grouped(), leaves :: grouped()} | :none
   @callback ack_part(handle(), part_id()) :: :ok
   @callback stats(handle()) :: %{atom() => non_neg_integer()}
+  # Returns once every write made before the call is in the table, and has
+  # told the dispatcher of any diff it made pending (fetchers_pids/0).
+  @callback sync_writes(handle()) :: :ok
 
   # Cluster mode (Drab.Presence.Cluster): this node's changes out as deltas,
   # other nodes' in as replicas, numbered by the receiving node.

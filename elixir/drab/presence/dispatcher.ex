@@ -59,12 +59,16 @@ defmodule Drab.Presence.Dispatcher do
 
       dispatcher ->
         metas = Metas.name(module)
+        %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
 
         [
           spawn(fn ->
             # A dispatcher or callback process that goes away has no more
             # work to wait for.
             try do
+              # Writes made before the call, which a sidecar applies after
+              # they return, have then woken the dispatcher if need be.
+              :ok = backend.sync_writes(table)
               GenServer.call(dispatcher, :await_idle, @fetcher_patience_ms)
               if Process.whereis(metas), do: Metas.sync(metas, @fetcher_patience_ms)
             catch

@@ -76,6 +76,10 @@ defmodule Drab.Presence.Backend.NIF do
   @impl true
   defdelegate stats(table), to: Native, as: :table_stats
 
+  # Writes are in the table, and have sent their wake-ups, when they return.
+  @impl true
+  def sync_writes(_table), do: :ok
+
   @impl true
   defdelegate set_replicator(table, pid), to: Native, as: :replication_set_replicator
 

@@ -233,6 +233,15 @@ defmodule Drab.Presence.Backend.Sidecar do
     :ok
   end
 
+  # Writes go unanswered, but the sidecar runs requests in the order they
+  # were written, and sends a write's wake before the reply to any later
+  # request: an O(1) request answered means the earlier writes are in.
+  @impl true
+  def sync_writes(handle) do
+    {0, _counts} = call(handle, :counts, Wire.str(""))
+    :ok
+  end
+
   @impl true
   def stats(handle) do
     {0,
