@@ -35,7 +35,7 @@ impl<T> Default for CowChunks<T> {
     }
 }
 
-impl<T: Clone> CowChunks<T> {
+impl<T> CowChunks<T> {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -44,6 +44,19 @@ impl<T: Clone> CowChunks<T> {
         self.len == 0
     }
 
+    pub fn get(&self, index: usize) -> Option<&T> {
+        if index >= self.len {
+            return None;
+        }
+        self.chunks[index / CHUNK_LEN].get(index % CHUNK_LEN)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flat_map(|chunk| chunk.iter())
+    }
+}
+
+impl<T: Clone> CowChunks<T> {
     /// Appends `value` and returns its index.
     pub fn push(&mut self, value: T) -> usize {
         let needs_chunk = self.chunks.last().is_none_or(|c| c.len() == CHUNK_LEN);
@@ -57,13 +70,6 @@ impl<T: Clone> CowChunks<T> {
         Arc::make_mut(last).push(value);
         self.len += 1;
         self.len - 1
-    }
-
-    pub fn get(&self, index: usize) -> Option<&T> {
-        if index >= self.len {
-            return None;
-        }
-        self.chunks[index / CHUNK_LEN].get(index % CHUNK_LEN)
     }
 
     pub fn get_mut(&mut self, index: usize) -> Option<&mut T> {
@@ -105,13 +111,22 @@ impl<T: Clone> CowChunks<T> {
             len: self.len,
         }
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.chunks.iter().flat_map(|chunk| chunk.iter())
-    }
 }
 
 impl<T> Snapshot<T> {
+    /// A snapshot of values copied out, for collections too small to share
+    /// chunks.
+    pub fn owned(values: Vec<T>) -> Self {
+        Snapshot {
+            len: values.len(),
+            chunks: if values.is_empty() {
+                Vec::new()
+            } else {
+                Vec::from([Arc::new(values)])
+            },
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -21,7 +21,7 @@
 
 use crate::diff::TopicDiff;
 use crate::etf;
-use crate::registry::{Bytes, Presence, Ref};
+use crate::presence::{Bytes, Presence, Ref};
 use crate::replica::RemoteJoin;
 use crate::Snapshot;
 
@@ -97,7 +97,7 @@ impl DeltaWriter {
         self.out.push(JOIN);
         self.out
             .extend_from_slice(&presence.shown_ref().to_be_bytes());
-        match presence.prev_ref {
+        match presence.prev_ref() {
             None => self.out.push(0),
             Some(prev) => {
                 self.out.push(1);
@@ -336,9 +336,8 @@ pub fn validate(delta: &[u8]) -> Result<usize, DeltaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::owner::Holder;
+    use crate::Holder;
     use proptest::prelude::*;
-    use std::sync::Arc;
 
     /// `term_to_binary(%{a: 1})`
     const META: &[u8] = &[131, 116, 0, 0, 0, 1, 100, 0, 1, 97, 97, 1];
@@ -346,10 +345,10 @@ mod tests {
     fn presence(key: &str, phx_ref: Ref, prev_ref: Option<Ref>) -> Presence<u32, Vec<u8>> {
         Presence {
             owner: Holder::Local(1),
-            key: Arc::from(key.as_bytes()),
+            key: Bytes::from(key),
             meta: META.to_vec(),
             phx_ref,
-            prev_ref,
+            prev_ref: crate::prev_ref(prev_ref),
             seq: 0,
         }
     }

@@ -1,11 +1,221 @@
-//! A topic's pending diff, and how a large one is cut into parts.
+//! What a topic's subscribers have not been told yet: recorded as changes
+//! happen ([`PendingDiff`]), taken as a [`TopicDiff`], and cut into parts.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 
 use crate::cow_chunks::Snapshot;
 use crate::delta::DeltaWriter;
-use crate::registry::{Bytes, Presence};
-use crate::topic::Op;
+use crate::presence::{Bytes, Holder, Presence};
+
+/// One operation's changes to a topic, kept whole for `diff_window: 0`:
+/// sent as one diff of its own, in the order operations happened.
+#[derive(Debug)]
+pub struct Op<O, M> {
+    /// Leaves recorded under the same group (an exit's, a dropped
+    /// replica's) and nothing between them go out as one op.
+    pub(crate) group: u64,
+    pub joins: Vec<Presence<O, M>>,
+    pub leaves: Vec<Presence<O, M>>,
+}
+
+/// Presences joining, or leaving.
+type Changes<O, M> = Vec<Presence<O, M>>;
+
+/// A pending leave of another node's presence.
+#[derive(Debug)]
+struct ReplicaLeave<O, M> {
+    presence: Presence<O, M>,
+    /// Only a listing showed it: its join goes with its leave.
+    join_unsent: bool,
+}
+
+/// A topic's changes since its last diff. It exists only while the topic
+/// has some: a topic nobody changes carries no diff state at all.
+#[derive(Debug)]
+pub(crate) struct PendingDiff<O, M> {
+    /// Presences with a seq at or after this one joined (or changed) since
+    /// the last diff: their join is pending. A leave of one of them cancels
+    /// that join instead of being recorded.
+    pub(crate) joins_from_seq: u64,
+    /// Presences with a seq before this one may have been seen in a list or
+    /// `get_by_key` while their join was still pending: a client that
+    /// synced from that list must hear of their leave, so it is recorded
+    /// instead of cancelling the join.
+    pub(crate) observed_before_seq: u64,
+    /// Some presence joined while coalescing: taking the diff must look for
+    /// joins among the topic's presences. Without it (leaves only, or
+    /// single operations) taking a diff never walks the topic.
+    pub(crate) coalesced_joins: bool,
+    /// Leaves of presences whose join subscribers have seen, or may have:
+    /// a listing showed it (see `gone_joins`).
+    leaves: Vec<Presence<O, M>>,
+    /// Joins of presences that a listing showed while their join was
+    /// pending, and that left before the diff: a subscriber that did not
+    /// list must hear the join before the leave, in the same diff, rather
+    /// than the leave of a ref it never had.
+    gone_joins: Vec<Presence<O, M>>,
+    /// Leaves of other nodes' presences, by holder, kept apart from the
+    /// others: such a presence keeps its node's ref, so one dropped in a
+    /// netsplit and synced back within one window would leave and join
+    /// under one ref in one diff, which phoenix.js applies joins first:
+    /// gone. Its return withdraws the leave instead (`withdraw_leave`).
+    replica_leaves: HashMap<Holder<O>, ReplicaLeave<O, M>>,
+    /// Single operations not yet taken (`diff_window: 0`), oldest first;
+    /// they go out before the coalesced joins and leaves.
+    pub(crate) ops: Vec<Op<O, M>>,
+}
+
+impl<O, M> PendingDiff<O, M>
+where
+    O: Copy + Eq + Hash,
+    M: Clone,
+{
+    /// A diff opened by a change whose seq will be `next_seq` or later:
+    /// every presence already on the topic was told of in an earlier diff.
+    pub(crate) fn new(next_seq: u64) -> Self {
+        Self {
+            joins_from_seq: next_seq,
+            observed_before_seq: 0,
+            coalesced_joins: false,
+            leaves: Vec::new(),
+            gone_joins: Vec::new(),
+            replica_leaves: HashMap::new(),
+            ops: Vec::new(),
+        }
+    }
+
+    /// What taking it costs, for a topic of `topic_len` presences: its
+    /// joins are found among them, and its leaves are moved.
+    pub(crate) fn work(&self, topic_len: usize) -> usize {
+        let joins = if self.coalesced_joins { topic_len } else { 0 };
+        let ops: usize = self
+            .ops
+            .iter()
+            .map(|op| op.joins.len() + op.leaves.len())
+            .sum();
+        joins + self.gone_joins.len() + self.leaves.len() + self.replica_leaves.len() + ops
+    }
+
+    /// A leave cancels a join that nobody can have seen yet, neither in a
+    /// diff nor in a listing. Any other is recorded for the next diff; when
+    /// only a listing showed the presence, with its join: every subscriber
+    /// then hears of a ref's join before its leave, listed or not.
+    pub(crate) fn record_leave(&mut self, presence: Presence<O, M>) {
+        let join_unsent = presence.seq >= self.joins_from_seq;
+        if join_unsent && presence.seq >= self.observed_before_seq {
+            return;
+        }
+        match presence.owner {
+            Holder::Replica(..) => {
+                let leave = ReplicaLeave {
+                    presence,
+                    join_unsent,
+                };
+                self.replica_leaves.insert(leave.presence.owner, leave);
+            }
+            Holder::Local(_) => {
+                if join_unsent {
+                    self.gone_joins.push(presence.clone());
+                }
+                self.leaves.push(presence);
+            }
+        }
+    }
+
+    /// Withdraws the pending leave of `holder`'s presence, which comes back
+    /// as it left (see `replica_leaves`), and returns the seq it had: it
+    /// stands where it stood for subscribers, its join sent or not.
+    pub(crate) fn withdraw_leave(&mut self, holder: &Holder<O>, key: &[u8], meta: &M) -> Option<u64>
+    where
+        M: PartialEq,
+    {
+        let left = &self.replica_leaves.get(holder)?.presence;
+        if *left.key != *key || left.meta != *meta {
+            return None;
+        }
+        let left = self.replica_leaves.remove(holder).expect("found above");
+        Some(left.presence.seq)
+    }
+
+    /// Adds an operation's changes, after every earlier one. A group other
+    /// than 0 continues the last op if that op is of the same group.
+    pub(crate) fn push_op(
+        &mut self,
+        group: u64,
+        joins: Vec<Presence<O, M>>,
+        leaves: Vec<Presence<O, M>>,
+    ) {
+        match self.ops.last_mut() {
+            Some(last) if group != 0 && last.group == group => {
+                last.joins.extend(joins);
+                last.leaves.extend(leaves);
+            }
+            _ => self.ops.push(Op {
+                group,
+                joins,
+                leaves,
+            }),
+        }
+    }
+
+    /// Turns what coalescing gathered so far into one op, before the
+    /// single operations to come: O(presences), once, when `diff_window: 0`
+    /// is switched on with a diff pending. `presences` are the topic's, and
+    /// `next_seq` the seq the next change will have.
+    pub(crate) fn seal<'p>(
+        &mut self,
+        presences: impl Iterator<Item = &'p Presence<O, M>>,
+        next_seq: u64,
+    ) where
+        O: 'p,
+        M: 'p,
+    {
+        let (mut joins, leaves) = self.take_gone_joins_and_leaves();
+        if self.coalesced_joins {
+            let from = self.joins_from_seq;
+            joins.extend(presences.filter(|p| p.seq >= from).cloned());
+        }
+        // After any ops of an earlier spell of single operations: those
+        // happened before what coalescing gathered since.
+        if !joins.is_empty() || !leaves.is_empty() {
+            self.push_op(0, joins, leaves);
+        }
+        self.coalesced_joins = false;
+        self.joins_from_seq = next_seq;
+    }
+
+    fn take_gone_joins_and_leaves(&mut self) -> (Changes<O, M>, Changes<O, M>) {
+        let mut gone_joins = std::mem::take(&mut self.gone_joins);
+        let mut leaves = std::mem::take(&mut self.leaves);
+        for (_, left) in self.replica_leaves.drain() {
+            if left.join_unsent {
+                gone_joins.push(left.presence.clone());
+            }
+            leaves.push(left.presence);
+        }
+        (gone_joins, leaves)
+    }
+
+    /// The diff to send: what was recorded, and `entries`, a snapshot of
+    /// the topic's presences among which its coalesced joins are (taken
+    /// only when there are some).
+    pub(crate) fn into_diff(
+        mut self,
+        topic: Bytes,
+        entries: Option<Snapshot<Presence<O, M>>>,
+    ) -> TopicDiff<O, M> {
+        let (gone_joins, leaves) = self.take_gone_joins_and_leaves();
+        TopicDiff {
+            topic,
+            ops: self.ops,
+            gone_joins,
+            leaves,
+            entries,
+            joins_from_seq: self.joins_from_seq,
+        }
+    }
+}
 
 /// What one topic's subscribers have not been told yet.
 ///

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use crate::key::listed_key;
 use crate::phx_ref::encode_ref;
-use crate::registry::Presence;
+use crate::presence::Presence;
 
 const VERSION: u8 = 131;
 const MAP_EXT: u8 = 116;
@@ -136,7 +136,7 @@ fn write_meta<O, M: AsRef<[u8]>>(
     out.extend_from_slice(&meta[6..]);
     write_atom(out, "phx_ref");
     write_binary(out, &encode_ref(presence.shown_ref()));
-    if let Some(prev) = presence.prev_ref {
+    if let Some(prev) = presence.prev_ref() {
         write_atom(out, "phx_ref_prev");
         write_binary(out, &encode_ref(prev));
     }
@@ -163,7 +163,6 @@ fn write_atom(out: &mut Vec<u8>, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     /// `term_to_binary(%{a: 1})`
     const META_A1: &[u8] = &[131, 116, 0, 0, 0, 1, 100, 0, 1, 97, 97, 1];
@@ -171,10 +170,10 @@ mod tests {
     fn presence(owner: u32, key: &str, prev_ref: Option<u64>) -> Presence<u32, Vec<u8>> {
         Presence {
             owner: crate::Holder::Local(owner),
-            key: Arc::from(key.as_bytes()),
+            key: crate::Bytes::from(key),
             meta: META_A1.to_vec(),
             phx_ref: 1,
-            prev_ref,
+            prev_ref: crate::prev_ref(prev_ref),
             seq: 0,
         }
     }
@@ -182,7 +181,7 @@ mod tests {
     #[test]
     fn splices_the_meta_and_adds_refs() {
         let mut out = Vec::new();
-        write_grouped(&mut out, [presence(1, "k", Some(0))].iter()).unwrap();
+        write_grouped(&mut out, [presence(1, "k", Some(5))].iter()).unwrap();
         let mut expected = vec![131, 116, 0, 0, 0, 1, 109, 0, 0, 0, 1, b'k', 116, 0, 0, 0, 1];
         expected.extend_from_slice(&[119, 5]);
         expected.extend_from_slice(b"metas");
@@ -194,7 +193,7 @@ mod tests {
         expected.extend_from_slice(&[119, 12]);
         expected.extend_from_slice(b"phx_ref_prev");
         expected.extend_from_slice(&[109, 0, 0, 0, 11]);
-        expected.extend_from_slice(&encode_ref(0));
+        expected.extend_from_slice(&encode_ref(5));
         expected.push(106);
         assert_eq!(out, expected);
     }

@@ -10,6 +10,7 @@
 //! them with pids, encoded terms and monitors; tests use integers. [`etf`]
 //! writes listings in Erlang's external term format from stored meta bytes.
 
+mod bytes;
 mod cow_chunks;
 pub mod delta;
 mod diff;
@@ -20,17 +21,20 @@ pub mod key;
 pub mod outbox;
 mod owner;
 mod phx_ref;
+mod presence;
 mod ref_hash;
 mod registry;
 mod replica;
 mod sharded_map;
 mod topic;
+mod topics;
 
+pub use bytes::Bytes;
 pub use cow_chunks::{CowChunks, Snapshot, CHUNK_LEN};
-pub use diff::{Part, PartLimits, TopicDiff};
+pub use diff::{Op, Part, PartLimits, TopicDiff};
 pub use error::CoreError;
-pub use owner::{Departure, Holder, ReplicaId};
+pub use owner::Departure;
 pub use phx_ref::{encode_ref, RefGen};
-pub use registry::{Bytes, Change, Counts, Presence, Ref, Registry, Removed, Update};
+pub use presence::{prev_ref, Change, Counts, Holder, Presence, Ref, Removed, ReplicaId, Update};
+pub use registry::Registry;
 pub use replica::RemoteJoin;
-pub use topic::Op;

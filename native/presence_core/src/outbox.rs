@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 
 use crate::diff::{cut, PartLimits, TopicDiff};
-use crate::registry::{Bytes, Presence};
+use crate::presence::{Bytes, Presence};
 
 /// What one `presence_diff` carries at most. Sending a message copies it
 /// into every receiver on the sender's scheduler, and a part this size is
@@ -122,13 +122,12 @@ impl<O: Clone, M: Clone + AsRef<[u8]>> Outbox<O, M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::owner::Holder;
-    use std::sync::Arc;
+    use crate::Holder;
 
     fn leave(key: &str, phx_ref: u64) -> Presence<u32, Vec<u8>> {
         Presence {
             owner: Holder::Local(1),
-            key: Arc::from(key.as_bytes()),
+            key: Bytes::from(key),
             meta: vec![0; 100],
             phx_ref,
             prev_ref: None,
@@ -139,7 +138,7 @@ mod tests {
     #[test]
     fn parts_go_in_order_and_leave_only_when_the_oldest_is_acknowledged() {
         let mut outbox = Outbox::new(10);
-        let topic: Bytes = Arc::from(&b"t"[..]);
+        let topic = Bytes::from("t");
         let leaves: Vec<_> = (0..1_200).map(|i| leave(&format!("k{i}"), i)).collect();
         outbox.push_leaves(&topic, &leaves);
         assert_eq!(outbox.len(), 3, "500 presences a part at most");

@@ -4,42 +4,31 @@
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
+use crate::presence::Ref;
 use crate::ref_hash::RefHasher;
-use crate::registry::{Bytes, Ref};
 use crate::replica::RemoteHandle;
+use crate::topic::TopicId;
 
-/// A node's replica of another node's presences, as numbered by the node
-/// holding the copy.
-pub type ReplicaId = u32;
-
-/// What holds a presence: a process of this node, or another node, whose
-/// copy of it arrived by replication. A replica is an owner like any
-/// other, except that its presences are addressed by the ref they have on
-/// their own node, and that it goes away as a whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Holder<O> {
-    Local(O),
-    /// The replica, and the presence's ref on its own node: that ref, not
-    /// ours, is the `phx_ref` clients see, so that it is the same on every
-    /// node.
-    Replica(ReplicaId, Ref),
-}
-
-/// Where one presence of an owner lives. Its key is the entry's: keeping it
-/// here too would cost 16 bytes a presence.
-#[derive(Debug, Clone)]
+/// Where one presence of an owner lives: 16 bytes. Its key is the
+/// presence's: keeping it here too would cost 24 more.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Handle {
-    pub(crate) topic: Bytes,
+    pub(crate) topic: TopicId,
     pub(crate) phx_ref: Ref,
 }
 
 /// An owner's handles, by ref. Most owners (channel processes) are present
 /// on one topic, so that case lives inline; an owner with many presences
 /// finds, changes and drops any of them in O(1).
+///
+/// 16 bytes: the one handle's fields are the variant's own (not a
+/// `Handle` inside it), so that the tag fits beside the topic id, and the
+/// map is boxed (inline, it would make every owner 40 bytes larger).
 #[derive(Debug)]
+#[allow(clippy::box_collection)]
 enum Handles {
-    One(Handle),
-    Many(HashMap<Ref, Bytes, BuildHasherDefault<RefHasher>>),
+    One { topic: TopicId, phx_ref: Ref },
+    Many(Box<HashMap<Ref, TopicId, BuildHasherDefault<RefHasher>>>),
 }
 
 #[derive(Debug)]
@@ -52,13 +41,16 @@ impl<W> Owner<W> {
     pub(crate) fn new(watch: W, first: Handle) -> Self {
         Self {
             watch,
-            handles: Handles::One(first),
+            handles: Handles::One {
+                topic: first.topic,
+                phx_ref: first.phx_ref,
+            },
         }
     }
 
     pub(crate) fn len(&self) -> usize {
         match &self.handles {
-            Handles::One(_) => 1,
+            Handles::One { .. } => 1,
             Handles::Many(by_ref) => by_ref.len(),
         }
     }
@@ -68,11 +60,11 @@ impl<W> Owner<W> {
             Handles::Many(by_ref) => {
                 by_ref.insert(handle.phx_ref, handle.topic);
             }
-            Handles::One(first) => {
+            Handles::One { topic, phx_ref } => {
                 let mut by_ref = HashMap::default();
-                by_ref.insert(first.phx_ref, first.topic.clone());
+                by_ref.insert(*phx_ref, *topic);
                 by_ref.insert(handle.phx_ref, handle.topic);
-                self.handles = Handles::Many(by_ref);
+                self.handles = Handles::Many(Box::new(by_ref));
             }
         }
     }
@@ -80,13 +72,12 @@ impl<W> Owner<W> {
     /// Drops the handle of `phx_ref`; returns true when it was the last.
     pub(crate) fn remove(&mut self, phx_ref: Ref) -> bool {
         match &mut self.handles {
-            Handles::One(only) => only.phx_ref == phx_ref,
+            Handles::One { phx_ref: only, .. } => *only == phx_ref,
             Handles::Many(by_ref) => {
                 by_ref.remove(&phx_ref);
                 if by_ref.len() == 1 {
-                    let (&phx_ref, topic) = by_ref.iter().next().expect("one left");
-                    let topic = topic.clone();
-                    self.handles = Handles::One(Handle { topic, phx_ref });
+                    let (&phx_ref, &topic) = by_ref.iter().next().expect("one left");
+                    self.handles = Handles::One { topic, phx_ref };
                 }
                 false
             }
@@ -96,7 +87,7 @@ impl<W> Owner<W> {
     /// Follows a presence to its new ref after an update.
     pub(crate) fn rename(&mut self, old: Ref, new: Ref) {
         match &mut self.handles {
-            Handles::One(only) => only.phx_ref = new,
+            Handles::One { phx_ref, .. } => *phx_ref = new,
             Handles::Many(by_ref) => {
                 if let Some(topic) = by_ref.remove(&old) {
                     by_ref.insert(new, topic);
@@ -110,8 +101,8 @@ impl<W> Owner<W> {
     pub(crate) fn depart(self) -> (W, Departure) {
         let remaining = self.len();
         let handles = match self.handles {
-            Handles::One(only) => Departing::One(Some(only)),
-            Handles::Many(by_ref) => Departing::Many(by_ref.into_iter()),
+            Handles::One { topic, phx_ref } => Departing::One(Some(Handle { topic, phx_ref })),
+            Handles::Many(by_ref) => Departing::Many((*by_ref).into_iter()),
         };
         (
             self.watch,
@@ -142,7 +133,7 @@ pub struct Departure {
 #[derive(Debug)]
 enum Departing {
     One(Option<Handle>),
-    Many(std::collections::hash_map::IntoIter<Ref, Bytes>),
+    Many(std::collections::hash_map::IntoIter<Ref, TopicId>),
     Handles(std::vec::IntoIter<Handle>),
     Replica(std::collections::hash_map::IntoIter<Ref, RemoteHandle>),
 }

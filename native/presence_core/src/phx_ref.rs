@@ -28,9 +28,15 @@ impl RefGen {
     /// A ref and its place in the order of changes: the next of ours, or
     /// `given` (made elsewhere) at the next place.
     pub fn next(&mut self, given: Option<Ref>) -> (Ref, u64) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        (given.unwrap_or(self.seed.wrapping_add(seq)), seq)
+        loop {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            // Never 0, which a previous ref cannot hold (see `Ref`).
+            match given.unwrap_or(self.seed.wrapping_add(seq)) {
+                0 => continue,
+                phx_ref => return (phx_ref, seq),
+            }
+        }
     }
 
     /// The seq the next ref will have: every ref handed out so far is below.

@@ -4,7 +4,7 @@
 //! there is no flooding to defend against and SipHash's cost buys nothing.
 //! A multiply-and-rotate (as rustc's FxHash) spreads sequential refs well.
 
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
 #[derive(Default, Clone, Copy)]
 pub struct RefHasher(u64);
@@ -26,5 +26,10 @@ impl Hasher for RefHasher {
     }
 }
 
-pub type ShardedRefMap<V> =
-    crate::sharded_map::ShardedMap<crate::Ref, V, BuildHasherDefault<RefHasher>>;
+/// A ref's hash, as [`RefHasher`] makes it: for tables that hash their
+/// entries themselves.
+pub(crate) fn hash_ref(phx_ref: crate::Ref) -> u64 {
+    let mut hasher = RefHasher::default();
+    hasher.write_u64(phx_ref);
+    hasher.finish()
+}

@@ -1,96 +1,19 @@
+//! The presence table: topics, owners and replicas, and the order of
+//! changes that diffs are cut from.
+
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::Arc;
 
 use crate::cow_chunks::Snapshot;
-use crate::diff::TopicDiff;
+use crate::diff::{PendingDiff, TopicDiff};
 use crate::error::CoreError;
-use crate::owner::{Departure, Handle, Holder, Owner, ReplicaId};
+use crate::owner::{Departure, Handle, Owner};
 use crate::phx_ref::RefGen;
+use crate::presence::{Change, Counts, Holder, Presence, Ref, Removed, ReplicaId, Update};
 use crate::replica::ReplicaSet;
 use crate::sharded_map::ShardedMap;
-use crate::topic::{TakenLeaves, Topic};
-
-/// A presence ref (rendered as `phx_ref` by [`crate::encode_ref`]).
-pub type Ref = u64;
-
-/// Topics and keys are byte strings: Erlang binaries need not be UTF-8.
-pub type Bytes = Arc<[u8]>;
-
-/// One tracked presence: an owner under a key on a topic, with its meta.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Presence<O, M> {
-    pub owner: Holder<O>,
-    pub key: Bytes,
-    pub meta: M,
-    pub phx_ref: Ref,
-    /// The ref this presence had before its last update, as `phx_ref_prev`.
-    pub prev_ref: Option<Ref>,
-    /// Where its last join or update stands in the registry's order of
-    /// changes: what coalescing compares, kept apart from the ref because a
-    /// ref may be made outside the registry (see [`Registry::track_as`]).
-    pub seq: u64,
-}
-
-impl<O, M> Presence<O, M> {
-    /// The `phx_ref` clients see: a replicated presence keeps the ref it
-    /// has on its own node, so that every node shows the same one.
-    pub fn shown_ref(&self) -> Ref {
-        match self.owner {
-            Holder::Local(_) => self.phx_ref,
-            Holder::Replica(_, origin_ref) => origin_ref,
-        }
-    }
-
-    /// Whether a process of this node holds it (it is not a replica's).
-    pub fn is_local(&self) -> bool {
-        matches!(self.owner, Holder::Local(_))
-    }
-}
-
-/// The result of a write that changed the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Change {
-    pub phx_ref: Ref,
-    /// The first pending diff appeared: the dispatcher must be told.
-    pub wake: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Update {
-    Changed(Change),
-    /// The new meta equals the old one: nothing changed, nothing to send.
-    Unchanged(Ref),
-}
-
-/// What an untrack, or an owner's exit, removed.
-#[derive(Debug)]
-pub struct Removed<W> {
-    pub removed: usize,
-    pub wake: bool,
-    /// The owner's watch handle, returned once its last presence is gone so
-    /// the caller can release it (demonitor).
-    pub released_watch: Option<W>,
-}
-
-impl<W> Removed<W> {
-    /// Nothing was removed.
-    pub fn nothing() -> Self {
-        Self {
-            removed: 0,
-            wake: false,
-            released_watch: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Counts {
-    /// Distinct keys (Drab: users, or browsers).
-    pub users: usize,
-    /// Presences (Drab: connections).
-    pub connections: usize,
-}
+use crate::topic::{Topic, TopicId};
+use crate::topics::Topics;
 
 /// Capacity the dirty queue keeps however empty it gets.
 const MIN_KEPT_DIRTY: usize = 64;
@@ -106,18 +29,18 @@ const MIN_KEPT_DIRTY: usize = 64;
 /// or the number of presences its owner has.
 #[derive(Debug)]
 pub struct Registry<O, M, W> {
-    pub(crate) topics: ShardedMap<Bytes, Topic<O, M>>,
+    pub(crate) topics: Topics<O, M>,
     owners: ShardedMap<O, Owner<W>>,
     /// Other nodes' presences, by replica (see `replica.rs`).
     pub(crate) replicas: HashMap<ReplicaId, ReplicaSet>,
     /// Topics with a pending diff, in the order they first changed.
-    dirty: VecDeque<Bytes>,
+    dirty: VecDeque<TopicId>,
     pub(crate) refs: RefGen,
     pub(crate) presences: usize,
     /// `diff_window: 0`: every operation is recorded as a diff of its own
     /// instead of being coalesced (see [`Registry::set_exact`]).
     pub(crate) exact: bool,
-    /// The last group handed to a departure (see [`crate::topic::Op`]).
+    /// The last group handed to a departure (see [`crate::diff::Op`]).
     last_group: u64,
 }
 
@@ -129,7 +52,7 @@ where
     /// `ref_seed` should be random, so refs from different registries differ.
     pub fn new(ref_seed: u64) -> Self {
         Self {
-            topics: ShardedMap::default(),
+            topics: Topics::default(),
             owners: ShardedMap::default(),
             replicas: HashMap::new(),
             dirty: VecDeque::new(),
@@ -148,9 +71,10 @@ where
     /// topics), once.
     pub fn set_exact(&mut self, exact: bool) {
         if exact && !self.exact {
-            for name in &self.dirty {
-                if let Some(topic) = self.topics.get_mut(&**name) {
-                    topic.seal(&self.refs);
+            let next_seq = self.refs.next_seq();
+            for &id in &self.dirty {
+                if let Some(topic) = self.topics.get_mut(id) {
+                    topic.seal(next_seq);
                 }
             }
         }
@@ -199,11 +123,13 @@ where
             None => Some(watch().ok_or(CoreError::OwnerGone)?),
         };
 
-        let topic_name = self.intern_topic(topic);
+        let id = self.topics.intern(topic);
+        let wake = self.begin_change(id);
         let (phx_ref, seq) = self.refs.next(phx_ref);
-        let entry = self.topics.get_mut(&topic_name).expect("interned above");
-        let key = entry.interned_key(key);
-        let index = entry.insert(Presence {
+        let next_seq = self.refs.next_seq();
+        let entry = self.topics.get_mut(id).expect("interned above");
+        let key = entry.shared_key(key);
+        let position = entry.insert(Presence {
             owner: Holder::Local(owner),
             key,
             meta,
@@ -211,12 +137,9 @@ where
             prev_ref: None,
             seq,
         });
-        entry.record_join(&self.refs, index, self.exact);
+        entry.record_join(position, self.exact, next_seq);
         self.presences += 1;
-        let handle = Handle {
-            topic: topic_name.clone(),
-            phx_ref,
-        };
+        let handle = Handle { topic: id, phx_ref };
         match new_watch {
             Some(watch) => {
                 self.owners.insert(owner, Owner::new(watch, handle));
@@ -227,7 +150,6 @@ where
                 .expect("checked above")
                 .add(handle),
         }
-        let wake = self.mark_dirty(&topic_name);
         Ok(Change { phx_ref, wake })
     }
 
@@ -237,33 +159,36 @@ where
     /// leave cancel out; with single operations, both are sent, as
     /// Phoenix sends them.
     pub fn track_gone(&mut self, owner: O, topic: &[u8], key: &[u8], meta: M) -> Change {
-        let (phx_ref, seq) = self.refs.next(None);
         if !self.exact {
+            let (phx_ref, _) = self.refs.next(None);
             return Change {
                 phx_ref,
                 wake: false,
             };
         }
-        let topic_name = self.intern_topic(topic);
-        let entry = self.topics.get_mut(&topic_name).expect("interned above");
+        let id = self.topics.intern(topic);
+        let wake = self.begin_change(id);
+        let (phx_ref, seq) = self.refs.next(None);
+        let next_seq = self.refs.next_seq();
+        let entry = self.topics.get_mut(id).expect("interned above");
         let presence = Presence {
             owner: Holder::Local(owner),
-            key: entry.interned_key(key),
+            key: entry.shared_key(key),
             meta,
             phx_ref,
             prev_ref: None,
             seq,
         };
-        entry.push_op(0, Vec::from([presence.clone()]), Vec::new());
-        entry.push_op(0, Vec::new(), Vec::from([presence]));
-        entry.joins_from_seq = self.refs.next_seq();
-        let wake = self.mark_dirty(&topic_name);
+        let pending = entry.pending();
+        pending.push_op(0, Vec::from([presence.clone()]), Vec::new());
+        pending.push_op(0, Vec::new(), Vec::from([presence]));
+        pending.joins_from_seq = next_seq;
         Change { phx_ref, wake }
     }
 
     /// Removes the presence of `owner` under `key` on `topic`, if any.
     pub fn untrack(&mut self, owner: O, topic: &[u8], key: &[u8]) -> Removed<W> {
-        let Some((topic_name, phx_ref, _)) = self.find(&owner, topic, key) else {
+        let Some((id, phx_ref, _)) = self.find(&owner, topic, key) else {
             return Removed::nothing();
         };
         // A departed owner's presences are still listed until their chunk
@@ -276,7 +201,7 @@ where
         } else {
             None
         };
-        let wake = self.remove_presence(&topic_name, phx_ref);
+        let wake = self.remove_presence(id, phx_ref);
         Removed {
             removed: 1,
             wake,
@@ -303,9 +228,9 @@ where
             departure.group = self.last_group;
         }
         for handle in departure.take(max) {
-            if self.topic_has(&handle.topic, handle.phx_ref) {
+            if self.topic_has(handle.topic, handle.phx_ref) {
                 removed.wake |=
-                    self.remove_presence_in(&handle.topic, handle.phx_ref, departure.group);
+                    self.remove_presence_in(handle.topic, handle.phx_ref, departure.group);
                 removed.removed += 1;
             }
         }
@@ -326,9 +251,8 @@ where
     /// The presence of `owner` under `key` on `topic`, for read-modify-write
     /// updates.
     pub fn lookup(&self, owner: O, topic: &[u8], key: &[u8]) -> Option<&Presence<O, M>> {
-        let entry = self.topics.get(topic)?;
-        let (_, index) = entry.find(&Holder::Local(owner), key)?;
-        entry.get(index)
+        let entry = self.topics.named(topic)?;
+        entry.get(entry.find(&Holder::Local(owner), key)?)
     }
 
     /// What watches `owner`, while it has presences.
@@ -364,33 +288,39 @@ where
         expected_ref: Option<Ref>,
         new_ref: Option<Ref>,
     ) -> Result<Update, CoreError> {
-        let (topic_name, old_ref, index) =
-            self.find(&owner, topic, key).ok_or(CoreError::NotTracked)?;
-        let Some(owner_entry) = self.owners.get_mut(&owner) else {
+        let (id, old_ref, position) = self.find(&owner, topic, key).ok_or(CoreError::NotTracked)?;
+        if self.owners.get(&owner).is_none() {
             return Err(CoreError::NotTracked);
-        };
+        }
         if expected_ref.is_some_and(|expected| expected != old_ref) {
             return Err(CoreError::Stale);
         }
-        let entry = self.topics.get_mut(&topic_name).expect("found above");
-        if entry.get(index).expect("found above").meta == meta {
+        let entry = self.topics.get(id).expect("found above");
+        if entry.get(position).expect("found above").meta == meta {
             return Ok(Update::Unchanged(old_ref));
         }
 
+        let wake = self.begin_change(id);
         let (new_ref, seq) = self.refs.next(new_ref);
-        let before = entry.replace(index, meta, new_ref, seq);
-        owner_entry.rename(old_ref, new_ref);
+        let next_seq = self.refs.next_seq();
+        let entry = self.topics.get_mut(id).expect("found above");
+        let before = entry.replace(position, meta, new_ref, seq);
         if self.exact {
             // Phoenix's update: the old meta leaves, the new one joins, in
             // one diff.
-            let after = entry.get(index).expect("replaced above").clone();
-            entry.push_op(0, Vec::from([after]), Vec::from([before]));
-            entry.joins_from_seq = self.refs.next_seq();
+            let after = entry.get(position).expect("replaced above").clone();
+            let pending = entry.pending();
+            pending.push_op(0, Vec::from([after]), Vec::from([before]));
+            pending.joins_from_seq = next_seq;
         } else {
-            entry.record_leave(before);
-            entry.coalesced_joins = true;
+            let pending = entry.pending();
+            pending.record_leave(before);
+            pending.coalesced_joins = true;
         }
-        let wake = self.mark_dirty(&topic_name);
+        self.owners
+            .get_mut(&owner)
+            .expect("checked above")
+            .rename(old_ref, new_ref);
         Ok(Update::Changed(Change {
             phx_ref: new_ref,
             wake,
@@ -400,7 +330,7 @@ where
     /// Users and connections on `topic`, from counters: O(1).
     pub fn counts(&self, topic: &[u8]) -> Counts {
         self.topics
-            .get(topic)
+            .named(topic)
             .map_or(Counts::default(), |t| Counts {
                 users: t.users(),
                 connections: t.len(),
@@ -411,7 +341,7 @@ where
     /// O(entries / CHUNK_LEN); walking it needs no lock on the registry.
     pub fn snapshot(&self, topic: &[u8]) -> Option<Snapshot<Presence<O, M>>> {
         self.topics
-            .get(topic)
+            .named(topic)
             .filter(|t| !t.is_empty())
             .map(|t| t.snapshot())
     }
@@ -422,20 +352,24 @@ where
     /// with the snapshot or lookup, under the same lock. O(1).
     pub fn observe(&mut self, topic: &[u8]) {
         let next_seq = self.refs.next_seq();
-        if let Some(entry) = self.topics.get_mut(topic) {
-            entry.observed_before_seq = next_seq;
+        if let Some(pending) = self
+            .topics
+            .named_mut(topic)
+            .and_then(|t| t.pending.as_mut())
+        {
+            pending.observed_before_seq = next_seq;
         }
     }
 
     /// How many presences `key` has on `topic`: O(1).
     pub fn key_len(&self, topic: &[u8], key: &[u8]) -> usize {
-        self.topics.get(topic).map_or(0, |t| t.key_len(key))
+        self.topics.named(topic).map_or(0, |t| t.key_len(key))
     }
 
     /// The presences under `key` on `topic`: O(presences under the key).
     pub fn get_by_key(&self, topic: &[u8], key: &[u8]) -> Vec<Presence<O, M>> {
         self.topics
-            .get(topic)
+            .named(topic)
             .map_or_else(Vec::new, |t| t.by_key(key))
     }
 
@@ -444,7 +378,7 @@ where
     pub fn next_diff_work(&self) -> usize {
         self.dirty
             .front()
-            .and_then(|name| self.topics.get(&**name))
+            .and_then(|&id| self.topics.get(id))
             .map_or(0, Topic::diff_work)
     }
 
@@ -454,14 +388,13 @@ where
     /// leaves and snapshots the topic; finding the joins is left to the
     /// caller, off the lock.
     pub fn take_diffs(&mut self, max_topics: usize, max_work: usize) -> Vec<TopicDiff<O, M>> {
-        let next_seq = self.refs.next_seq();
         let mut diffs = Vec::new();
         let mut work = 0;
         while diffs.len() < max_topics {
-            let Some(topic_name) = self.dirty.front() else {
+            let Some(&id) = self.dirty.front() else {
                 break;
             };
-            let Some(topic) = self.topics.get_mut(&**topic_name) else {
+            let Some(topic) = self.topics.get_mut(id) else {
                 self.dirty.pop_front();
                 continue;
             };
@@ -469,23 +402,11 @@ where
             if work > max_work && !diffs.is_empty() {
                 break;
             }
-            let topic_name = self.dirty.pop_front().expect("front checked above");
-            let TakenLeaves { gone_joins, leaves } = topic.take_leaves();
-            let diff = TopicDiff {
-                topic: topic_name.clone(),
-                ops: std::mem::take(&mut topic.ops),
-                gone_joins,
-                leaves,
-                entries: (topic.coalesced_joins && !topic.is_empty()).then(|| topic.snapshot()),
-                joins_from_seq: topic.joins_from_seq,
-            };
-            topic.joins_from_seq = next_seq;
-            topic.coalesced_joins = false;
-            topic.dirty = false;
+            self.dirty.pop_front();
+            diffs.extend(topic.take_diff());
             if topic.is_empty() {
-                self.topics.remove(&topic_name);
+                self.topics.remove(id);
             }
-            diffs.push(diff);
         }
         // Give memory back after a peak of changed topics.
         let capacity = self.dirty.capacity();
@@ -522,69 +443,65 @@ where
     /// Topics with presences (topics emptied since the last diff are kept
     /// until it is taken).
     pub fn topic_count(&self) -> usize {
-        self.topics.iter().filter(|(_, t)| !t.is_empty()).count()
+        self.topics.iter().filter(|t| !t.is_empty()).count()
     }
 
-    /// `owner`'s presence under `key` on `topic`: the topic's interned
-    /// name, the presence's ref and its position.
-    fn find(&self, owner: &O, topic: &[u8], key: &[u8]) -> Option<(Bytes, Ref, usize)> {
-        let (name, entry) = self.topics.get_key_value(topic)?;
-        let (phx_ref, index) = entry.find(&Holder::Local(*owner), key)?;
-        Some((name.clone(), phx_ref, index))
+    /// `owner`'s presence under `key` on `topic`: the topic's id, the
+    /// presence's ref and its position.
+    fn find(&self, owner: &O, topic: &[u8], key: &[u8]) -> Option<(TopicId, Ref, usize)> {
+        let entry = self.topics.named(topic)?;
+        let position = entry.find(&Holder::Local(*owner), key)?;
+        Some((entry.id, entry.get(position)?.phx_ref, position))
     }
 
-    pub(crate) fn topic_has(&self, topic: &[u8], phx_ref: Ref) -> bool {
+    pub(crate) fn topic_has(&self, id: TopicId, phx_ref: Ref) -> bool {
         self.topics
-            .get(topic)
-            .is_some_and(|t| t.by_ref(phx_ref).is_some())
+            .get(id)
+            .is_some_and(|t| t.position_of(phx_ref).is_some())
     }
 
-    pub(crate) fn intern_topic(&mut self, topic: &[u8]) -> Bytes {
-        if let Some((name, _)) = self.topics.get_key_value(topic) {
-            return name.clone();
+    /// Opens topic `id`'s pending diff for a change about to be made (before
+    /// the change takes its seq), queueing the topic if this is its first
+    /// change since its last diff. Returns whether the dispatcher must be
+    /// woken: the topic is the first with a pending diff.
+    pub(crate) fn begin_change(&mut self, id: TopicId) -> bool {
+        let next_seq = self.refs.next_seq();
+        let topic = self.topics.get_mut(id).expect("changed topics exist");
+        if topic.pending.is_some() {
+            return false;
         }
-        let name = Bytes::from(topic);
-        self.topics
-            .insert(name.clone(), Topic::new(self.refs.next_seq()));
-        name
+        topic.pending = Some(Box::new(PendingDiff::new(next_seq)));
+        let wake = self.dirty.is_empty();
+        self.dirty.push_back(id);
+        wake
     }
 
-    /// Removes the presence `phx_ref` from `topic_name`, records the leave,
+    /// Removes the presence `phx_ref` from topic `id`, records the leave,
     /// and returns whether the dispatcher must be woken.
-    pub(crate) fn remove_presence(&mut self, topic_name: &Bytes, phx_ref: Ref) -> bool {
-        self.remove_presence_in(topic_name, phx_ref, 0)
+    pub(crate) fn remove_presence(&mut self, id: TopicId, phx_ref: Ref) -> bool {
+        self.remove_presence_in(id, phx_ref, 0)
     }
 
     /// [`Registry::remove_presence`], the leave recorded as part of the
     /// operation `group` (0: an operation of its own).
-    fn remove_presence_in(&mut self, topic_name: &Bytes, phx_ref: Ref, group: u64) -> bool {
+    fn remove_presence_in(&mut self, id: TopicId, phx_ref: Ref, group: u64) -> bool {
+        let wake = self.begin_change(id);
         let topic = self
             .topics
-            .get_mut(topic_name)
+            .get_mut(id)
             .expect("handles point at live topics");
-        let removed = topic.remove(phx_ref).expect("handles point at live refs");
+        let position = topic
+            .position_of(phx_ref)
+            .expect("handles point at live refs");
+        let removed = topic.remove(position).expect("found above");
         if self.exact {
-            topic.push_op(group, Vec::new(), Vec::from([removed]));
+            topic
+                .pending()
+                .push_op(group, Vec::new(), Vec::from([removed]));
         } else {
-            topic.record_leave(removed);
+            topic.pending().record_leave(removed);
         }
         self.presences -= 1;
-        self.mark_dirty(topic_name)
-    }
-
-    /// Marks `topic_name` as having a pending diff. Returns true when it is
-    /// the first dirty topic, i.e. the dispatcher is idle and must be woken.
-    pub(crate) fn mark_dirty(&mut self, topic_name: &Bytes) -> bool {
-        let topic = self
-            .topics
-            .get_mut(topic_name)
-            .expect("recorded topics exist");
-        if topic.dirty {
-            return false;
-        }
-        topic.dirty = true;
-        let wake = self.dirty.is_empty();
-        self.dirty.push_back(topic_name.clone());
         wake
     }
 }
@@ -657,8 +574,10 @@ mod tests {
         r.update_as(1, b"t", b"a", "a2", Some(900), Some(700))
             .unwrap();
         let diffs = r.take_diffs(usize::MAX, usize::MAX);
-        let mut joins: Vec<(Ref, Option<Ref>)> =
-            diffs[0].joins().map(|p| (p.phx_ref, p.prev_ref)).collect();
+        let mut joins: Vec<(Ref, Option<Ref>)> = diffs[0]
+            .joins()
+            .map(|p| (p.phx_ref, p.prev_ref()))
+            .collect();
         joins.sort();
         assert_eq!(joins, [(700, Some(900)), (800, None)]);
         let leaves: Vec<Ref> = diffs[0].leaves().map(|p| p.phx_ref).collect();
@@ -731,7 +650,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            (p.meta, p.phx_ref, p.prev_ref),
+            (p.meta, p.phx_ref, p.prev_ref()),
             ("b", change.phx_ref, Some(first))
         );
         assert_eq!(
@@ -747,7 +666,7 @@ mod tests {
             Err(CoreError::NotTracked)
         );
         let p = r.lookup(1, b"t", b"k").unwrap();
-        assert_eq!((p.meta, p.prev_ref), ("b", Some(first)));
+        assert_eq!((p.meta, p.prev_ref()), ("b", Some(first)));
         assert!(r.lookup(1, b"t", b"other").is_none());
     }
 
@@ -827,7 +746,7 @@ mod tests {
         let leave = diffs[0].leaves().next().unwrap();
         let join = diffs[0].joins().next().unwrap();
         assert_eq!((leave.phx_ref, leave.meta), (old, "x"));
-        assert_eq!((join.meta, join.prev_ref), ("y", Some(old)));
+        assert_eq!((join.meta, join.prev_ref()), ("y", Some(old)));
     }
 
     /// Each part as (joined refs, left refs).

@@ -14,13 +14,15 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
-use crate::owner::{Departure, Holder, ReplicaId};
-use crate::registry::{Bytes, Presence, Ref, Registry};
+use crate::owner::Departure;
+use crate::presence::{prev_ref, Bytes, Holder, Presence, Ref, ReplicaId};
+use crate::registry::Registry;
+use crate::topic::TopicId;
 
 /// Where a replicated presence lives here.
 #[derive(Debug, Clone)]
 pub(crate) struct RemoteHandle {
-    pub(crate) topic: Bytes,
+    pub(crate) topic: TopicId,
     /// Its ref in this registry: the one topics index it by.
     pub(crate) local_ref: Ref,
     /// The sync it was last confirmed by (see [`Registry::replica_end_sync`]).
@@ -59,28 +61,31 @@ where
             held.generation = generation;
             return false;
         }
-        let topic_name = self.intern_topic(join.topic);
+        let id = self.topics.intern(join.topic);
+        let wake = self.begin_change(id);
         let (local_ref, seq) = self.refs.next(None);
-        let entry = self.topics.get_mut(&topic_name).expect("interned above");
+        let next_seq = self.refs.next_seq();
+        let entry = self.topics.get_mut(id).expect("interned above");
         let owner = Holder::Replica(replica, join.phx_ref);
         // Dropped and synced back within one window: subscribers still
         // have it, under the same ref, as long as its leave is not sent.
         let seq = entry
+            .pending()
             .withdraw_leave(&owner, join.key, &join.meta)
             .unwrap_or(seq);
-        let key = entry.interned_key(join.key);
-        let index = entry.insert(Presence {
+        let key = entry.shared_key(join.key);
+        let position = entry.insert(Presence {
             owner,
             key,
             meta: join.meta,
             phx_ref: local_ref,
-            prev_ref: join.prev_ref,
+            prev_ref: prev_ref(join.prev_ref),
             seq,
         });
-        entry.record_join(&self.refs, index, self.exact);
+        entry.record_join(position, self.exact, next_seq);
         self.presences += 1;
         let handle = RemoteHandle {
-            topic: topic_name.clone(),
+            topic: id,
             local_ref,
             generation,
         };
@@ -89,7 +94,7 @@ where
             .expect("created above")
             .presences
             .insert(join.phx_ref, handle);
-        self.mark_dirty(&topic_name)
+        wake
     }
 
     /// Removes the presence `replica` holds under `phx_ref` (its ref there),
@@ -102,7 +107,7 @@ where
         else {
             return false;
         };
-        self.remove_presence(&handle.topic, handle.local_ref)
+        self.remove_presence(handle.topic, handle.local_ref)
     }
 
     /// Starts a full sync of `replica`: joins from now on confirm what it
@@ -125,7 +130,7 @@ where
             let confirmed = held.generation == generation;
             if !confirmed {
                 stale.push(crate::owner::Handle {
-                    topic: held.topic.clone(),
+                    topic: held.topic,
                     phx_ref: held.local_ref,
                 });
             }
@@ -162,10 +167,12 @@ where
         let next_seq = self.refs.next_seq();
         self.topics
             .iter_mut()
-            .filter(|(_, topic)| !topic.is_empty())
-            .map(|(name, topic)| {
-                topic.observed_before_seq = next_seq;
-                (name.clone(), topic.snapshot())
+            .filter(|topic| !topic.is_empty())
+            .map(|topic| {
+                if let Some(pending) = &mut topic.pending {
+                    pending.observed_before_seq = next_seq;
+                }
+                (topic.name.clone(), topic.snapshot())
             })
             .collect()
     }

@@ -1,39 +1,87 @@
-//! One topic's presences: the entries, their indexes, and what its
+//! One topic: its presences, indexed for O(1) lookups, and what its
 //! subscribers have not been told yet.
+//!
+//! Most topics are small: a per-user topic (`"user:42"`) holds one or a
+//! few presences, and there may be a million of them. Such a topic holds
+//! its presences in place and finds one by looking at each, with no index
+//! to pay for; only past [`FEW`] presences does it grow indexes (by ref,
+//! and by key) over copy-on-write chunks that listings snapshot.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 
 use crate::cow_chunks::{CowChunks, Snapshot};
+use crate::diff::{PendingDiff, TopicDiff};
 use crate::key::{is_term_key, listed_key};
-use crate::owner::Holder;
-use crate::phx_ref::RefGen;
-use crate::ref_hash::ShardedRefMap;
-use crate::registry::{Bytes, Presence, Ref};
-use crate::sharded_map::ShardedMap;
+use crate::presence::{Bytes, Holder, Presence, Ref};
+use crate::ref_hash::hash_ref;
+use crate::sharded_map::ShardedTable;
 
-/// One operation's changes to a topic, kept whole for `diff_window: 0`:
-/// sent as one diff of its own, in the order operations happened.
+/// Names a topic for as long as it lives: what an owner's handles point
+/// at, 4 bytes instead of a copy of the name.
+pub(crate) type TopicId = u32;
+
+/// Presences a topic holds without indexes. Finding one among them
+/// compares at most this many keys; a topic that grows past it indexes its
+/// presences, and one that shrinks to half of it drops the indexes again.
+pub(crate) const FEW: usize = 8;
+
 #[derive(Debug)]
-pub struct Op<O, M> {
-    /// Leaves recorded under the same group (an exit's, a dropped
-    /// replica's) and nothing between them go out as one op.
-    pub(crate) group: u64,
-    pub joins: Vec<Presence<O, M>>,
-    pub leaves: Vec<Presence<O, M>>,
+pub(crate) struct Topic<O, M> {
+    pub(crate) id: TopicId,
+    pub(crate) name: Bytes,
+    presences: Presences<O, M>,
+    /// What subscribers have not been told yet; `Some` exactly while the
+    /// topic waits in the registry's dirty queue.
+    pub(crate) pending: Option<Box<PendingDiff<O, M>>>,
 }
 
-/// The refs under one key in one topic, by owner: an owner has at most one
-/// presence under a key on a topic. Most keys have one connection, so that
-/// case is a bare ref (its owner is the entry's); a key shared by many (one
-/// user with many tabs, or a topic keyed by a constant) stays O(1) to look
-/// up and change.
+/// A topic's presences. A position names a presence until the next
+/// insert or removal (a removal moves the last presence into its place).
 #[derive(Debug)]
-// Boxed: a bare map would make every single-ref key six times larger.
+enum Presences<O, M> {
+    None,
+    One(Presence<O, M>),
+    /// 2 to [`FEW`] presences, in a vector with no spare capacity.
+    Few(Vec<Presence<O, M>>),
+    Many(Box<Indexed<O, M>>),
+}
+
+/// The presences of a large topic, with their indexes. Index entries are
+/// positions in `entries`, hashed and compared through the presence they
+/// point at: 4 bytes an entry, no copy of a key or ref.
+#[derive(Debug)]
+struct Indexed<O, M> {
+    entries: CowChunks<Presence<O, M>>,
+    by_ref: ShardedTable<u32>,
+    by_key: ShardedTable<KeySlot<O>>,
+    /// Keys come from clients: hashed with a random key (SipHash).
+    key_hasher: RandomState,
+    /// `None` while every key is a binary: the common case pays nothing.
+    term_keys: Option<Box<TermKeys>>,
+}
+
+/// The presences under one key, by owner: an owner has at most one
+/// presence under a key on a topic. Most keys have one (one tab of one
+/// user); a key shared by many (one user with many tabs, or a topic keyed
+/// by a constant) stays O(1) to look up and change.
+#[derive(Debug)]
+// Boxed: inline, the map would make every key's slot 40 bytes larger.
 #[allow(clippy::box_collection)]
-enum KeyRefs<O> {
-    One(Ref),
-    Many(Box<HashMap<Holder<O>, Ref>>),
+enum KeySlot<O> {
+    One(u32),
+    Shared(Box<HashMap<Holder<O>, u32>>),
+}
+
+impl<O> KeySlot<O> {
+    /// A position under this key, to read the key from.
+    fn any(&self) -> u32 {
+        match self {
+            KeySlot::One(position) => *position,
+            KeySlot::Shared(by_owner) => *by_owner.values().next().expect("never empty"),
+        }
+    }
 }
 
 /// What counting users takes when some keys are not binaries: those are
@@ -50,118 +98,523 @@ struct TermKeys {
     shared: usize,
 }
 
-/// A pending leave of another node's presence.
-#[derive(Debug)]
-pub(crate) struct ReplicaLeave<O, M> {
-    presence: Presence<O, M>,
-    /// Only a listing showed it: its join goes with its leave.
-    join_unsent: bool,
-}
-
-/// A topic's leaves since its last diff (see [`Topic::take_leaves`]).
-pub(crate) struct TakenLeaves<O, M> {
-    pub(crate) gone_joins: Vec<Presence<O, M>>,
-    pub(crate) leaves: Vec<Presence<O, M>>,
-}
-
-#[derive(Debug)]
-pub(crate) struct Topic<O, M> {
-    entries: CowChunks<Presence<O, M>>,
-    position: ShardedRefMap<u32>,
-    keys: ShardedMap<Bytes, KeyRefs<O>>,
-    /// `None` while every key is a binary: the common case pays nothing.
-    term_keys: Option<Box<TermKeys>>,
-    /// Presences with a ref at or after this seq joined after the last
-    /// diff: their join is pending. A leave of one of them cancels that
-    /// join instead of being recorded.
-    pub(crate) joins_from_seq: u64,
-    /// Presences with a ref before this seq may have been seen in a list
-    /// or `get_by_key` while their join was still pending: a client that
-    /// synced from that list must hear of their leave, so it is recorded
-    /// instead of cancelling the join.
-    pub(crate) observed_before_seq: u64,
-    /// Leaves of presences whose join subscribers have seen, or may have:
-    /// a listing showed it (see `gone_joins`).
-    pub(crate) pending_leaves: Vec<Presence<O, M>>,
-    /// Joins of presences that a listing showed while their join was
-    /// pending, and that left before the diff: a subscriber that did not
-    /// list must hear the join before the leave, in the same diff, rather
-    /// than the leave of a ref it never had.
-    pub(crate) gone_joins: Vec<Presence<O, M>>,
-    /// Leaves of other nodes' presences, by holder, kept apart from the
-    /// others: such a presence keeps its node's ref, so one dropped in a
-    /// netsplit and synced back within one window would leave and join
-    /// under one ref in one diff, which phoenix.js applies joins first:
-    /// gone. Its return withdraws the leave instead (`withdraw_leave`).
-    pub(crate) replica_leaves: HashMap<Holder<O>, ReplicaLeave<O, M>>,
-    /// Some presence joined since the last diff while coalescing: taking
-    /// the diff must look for joins among the entries. Without it (leaves
-    /// only, or single operations) taking a diff never walks the topic.
-    pub(crate) coalesced_joins: bool,
-    /// Single operations not yet taken (`diff_window: 0`), oldest first;
-    /// they go out before the coalesced joins and leaves.
-    pub(crate) ops: Vec<Op<O, M>>,
-    /// In `Registry::dirty`, waiting for `take_diffs`.
-    pub(crate) dirty: bool,
-}
-
 impl<O, M> Topic<O, M>
 where
     O: Copy + Eq + Hash,
     M: Clone,
 {
-    /// A topic created when refs up to `next_seq` are already handed out.
-    pub(crate) fn new(next_seq: u64) -> Self {
+    pub(crate) fn new(id: TopicId, name: Bytes) -> Self {
         Self {
-            entries: CowChunks::default(),
-            position: ShardedRefMap::default(),
-            keys: ShardedMap::default(),
-            term_keys: None,
-            joins_from_seq: next_seq,
-            observed_before_seq: 0,
-            pending_leaves: Vec::new(),
-            gone_joins: Vec::new(),
-            replica_leaves: HashMap::new(),
-            coalesced_joins: false,
-            ops: Vec::new(),
-            dirty: false,
+            id,
+            name,
+            presences: Presences::None,
+            pending: None,
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        match &self.presences {
+            Presences::None => 0,
+            Presences::One(_) => 1,
+            Presences::Few(few) => few.len(),
+            Presences::Many(many) => many.entries.len(),
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        matches!(self.presences, Presences::None)
     }
 
-    /// What taking this topic's diff costs: its joins are found among all
-    /// its presences, and its leaves are moved.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Presence<O, M>> {
+        self.presences.iter()
+    }
+
+    fn few(&self) -> &[Presence<O, M>] {
+        self.presences.few()
+    }
+
+    /// The pending diff, which the change under way opened (see
+    /// `Registry::begin_change`).
+    pub(crate) fn pending(&mut self) -> &mut PendingDiff<O, M> {
+        self.pending
+            .as_mut()
+            .expect("a change opens the pending diff first")
+    }
+
+    /// Notes the join of the presence at `position`, made by an operation of
+    /// its own (`exact`) or to be found when the diff is taken. `next_seq`
+    /// is the seq the next change will have.
+    pub(crate) fn record_join(&mut self, position: usize, exact: bool, next_seq: u64) {
+        if !exact {
+            self.pending().coalesced_joins = true;
+            return;
+        }
+        let presence = self.get(position).expect("joined above").clone();
+        let pending = self.pending();
+        pending.push_op(0, Vec::from([presence]), Vec::new());
+        // Sent with its op: coalescing, were it switched on before the
+        // next take, must neither send it again nor cancel its leave.
+        pending.joins_from_seq = next_seq;
+    }
+
+    /// See [`PendingDiff::seal`].
+    pub(crate) fn seal(&mut self, next_seq: u64) {
+        if let Some(pending) = &mut self.pending {
+            pending.seal(self.presences.iter(), next_seq);
+        }
+    }
+
+    /// What taking this topic's diff costs (see [`PendingDiff::work`]).
     pub(crate) fn diff_work(&self) -> usize {
-        let joins = if self.coalesced_joins { self.len() } else { 0 };
-        let ops: usize = self
-            .ops
-            .iter()
-            .map(|op| op.joins.len() + op.leaves.len())
-            .sum();
-        joins + self.gone_joins.len() + self.pending_leaves.len() + self.replica_leaves.len() + ops
+        self.pending.as_ref().map_or(0, |p| p.work(self.len()))
+    }
+
+    /// Takes the pending diff: moves what was recorded, and snapshots the
+    /// presences if joins are to be found among them.
+    pub(crate) fn take_diff(&mut self) -> Option<TopicDiff<O, M>> {
+        let pending = self.pending.take()?;
+        let entries = (pending.coalesced_joins && !self.is_empty()).then(|| self.snapshot());
+        Some(pending.into_diff(self.name.clone(), entries))
+    }
+
+    /// A consistent view of the presences, to walk without the registry's
+    /// lock: chunks shared with the topic when it is large, a copy of its
+    /// few presences otherwise.
+    pub(crate) fn snapshot(&self) -> Snapshot<Presence<O, M>> {
+        match &self.presences {
+            Presences::Many(many) => many.entries.snapshot(),
+            _ => Snapshot::owned(self.iter().cloned().collect()),
+        }
     }
 
     /// Distinct keys as listed: Drab's `count_users/1` on Phoenix counts
-    /// the keys of `list/1`, strings.
+    /// the keys of `list/1`, strings. O(1) for a large topic; a small one
+    /// compares its few keys.
     pub(crate) fn users(&self) -> usize {
-        match &self.term_keys {
-            None => self.keys.len(),
-            Some(t) => self.keys.len() - t.keys + t.by_listed.len() - t.shared,
+        match &self.presences {
+            Presences::None => 0,
+            Presences::One(_) => 1,
+            Presences::Few(few) => few
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| {
+                    let listed = listed_key(&p.key);
+                    !few[..*i].iter().any(|q| listed_key(&q.key) == listed)
+                })
+                .count(),
+            Presences::Many(many) => many.users(),
         }
+    }
+
+    pub(crate) fn get(&self, position: usize) -> Option<&Presence<O, M>> {
+        match &self.presences {
+            Presences::None => None,
+            Presences::One(only) => (position == 0).then_some(only),
+            Presences::Few(few) => few.get(position),
+            Presences::Many(many) => many.entries.get(position),
+        }
+    }
+
+    /// The position of `owner`'s presence under `key`: O(1).
+    pub(crate) fn find(&self, owner: &Holder<O>, key: &[u8]) -> Option<usize> {
+        match &self.presences {
+            Presences::Many(many) => many.find(owner, key),
+            _ => self
+                .few()
+                .iter()
+                .position(|p| p.owner == *owner && *p.key == *key),
+        }
+    }
+
+    /// The position of the presence with `phx_ref`, if it is on this topic.
+    pub(crate) fn position_of(&self, phx_ref: Ref) -> Option<usize> {
+        match &self.presences {
+            Presences::Many(many) => many.position_of(phx_ref),
+            _ => self.few().iter().position(|p| p.phx_ref == phx_ref),
+        }
+    }
+
+    /// How many presences `key` has here.
+    pub(crate) fn key_len(&self, key: &[u8]) -> usize {
+        match &self.presences {
+            Presences::Many(many) => match many.slot(key) {
+                None => 0,
+                Some(KeySlot::One(_)) => 1,
+                Some(KeySlot::Shared(by_owner)) => by_owner.len(),
+            },
+            _ => self.few().iter().filter(|p| *p.key == *key).count(),
+        }
+    }
+
+    /// The presences under `key`, cloned.
+    pub(crate) fn by_key(&self, key: &[u8]) -> Vec<Presence<O, M>> {
+        match &self.presences {
+            Presences::Many(many) => {
+                let positions: Vec<u32> = match many.slot(key) {
+                    None => Vec::new(),
+                    Some(KeySlot::One(position)) => vec![*position],
+                    Some(KeySlot::Shared(by_owner)) => by_owner.values().copied().collect(),
+                };
+                positions
+                    .into_iter()
+                    .filter_map(|position| many.entries.get(position as usize).cloned())
+                    .collect()
+            }
+            _ => self
+                .few()
+                .iter()
+                .filter(|p| *p.key == *key)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// `key` as a presence here already holds it, so that the presences
+    /// of one key share one allocation when the key is too long to be
+    /// held inline.
+    pub(crate) fn shared_key(&self, key: &[u8]) -> Bytes {
+        let existing = match &self.presences {
+            Presences::Many(many) => many
+                .slot(key)
+                .and_then(|slot| many.entries.get(slot.any() as usize)),
+            _ => self.few().iter().find(|p| *p.key == *key),
+        };
+        existing.map_or_else(|| Bytes::from(key), |p| p.key.clone())
+    }
+
+    /// Adds `presence`; returns its position.
+    pub(crate) fn insert(&mut self, presence: Presence<O, M>) -> usize {
+        match std::mem::replace(&mut self.presences, Presences::None) {
+            Presences::None => {
+                self.presences = Presences::One(presence);
+                0
+            }
+            Presences::One(only) => {
+                self.presences = Presences::Few(vec![only, presence]);
+                1
+            }
+            Presences::Few(mut few) if few.len() < FEW => {
+                few.reserve_exact(1);
+                few.push(presence);
+                self.presences = Presences::Few(few);
+                self.len() - 1
+            }
+            Presences::Few(few) => {
+                let mut many = Indexed::from(few);
+                let position = many.insert(presence);
+                self.presences = Presences::Many(Box::new(many));
+                position
+            }
+            Presences::Many(mut many) => {
+                let position = many.insert(presence);
+                self.presences = Presences::Many(many);
+                position
+            }
+        }
+    }
+
+    /// Removes the presence at `position`, moving the last one into it.
+    pub(crate) fn remove(&mut self, position: usize) -> Option<Presence<O, M>> {
+        if position >= self.len() {
+            return None;
+        }
+        let removed = match std::mem::replace(&mut self.presences, Presences::None) {
+            Presences::None => unreachable!("checked above"),
+            Presences::One(only) => only,
+            Presences::Few(mut few) => {
+                let removed = few.swap_remove(position);
+                self.presences = Presences::from(few);
+                removed
+            }
+            Presences::Many(mut many) => {
+                let removed = many.remove(position);
+                self.presences = if many.entries.len() <= FEW / 2 {
+                    Presences::from(many.entries.iter().cloned().collect::<Vec<_>>())
+                } else {
+                    Presences::Many(many)
+                };
+                removed
+            }
+        };
+        Some(removed)
+    }
+
+    /// Gives the presence at `position` a new meta and ref, remembering the
+    /// old ref; returns it as it was before.
+    pub(crate) fn replace(
+        &mut self,
+        position: usize,
+        meta: M,
+        new_ref: Ref,
+        seq: u64,
+    ) -> Presence<O, M> {
+        let before = self.get(position).expect("positions are in bounds").clone();
+        let slot = match &mut self.presences {
+            Presences::None => unreachable!("positions are in bounds"),
+            Presences::One(only) => only,
+            Presences::Few(few) => &mut few[position],
+            Presences::Many(many) => many.rename(position, before.phx_ref, new_ref),
+        };
+        slot.meta = meta;
+        slot.phx_ref = new_ref;
+        slot.prev_ref = crate::presence::prev_ref(Some(before.phx_ref));
+        slot.seq = seq;
+        before
+    }
+}
+
+impl<O, M> Presences<O, M> {
+    fn iter(&self) -> impl Iterator<Item = &Presence<O, M>> {
+        let many = match self {
+            Presences::Many(many) => Some(many),
+            _ => None,
+        };
+        self.few()
+            .iter()
+            .chain(many.into_iter().flat_map(|many| many.entries.iter()))
+    }
+
+    /// The presences of a topic without indexes (none for one with them).
+    fn few(&self) -> &[Presence<O, M>] {
+        match self {
+            Presences::One(only) => std::slice::from_ref(only),
+            Presences::Few(few) => few,
+            Presences::None | Presences::Many(_) => &[],
+        }
+    }
+}
+
+impl<O, M> From<Vec<Presence<O, M>>> for Presences<O, M>
+where
+    O: Copy + Eq + Hash,
+    M: Clone,
+{
+    /// Held as their number calls for, with no spare capacity.
+    fn from(mut presences: Vec<Presence<O, M>>) -> Self {
+        match presences.len() {
+            0 => Presences::None,
+            1 => Presences::One(presences.pop().expect("one")),
+            n if n <= FEW => {
+                presences.shrink_to_fit();
+                Presences::Few(presences)
+            }
+            _ => Presences::Many(Box::new(Indexed::from(presences))),
+        }
+    }
+}
+
+impl<O, M> From<Vec<Presence<O, M>>> for Indexed<O, M>
+where
+    O: Copy + Eq + Hash,
+    M: Clone,
+{
+    fn from(presences: Vec<Presence<O, M>>) -> Self {
+        let mut many = Indexed {
+            entries: CowChunks::default(),
+            by_ref: ShardedTable::default(),
+            by_key: ShardedTable::default(),
+            key_hasher: RandomState::new(),
+            term_keys: None,
+        };
+        for presence in presences {
+            many.insert(presence);
+        }
+        many
+    }
+}
+
+impl<O, M> Indexed<O, M>
+where
+    O: Copy + Eq + Hash,
+    M: Clone,
+{
+    fn key_hash(&self, key: &[u8]) -> u64 {
+        self.key_hasher.hash_one(key)
+    }
+
+    fn slot(&self, key: &[u8]) -> Option<&KeySlot<O>> {
+        let entries = &self.entries;
+        self.by_key.find(self.key_hash(key), |slot| {
+            *entries.get(slot.any() as usize).expect("indexed").key == *key
+        })
+    }
+
+    fn find(&self, owner: &Holder<O>, key: &[u8]) -> Option<usize> {
+        let position = match self.slot(key)? {
+            KeySlot::One(position) => *position,
+            KeySlot::Shared(by_owner) => *by_owner.get(owner)?,
+        };
+        let position = position as usize;
+        (self.entries.get(position)?.owner == *owner).then_some(position)
+    }
+
+    fn position_of(&self, phx_ref: Ref) -> Option<usize> {
+        let entries = &self.entries;
+        self.by_ref
+            .find(hash_ref(phx_ref), |&position| {
+                entries.get(position as usize).expect("indexed").phx_ref == phx_ref
+            })
+            .map(|&position| position as usize)
+    }
+
+    fn users(&self) -> usize {
+        match &self.term_keys {
+            None => self.by_key.len(),
+            Some(t) => self.by_key.len() - t.keys + t.by_listed.len() - t.shared,
+        }
+    }
+
+    fn insert(&mut self, presence: Presence<O, M>) -> usize {
+        let key_hash = self.key_hash(&presence.key);
+        let (phx_ref, owner, key) = (presence.phx_ref, presence.owner, presence.key.clone());
+        let position = self.entries.push(presence);
+        let at = position as u32;
+        let Indexed {
+            entries,
+            by_ref,
+            by_key,
+            key_hasher,
+            ..
+        } = self;
+        by_ref.insert_unique(hash_ref(phx_ref), at, |&p| {
+            hash_ref(entries.get(p as usize).expect("indexed").phx_ref)
+        });
+        let slot = by_key.find_mut(key_hash, |slot| {
+            *entries.get(slot.any() as usize).expect("indexed").key == *key
+        });
+        match slot {
+            Some(KeySlot::Shared(by_owner)) => {
+                by_owner.insert(owner, at);
+            }
+            Some(slot) => {
+                let KeySlot::One(first) = *slot else {
+                    unreachable!("matched above")
+                };
+                let first_owner = entries.get(first as usize).expect("indexed").owner;
+                *slot =
+                    KeySlot::Shared(Box::new(HashMap::from([(first_owner, first), (owner, at)])));
+            }
+            None => {
+                by_key.insert_unique(key_hash, KeySlot::One(at), |slot| {
+                    let key = &entries.get(slot.any() as usize).expect("indexed").key;
+                    key_hasher.hash_one(&**key)
+                });
+                self.key_added(&key);
+            }
+        }
+        position
+    }
+
+    fn remove(&mut self, position: usize) -> Presence<O, M> {
+        let at = position as u32;
+        let (phx_ref, owner, key) = {
+            let p = self.entries.get(position).expect("positions are in bounds");
+            (p.phx_ref, p.owner, p.key.clone())
+        };
+        let key_hash = self.key_hash(&key);
+        let Indexed {
+            entries,
+            by_ref,
+            by_key,
+            key_hasher,
+            ..
+        } = self;
+        by_ref.remove(
+            hash_ref(phx_ref),
+            |&p| p == at,
+            |&p| hash_ref(entries.get(p as usize).expect("indexed").phx_ref),
+        );
+        let key_of = |slot: &KeySlot<O>| {
+            let key = &entries.get(slot.any() as usize).expect("indexed").key;
+            key_hasher.hash_one(&**key)
+        };
+        let matches_key =
+            |slot: &KeySlot<O>| *entries.get(slot.any() as usize).expect("indexed").key == *key;
+        let slot = by_key
+            .find_mut(key_hash, matches_key)
+            .expect("every entry's key is indexed");
+        let key_gone = match slot {
+            KeySlot::Shared(by_owner) => {
+                by_owner.remove(&owner);
+                if by_owner.len() == 1 {
+                    let only = *by_owner.values().next().expect("one left");
+                    *slot = KeySlot::One(only);
+                }
+                false
+            }
+            KeySlot::One(_) => {
+                by_key.remove(key_hash, matches_key, key_of);
+                true
+            }
+        };
+        if key_gone {
+            self.key_removed(&key);
+        }
+        let removed = self
+            .entries
+            .swap_remove(position)
+            .expect("positions are in bounds");
+        if position < self.entries.len() {
+            self.moved(self.entries.len() as u32, at);
+        }
+        removed
+    }
+
+    /// The presence at position `from` (the last) now stands at `to`.
+    fn moved(&mut self, from: u32, to: u32) {
+        let (phx_ref, owner, key) = {
+            let p = self.entries.get(to as usize).expect("just moved");
+            (p.phx_ref, p.owner, p.key.clone())
+        };
+        let key_hash = self.key_hash(&key);
+        // The index entries still name `from`, which no longer exists:
+        // they are found by position, never by reading the presence.
+        let by_ref = self
+            .by_ref
+            .find_mut(hash_ref(phx_ref), |&p| p == from)
+            .expect("every entry's ref is indexed");
+        *by_ref = to;
+        // Positions are unique across slots: the one naming `from` is it.
+        let slot = self
+            .by_key
+            .find_mut(key_hash, |slot| match slot {
+                KeySlot::One(p) => *p == from,
+                KeySlot::Shared(by_owner) => by_owner.get(&owner) == Some(&from),
+            })
+            .expect("every entry's key is indexed");
+        match slot {
+            KeySlot::One(p) => *p = to,
+            KeySlot::Shared(by_owner) => {
+                by_owner.insert(owner, to);
+            }
+        }
+    }
+
+    /// The presence at `position` takes `new_ref`: its ref index follows.
+    fn rename(&mut self, position: usize, old_ref: Ref, new_ref: Ref) -> &mut Presence<O, M> {
+        let at = position as u32;
+        let entries = &self.entries;
+        let rehash = |&p: &u32| hash_ref(entries.get(p as usize).expect("indexed").phx_ref);
+        self.by_ref.remove(hash_ref(old_ref), |&p| p == at, rehash);
+        let presence = self
+            .entries
+            .get_mut(position)
+            .expect("positions are in bounds");
+        presence.phx_ref = new_ref;
+        let entries = &self.entries;
+        self.by_ref.insert_unique(hash_ref(new_ref), at, |&p| {
+            hash_ref(entries.get(p as usize).expect("indexed").phx_ref)
+        });
+        self.entries
+            .get_mut(position)
+            .expect("positions are in bounds")
     }
 
     /// Counts `key`, which has just got its first presence here.
     fn key_added(&mut self, key: &Bytes) {
         if is_term_key(key) {
             let listed = listed_key(key);
-            let binary_there = self.keys.get(listed).is_some();
+            let binary_there = self.slot(listed).is_some();
             let terms = self.term_keys.get_or_insert_with(Box::default);
             terms.keys += 1;
             let same = terms.by_listed.entry(Bytes::from(listed)).or_insert(0);
@@ -180,7 +633,7 @@ where
     fn key_removed(&mut self, key: &Bytes) {
         if is_term_key(key) {
             let listed = listed_key(key);
-            let binary_there = self.keys.get(listed).is_some();
+            let binary_there = self.slot(listed).is_some();
             let terms = self.term_keys.as_mut().expect("counted when added");
             terms.keys -= 1;
             let same = terms.by_listed.get_mut(listed).expect("counted when added");
@@ -200,260 +653,126 @@ where
             }
         }
     }
+}
 
-    pub(crate) fn snapshot(&self) -> Snapshot<Presence<O, M>> {
-        self.entries.snapshot()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::term_key;
+    use proptest::prelude::*;
+
+    type T = Topic<u8, u8>;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u8, usize, u8),
+        Remove(usize),
+        Replace(usize, u8),
     }
 
-    /// The ref and position of `owner`'s presence under `key`: O(1).
-    pub(crate) fn find(&self, owner: &Holder<O>, key: &[u8]) -> Option<(Ref, usize)> {
-        let phx_ref = match self.keys.get(key)? {
-            KeyRefs::One(r) => *r,
-            KeyRefs::Many(by_owner) => *by_owner.get(owner)?,
-        };
-        let index = *self.position.get(&phx_ref)? as usize;
-        (self.entries.get(index)?.owner == *owner).then_some((phx_ref, index))
+    fn keys() -> Vec<Vec<u8>> {
+        vec![
+            b"a".to_vec(),
+            b"b".to_vec(),
+            b"a-long-key-of-more-than-23-bytes".to_vec(),
+            term_key(b"a", b"\x83a\x01"),
+            term_key(b"c", b"\x83a\x02"),
+        ]
     }
 
-    pub(crate) fn get(&self, index: usize) -> Option<&Presence<O, M>> {
-        self.entries.get(index)
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (0u8..12, 0..5usize, 0u8..3).prop_map(|(o, k, m)| Op::Insert(o, k, m)),
+            3 => (0..64usize).prop_map(Op::Remove),
+            2 => (0..64usize, 0u8..3).prop_map(|(i, m)| Op::Replace(i, m)),
+        ]
     }
 
-    /// The presence with `phx_ref`, if it is still on this topic.
-    pub(crate) fn by_ref(&self, phx_ref: Ref) -> Option<&Presence<O, M>> {
-        self.entries.get(*self.position.get(&phx_ref)? as usize)
-    }
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
 
-    /// How many presences `key` has here.
-    pub(crate) fn key_len(&self, key: &[u8]) -> usize {
-        match self.keys.get(key) {
-            None => 0,
-            Some(KeyRefs::One(_)) => 1,
-            Some(KeyRefs::Many(by_owner)) => by_owner.len(),
-        }
-    }
-
-    /// The presences under `key`, cloned.
-    pub(crate) fn by_key(&self, key: &[u8]) -> Vec<Presence<O, M>> {
-        let refs: Vec<Ref> = match self.keys.get(key) {
-            None => return Vec::new(),
-            Some(KeyRefs::One(r)) => vec![*r],
-            Some(KeyRefs::Many(by_owner)) => by_owner.values().copied().collect(),
-        };
-        refs.into_iter()
-            .filter_map(|r| self.by_ref(r).cloned())
-            .collect()
-    }
-
-    /// The interned copy of `key`, if some presence has it, so that every
-    /// presence under one key shares one allocation.
-    pub(crate) fn interned_key(&self, key: &[u8]) -> Bytes {
-        match self.keys.get_key_value(key) {
-            Some((existing, _)) => existing.clone(),
-            None => Bytes::from(key),
-        }
-    }
-
-    /// Adds `presence`; returns its position.
-    pub(crate) fn insert(&mut self, presence: Presence<O, M>) -> usize {
-        let phx_ref = presence.phx_ref;
-        let owner = presence.owner;
-        let refs = match self.keys.get_mut(&presence.key) {
-            None => Some(KeyRefs::One(phx_ref)),
-            Some(KeyRefs::Many(by_owner)) => {
-                by_owner.insert(owner, phx_ref);
-                None
-            }
-            Some(KeyRefs::One(first)) => {
-                let first = *first;
-                let first_owner = self.by_ref(first).expect("indexed refs are live").owner;
-                let by_owner = HashMap::from([(first_owner, first), (owner, phx_ref)]);
-                Some(KeyRefs::Many(Box::new(by_owner)))
-            }
-        };
-        let new_key = matches!(refs, Some(KeyRefs::One(_)));
-        if let Some(refs) = refs {
-            self.keys.insert(presence.key.clone(), refs);
-        }
-        if new_key {
-            self.key_added(&presence.key);
-        }
-        let index = self.entries.push(presence);
-        self.position.insert(phx_ref, index as u32);
-        index
-    }
-
-    /// Removes the presence `phx_ref`, if it is here.
-    pub(crate) fn remove(&mut self, phx_ref: Ref) -> Option<Presence<O, M>> {
-        let index = self.position.remove(&phx_ref)? as usize;
-        let removed = self
-            .entries
-            .swap_remove(index)
-            .expect("positions are in bounds");
-        if let Some(moved) = self.entries.get(index) {
-            self.position.insert(moved.phx_ref, index as u32);
-        }
-        match self.keys.get_mut(&removed.key) {
-            Some(KeyRefs::Many(by_owner)) if by_owner.len() > 2 => {
-                by_owner.remove(&removed.owner);
-            }
-            Some(KeyRefs::Many(by_owner)) => {
-                by_owner.remove(&removed.owner);
-                let only = *by_owner.values().next().expect("one of two left");
-                self.keys.insert(removed.key.clone(), KeyRefs::One(only));
-            }
-            Some(KeyRefs::One(_)) => {
-                self.keys.remove(&removed.key);
-                self.key_removed(&removed.key);
-            }
-            None => {}
-        }
-        Some(removed)
-    }
-
-    /// Gives the presence at `index` a new meta and ref, remembering the old
-    /// ref; returns it as it was before.
-    pub(crate) fn replace(
-        &mut self,
-        index: usize,
-        meta: M,
-        new_ref: Ref,
-        seq: u64,
-    ) -> Presence<O, M> {
-        let slot = self
-            .entries
-            .get_mut(index)
-            .expect("positions are in bounds");
-        let old_ref = slot.phx_ref;
-        let before = slot.clone();
-        slot.meta = meta;
-        slot.phx_ref = new_ref;
-        slot.prev_ref = Some(old_ref);
-        slot.seq = seq;
-        let (owner, key) = (slot.owner, slot.key.clone());
-        self.position.remove(&old_ref);
-        self.position.insert(new_ref, index as u32);
-        match self
-            .keys
-            .get_mut(&key)
-            .expect("every entry's key is indexed")
-        {
-            KeyRefs::One(r) => *r = new_ref,
-            KeyRefs::Many(by_owner) => {
-                by_owner.insert(owner, new_ref);
-            }
-        }
-        before
-    }
-
-    /// A leave cancels a join that nobody can have seen yet, neither in a
-    /// diff nor in a listing. Any other is recorded for the next diff; when
-    /// only a listing showed the presence, with its join: every subscriber
-    /// then hears of a ref's join before its leave, listed or not.
-    pub(crate) fn record_leave(&mut self, presence: Presence<O, M>) {
-        let join_unsent = presence.seq >= self.joins_from_seq;
-        if join_unsent && presence.seq >= self.observed_before_seq {
-            return;
-        }
-        match presence.owner {
-            Holder::Replica(..) => {
-                let leave = ReplicaLeave {
-                    presence,
-                    join_unsent,
-                };
-                self.replica_leaves.insert(leave.presence.owner, leave);
-            }
-            Holder::Local(_) => {
-                if join_unsent {
-                    self.gone_joins.push(presence.clone());
+        /// Through every size and its changes of representation (one, a
+        /// few, indexed, and back), lookups agree with a plain list.
+        #[test]
+        fn a_topic_agrees_with_a_list(ops in proptest::collection::vec(op(), 1..200)) {
+            let keys = keys();
+            let mut topic = T::new(0, Bytes::from("t"));
+            let mut model: Vec<(u8, usize, Ref, u8)> = Vec::new();
+            let mut next_ref: Ref = 1;
+            for op in ops {
+                match op {
+                    Op::Insert(o, k, m) => {
+                        if model.iter().any(|e| e.0 == o && e.1 == k) {
+                            continue;
+                        }
+                        next_ref += 1;
+                        let key = topic.shared_key(&keys[k]);
+                        topic.insert(Presence {
+                            owner: Holder::Local(o),
+                            key,
+                            meta: m,
+                            phx_ref: next_ref,
+                            prev_ref: None,
+                            seq: next_ref,
+                        });
+                        model.push((o, k, next_ref, m));
+                    }
+                    Op::Remove(i) if !model.is_empty() => {
+                        let (_, _, r, _) = model.remove(i % model.len());
+                        let at = topic.position_of(r).expect("present");
+                        prop_assert_eq!(topic.remove(at).map(|p| p.phx_ref), Some(r));
+                    }
+                    Op::Replace(i, m) if !model.is_empty() => {
+                        let entry = i % model.len();
+                        let (o, k, r, _) = model[entry];
+                        next_ref += 1;
+                        let at = topic.find(&Holder::Local(o), &keys[k]).expect("present");
+                        let before = topic.replace(at, m, next_ref, next_ref);
+                        prop_assert_eq!(before.phx_ref, r);
+                        model[entry] = (o, k, next_ref, m);
+                    }
+                    _ => continue,
                 }
-                self.pending_leaves.push(presence);
+                prop_assert_eq!(topic.len(), model.len());
+                prop_assert_eq!(topic.iter().count(), model.len());
+                prop_assert_eq!(topic.snapshot().len(), model.len());
+                for &(o, k, r, m) in &model {
+                    let at = topic.find(&Holder::Local(o), &keys[k]).expect("found by owner and key");
+                    let p = topic.get(at).unwrap();
+                    prop_assert_eq!((p.phx_ref, p.meta), (r, m));
+                    prop_assert_eq!(topic.position_of(r), Some(at));
+                }
+                for (k, key) in keys.iter().enumerate() {
+                    let mut want: Vec<Ref> = model.iter().filter(|e| e.1 == k).map(|e| e.2).collect();
+                    let mut got: Vec<Ref> = topic.by_key(key).iter().map(|p| p.phx_ref).collect();
+                    want.sort();
+                    got.sort();
+                    prop_assert_eq!(topic.key_len(key), want.len());
+                    prop_assert_eq!(got, want);
+                }
+                let users: std::collections::BTreeSet<&[u8]> =
+                    model.iter().map(|e| listed_key(&keys[e.1])).collect();
+                prop_assert_eq!(topic.users(), users.len());
             }
         }
     }
 
-    /// Withdraws the pending leave of `holder`'s presence, which comes back
-    /// as it left (see `replica_leaves`), and returns the seq it had: it
-    /// stands where it stood for subscribers, its join sent or not.
-    pub(crate) fn withdraw_leave(&mut self, holder: &Holder<O>, key: &[u8], meta: &M) -> Option<u64>
-    where
-        M: PartialEq,
-    {
-        let left = &self.replica_leaves.get(holder)?.presence;
-        if *left.key != *key || left.meta != *meta {
-            return None;
+    #[test]
+    fn presences_of_one_long_key_share_its_bytes() {
+        let mut topic = T::new(0, Bytes::from("t"));
+        let key = b"a-long-key-of-more-than-23-bytes";
+        for owner in 0..12u8 {
+            let shared = topic.shared_key(key);
+            topic.insert(Presence {
+                owner: Holder::Local(owner),
+                key: shared,
+                meta: 0,
+                phx_ref: u64::from(owner) + 1,
+                prev_ref: None,
+                seq: 0,
+            });
         }
-        let left = self.replica_leaves.remove(holder).expect("found above");
-        Some(left.presence.seq)
-    }
-
-    /// The leaves recorded since the last diff, with the joins of those
-    /// gone since a listing showed them.
-    pub(crate) fn take_leaves(&mut self) -> TakenLeaves<O, M> {
-        let mut gone_joins = std::mem::take(&mut self.gone_joins);
-        let mut leaves = std::mem::take(&mut self.pending_leaves);
-        for (_, left) in self.replica_leaves.drain() {
-            if left.join_unsent {
-                gone_joins.push(left.presence.clone());
-            }
-            leaves.push(left.presence);
-        }
-        TakenLeaves { gone_joins, leaves }
-    }
-
-    /// Notes the join of the presence at `index`, made by an operation of
-    /// its own (`exact`) or to be found when the diff is taken.
-    pub(crate) fn record_join(&mut self, refs: &RefGen, index: usize, exact: bool) {
-        if !exact {
-            self.coalesced_joins = true;
-            return;
-        }
-        let presence = self.entries.get(index).expect("joined above").clone();
-        self.push_op(0, Vec::from([presence]), Vec::new());
-        // Sent with its op: coalescing, were it switched on before the
-        // next take, must neither send it again nor cancel its leave.
-        self.joins_from_seq = refs.next_seq();
-    }
-
-    /// Adds an operation's changes, after every earlier one. A group other
-    /// than 0 continues the last op if that op is of the same group.
-    pub(crate) fn push_op(
-        &mut self,
-        group: u64,
-        joins: Vec<Presence<O, M>>,
-        leaves: Vec<Presence<O, M>>,
-    ) {
-        match self.ops.last_mut() {
-            Some(last) if group != 0 && last.group == group => {
-                last.joins.extend(joins);
-                last.leaves.extend(leaves);
-            }
-            _ => self.ops.push(Op {
-                group,
-                joins,
-                leaves,
-            }),
-        }
-    }
-
-    /// Turns what coalescing gathered so far into one op, before the
-    /// single operations to come: O(entries), once, when `diff_window: 0`
-    /// is switched on with a diff pending.
-    pub(crate) fn seal(&mut self, refs: &RefGen) {
-        let TakenLeaves {
-            gone_joins: mut joins,
-            leaves,
-        } = self.take_leaves();
-        if self.coalesced_joins {
-            let from = self.joins_from_seq;
-            joins.extend(self.entries.iter().filter(|p| p.seq >= from).cloned());
-        }
-        // After any ops of an earlier spell of single operations: those
-        // happened before what coalescing gathered since.
-        if !joins.is_empty() || !leaves.is_empty() {
-            self.push_op(0, joins, leaves);
-        }
-        self.coalesced_joins = false;
-        self.joins_from_seq = refs.next_seq();
+        let first = topic.get(0).unwrap().key.as_ptr();
+        assert!(topic.iter().all(|p| p.key.as_ptr() == first));
     }
 }

@@ -57,7 +57,7 @@ type Shown = (Ref, Vec<u8>, Meta, Option<Ref>);
 type Diff = (Vec<Shown>, Vec<Shown>);
 
 fn shown(p: &Presence<Owner, Meta>) -> Shown {
-    (p.phx_ref, p.key.to_vec(), p.meta, p.prev_ref)
+    (p.phx_ref, p.key.to_vec(), p.meta, p.prev_ref())
 }
 
 fn diff(mut joins: Vec<Shown>, mut leaves: Vec<Shown>) -> Diff {

@@ -5,8 +5,6 @@
 //! table lock, so a 100k-presence state from a joining node never holds up
 //! local writers for more than a fraction of a millisecond at a time.
 
-use std::sync::Arc;
-
 use parking_lot::MutexGuard;
 use presence_core::delta::{self, DeltaError, DeltaReader, Record};
 use presence_core::{RemoteJoin, ReplicaId, TopicDiff};
@@ -249,7 +247,7 @@ fn owned<'a>(join: RemoteJoin<'a, &'a [u8]>) -> RemoteJoin<'a, Meta> {
     RemoteJoin {
         topic: join.topic,
         key: join.key,
-        meta: Arc::from(join.meta),
+        meta: Meta::from(join.meta),
         phx_ref: join.phx_ref,
         prev_ref: join.prev_ref,
     }

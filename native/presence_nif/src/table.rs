@@ -37,9 +37,9 @@ impl ExitHold {
     }
 }
 
-/// A meta as `term_to_binary/1` encodes it: compact, and compared by bytes
-/// to detect no-op updates.
-pub type Meta = Arc<[u8]>;
+/// A meta as `term_to_binary/1` encodes it: compact, compared by bytes to
+/// detect no-op updates, and held inline when short (Drab's own is).
+pub type Meta = presence_core::Bytes;
 
 /// Listings of up to this many presences, and this many bytes, are built
 /// on the calling scheduler (about a quarter of a millisecond); larger ones
@@ -283,7 +283,7 @@ impl Shared {
             return Ok(Err(NifError::MetaTooLarge));
         }
         etf::check_meta(&encoded).map_err(|_| rustler::Error::BadArg)?;
-        Ok(Ok(Arc::from(encoded.as_slice())))
+        Ok(Ok(Meta::from(encoded.as_slice())))
     }
 }
 

@@ -340,7 +340,7 @@ impl Store {
             };
             let old = Entry {
                 owner: Holder::Local(e.owner),
-                key: Arc::from(&*e.key),
+                key: presence_core::Bytes::from(&*e.key),
                 meta: meta.clone(),
                 phx_ref: e.old_ref,
                 prev_ref: None,
@@ -349,7 +349,7 @@ impl Store {
             self.place(e.owner, &e.topic, &e.key, e.new_ref, meta);
             self.removed.push(e.old_ref);
             self.recovery_leaves
-                .entry(Arc::from(&*e.topic))
+                .entry(presence_core::Bytes::from(&*e.topic))
                 .or_default()
                 .push(old);
         }
@@ -364,12 +364,12 @@ impl Store {
                 continue;
             }
             self.recovery_leaves
-                .entry(Arc::from(&*e.topic))
+                .entry(presence_core::Bytes::from(&*e.topic))
                 .or_default()
                 .push(Entry {
                     owner: Holder::Local(0),
-                    key: Arc::from(&*e.key),
-                    meta: Arc::from(&*e.meta),
+                    key: presence_core::Bytes::from(&*e.key),
+                    meta: Meta::from(&*e.meta),
                     phx_ref: e.phx_ref,
                     prev_ref: None,
                     seq: 0,

@@ -100,8 +100,13 @@ defmodule Drab.Presence.Sidecar.Writes do
 
   @doc "A ref for a new presence (or a new meta): unique in this table, random across tables."
   @spec new_ref(Handle.t()) :: non_neg_integer()
-  def new_ref(%Handle{ref_seed: seed, refs: refs}),
-    do: Bitwise.band(seed + :atomics.add_get(refs, 1, 1), 0xFFFF_FFFF_FFFF_FFFF)
+  def new_ref(%Handle{ref_seed: seed, refs: refs} = handle) do
+    # Never 0: the core stores a previous ref in 8 bytes, 0 meaning none.
+    case Bitwise.band(seed + :atomics.add_get(refs, 1, 1), 0xFFFF_FFFF_FFFF_FFFF) do
+      0 -> new_ref(handle)
+      ref -> ref
+    end
+  end
 
   @doc """
   Tracks `owner` (the id of `pid`). A pid that is no longer alive gets a
