@@ -11,7 +11,9 @@
 # Options: --quick, --out DIR (default: bench/ for a full run with Phoenix,
 # bench/tmp/ otherwise, so that a partial run never replaces the committed
 # results), --only churn (that workload alone, after a warm-up, printed to
-# the console only), --only writes (track and untrack of 10k, 4 callers,
+# the console only), --only scheduler (the scheduler-health workloads:
+# the ticker during 100k and 1M tracks, and during 4 concurrent listers of a
+# 10k topic; console only), --only writes (track and untrack of 10k, 4 callers,
 # --runs N rounds (9) taking the implementations in turn, so that a VM's
 # drift hits them alike; median and range, console only), --churn-workers
 # N (4), --churn-seconds S (5), --churn-owners N (live owner processes per
@@ -46,8 +48,8 @@ defmodule Bench.Main do
 
     invalid == [] || raise ArgumentError, "unknown options: #{inspect(invalid)}"
 
-    opts[:only] in [nil, "churn", "writes"] ||
-      raise ArgumentError, "--only takes: churn, writes"
+    opts[:only] in [nil, "churn", "writes", "scheduler"] ||
+      raise ArgumentError, "--only takes: churn, writes, scheduler"
 
     quick? = Keyword.get(opts, :quick, false)
 
@@ -64,6 +66,7 @@ defmodule Bench.Main do
     case opts[:only] do
       "churn" -> only_churn(churn)
       "writes" -> only_writes(Keyword.get(opts, :runs, 9))
+      "scheduler" -> only_scheduler()
       nil -> run_all(argv, opts, quick?, churn)
     end
   end
@@ -107,6 +110,50 @@ defmodule Bench.Main do
     end
   end
 
+  # The scheduler-health rows alone, console only: the ticker during 100k
+  # tracks (each system), 1M tracks (ours), and 4 listers of a 10k topic.
+  defp only_scheduler do
+    adapters = start_systems() |> adapters()
+    warm_up(adapters)
+    Report.print_header()
+
+    report =
+      Enum.reduce(adapters, Report.new(), fn adapter, report ->
+        guarded(report, "100k", adapter, "track with a ticker", fn ->
+          Workloads.lifecycle(adapter, shape("100k", 100 * @k), runs: 1, ticker: true)
+        end)
+      end)
+
+    report = run_listers(report, adapters)
+
+    report =
+      guarded(report, "1M", Adapter.Drab, "track with a ticker", fn ->
+        Workloads.lifecycle(Adapter.Drab, shape("1M", 1_000 * @k), runs: 1, ticker: true)
+      end)
+
+    for label <- ["100k", "1M", listers_label()] do
+      IO.puts("  #{label}:")
+      Report.print_size(report, label)
+    end
+
+    if report.errors != [], do: System.halt(1)
+  end
+
+  @listers 4
+  @lister_ms 3_000
+
+  defp listers_label, do: "10k, #{@listers} listers"
+
+  defp run_listers(report, adapters) do
+    label = listers_label()
+
+    Enum.reduce(adapters, report, fn adapter, report ->
+      guarded(report, label, adapter, "concurrent list/1", fn ->
+        Workloads.concurrent_lists(adapter, shape(label, 10 * @k), @listers, @lister_ms)
+      end)
+    end)
+  end
+
   defp spread(values) do
     sorted = Enum.sort(values)
     median = Enum.at(sorted, div(length(sorted), 2))
@@ -144,18 +191,24 @@ defmodule Bench.Main do
       [shape("1k", @k), shape("10k", 10 * @k)] ++
         if(quick?, do: [], else: [shape("100k", 100 * @k)])
 
-    spread = %Shape{label: "10k / 1k topics", n: 10 * @k, topics: @k}
+    spread =
+      [%Shape{label: "10k / 1k topics", n: 10 * @k, topics: @k}] ++
+        if(quick?, do: [], else: [%Shape{label: "100k / 100k topics", n: 100 * @k, topics: 100 * @k}])
+
     alone = if quick?, do: [], else: [shape("1M", 1_000 * @k)]
 
     report = %{Report.new() | floors: floors, idle: idle_tick}
     Report.print_header()
 
     report =
-      Enum.reduce(one_topic ++ [spread], report, fn shape, report ->
+      Enum.reduce(one_topic ++ spread, report, fn shape, report ->
         run_shape(report, adapters, shape)
       end)
 
     report = Enum.reduce(alone, report, &run_shape(&2, [Adapter.Drab], &1))
+    report = run_listers(report, adapters)
+    IO.puts("  #{listers_label()}:")
+    Report.print_size(report, listers_label())
 
     storms =
       [{"1k subscribers", @k, adapters}, {"5k subscribers", 5 * @k, adapters}] ++
@@ -241,7 +294,7 @@ defmodule Bench.Main do
   end
 
   defp run_shape(report, adapters, %Shape{} = shape) do
-    big? = shape.n >= 100 * @k
+    big? = shape.n >= 100 * @k and shape.topics == 1
     runs = if big?, do: 1, else: @small_runs
 
     report =

@@ -15,7 +15,8 @@ defmodule Bench.Population do
 
   def new(adapter, %Shape{n: n, topics: t} = shape) do
     run = System.unique_integer([:positive])
-    topics = for i <- 0..(t - 1), do: "bench:#{run}:#{shape.label}:#{i}"
+    # Short, as per-user topics are ("user:42"); unique to the run.
+    topics = for i <- 0..(t - 1), do: "bench:#{run}:#{i}"
     by_index = List.to_tuple(topics)
     {_herd, pids} = herd = Harness.spawn_herd(n)
 
@@ -306,6 +307,56 @@ defmodule Bench.Workloads do
     check!(empty?, "list/1 not empty after untrack")
 
     %{untrack_us: wall_us / n, untrack_diff_ms: diff_us / 1_000}
+  end
+
+  @doc """
+  7. Concurrent listers: `listers` processes list a topic of `shape.n`
+  presences over and over for `ms` milliseconds, as channels joining a
+  busy topic each push its presence_state. The ticker's lateness
+  meanwhile, the longest stalls, and the lists per second achieved; every
+  list is checked for size.
+  """
+  def concurrent_lists(adapter, %Shape{} = shape, listers, ms) do
+    pop = Population.new(adapter, shape)
+
+    try do
+      run_callers(pop.entries, @callers, fn {pid, topic, key} ->
+        {:ok, _} = adapter.track(pid, topic, key, @meta)
+      end)
+
+      Subscriber.await(pop.subscriber, shape.n, now(), @diff_timeout)
+      adapter.quiesce()
+      [topic] = pop.topics
+      n = shape.n
+      me = self()
+      watch = start_watch()
+      deadline = System.monotonic_time(:millisecond) + ms
+
+      for i <- 1..listers do
+        spawn_link(fn ->
+          Process.put(:bench_role, "lister #{i}")
+          send(me, {:listed, list_until(adapter, topic, n, deadline, 0)})
+        end)
+      end
+
+      lists = Enum.sum(for _ <- 1..listers, do: receive(do: ({:listed, count} -> count)))
+      health = stop_watch(watch)
+
+      %{concurrent_lists_per_s: lists * 1_000 / ms}
+      |> put_health(:lists, health)
+    after
+      Population.teardown(pop, adapter)
+    end
+  end
+
+  defp list_until(adapter, topic, n, deadline, count) do
+    if System.monotonic_time(:millisecond) >= deadline do
+      count
+    else
+      listed = adapter.list(topic)
+      check!(map_size(listed) == n, "a concurrent list/1 held #{map_size(listed)} keys, not #{n}")
+      list_until(adapter, topic, n, deadline, count + 1)
+    end
   end
 
   @doc """
