@@ -14,8 +14,10 @@ defmodule Drab.Presence.Backend do
   @type reason :: :already_tracked | :not_tracked | :noproc | :stale | :meta_too_large
   @type grouped :: %{optional(key) => %{metas: [map()]}}
   @type part_id :: non_neg_integer()
+  # Microseconds since the oldest change a part carries, as it is handed out.
+  @type age_us :: non_neg_integer()
 
-  @callback new(keyword()) :: handle()
+  @callback new(presence_module :: module(), keyword()) :: handle()
   @callback configure(handle(), keyword()) :: :ok
   @callback set_dispatcher(handle(), pid()) :: pending? :: boolean()
   # A pid that is no longer alive is answered `{:ok, phx_ref}` with nothing
@@ -33,7 +35,7 @@ defmodule Drab.Presence.Backend do
   @callback take_diffs(handle(), max_topics :: pos_integer()) ::
               {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()}
   @callback next_part(handle()) ::
-              {part_id(), topic(), joins :: grouped(), leaves :: grouped()} | :none
+              {part_id(), topic(), joins :: grouped(), leaves :: grouped(), age_us()} | :none
   @callback ack_part(handle(), part_id()) :: :ok
   @callback stats(handle()) :: %{atom() => non_neg_integer()}
   # Returns once every write made before the call is in the table, and has

@@ -179,7 +179,7 @@ defmodule Drab.Presence.Dispatcher do
       :none ->
         :empty
 
-      {id, topic, joins, leaves} ->
+      {id, topic, joins, leaves, _age_us} ->
         deliver(state, topic, joins, leaves)
         :ok = backend.ack_part(table, id)
         deliver_parts(state, budget - 1)

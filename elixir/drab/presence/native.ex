@@ -90,10 +90,11 @@ defmodule Drab.Presence.Native do
   def table_take_diffs_dirty(_table, _max_topics), do: err()
 
   @spec table_next_part(table()) ::
-          {non_neg_integer(), binary(), map(), map()} | :none | :too_large
+          {non_neg_integer(), binary(), map(), map(), non_neg_integer()} | :none | :too_large
   def table_next_part(_table), do: err()
 
-  @spec table_next_part_dirty(table()) :: {non_neg_integer(), binary(), map(), map()} | :none
+  @spec table_next_part_dirty(table()) ::
+          {non_neg_integer(), binary(), map(), map(), non_neg_integer()} | :none
   def table_next_part_dirty(_table), do: err()
 
   @spec table_ack_part(table(), non_neg_integer()) :: :ok

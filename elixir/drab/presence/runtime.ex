@@ -40,7 +40,8 @@ defmodule Drab.Presence.Runtime do
 
     case :persistent_term.get({__MODULE__, module}, nil) do
       nil ->
-        put(module, %__MODULE__{backend: backend, table: backend.new(opts), delivery: delivery})
+        table = backend.new(module, opts)
+        put(module, %__MODULE__{backend: backend, table: table, delivery: delivery})
 
       %__MODULE__{backend: ^backend, table: table} = runtime ->
         :ok = backend.configure(table, opts)

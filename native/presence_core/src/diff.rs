@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::time::Instant;
 
 use crate::cow_chunks::Snapshot;
 use crate::delta::DeltaWriter;
@@ -34,6 +35,9 @@ struct ReplicaLeave<O, M> {
 /// has some: a topic nobody changes carries no diff state at all.
 #[derive(Debug)]
 pub(crate) struct PendingDiff<O, M> {
+    /// When it was opened, by the topic's first change since its last
+    /// diff: its subscribers have waited since then (a diff's latency).
+    since: Instant,
     /// Presences with a seq at or after this one joined (or changed) since
     /// the last diff: their join is pending. A leave of one of them cancels
     /// that join instead of being recorded.
@@ -75,6 +79,7 @@ where
     /// every presence already on the topic was told of in an earlier diff.
     pub(crate) fn new(next_seq: u64) -> Self {
         Self {
+            since: Instant::now(),
             joins_from_seq: next_seq,
             observed_before_seq: 0,
             coalesced_joins: false,
@@ -208,6 +213,7 @@ where
         let (gone_joins, leaves) = self.take_gone_joins_and_leaves();
         TopicDiff {
             topic,
+            since: self.since,
             ops: self.ops,
             gone_joins,
             leaves,
@@ -228,6 +234,9 @@ where
 #[derive(Debug)]
 pub struct TopicDiff<O, M> {
     pub topic: Bytes,
+    /// When the topic's first change since the previous diff was made: its
+    /// subscribers have waited since then.
+    pub since: Instant,
     pub(crate) ops: Vec<Op<O, M>>,
     /// Joins of presences gone since, sent because a listing showed them
     /// (see `Topic::record_leave`): to subscribers only, with their leaves.

@@ -7,6 +7,7 @@
 //! order they were queued, so subscribers see every topic's diffs in order.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use crate::diff::{cut, PartLimits, TopicDiff};
 use crate::presence::{Bytes, Presence};
@@ -37,6 +38,18 @@ pub struct OutboxPart<O, M> {
     pub leaves: Vec<Presence<O, M>>,
     /// Their [`listed_size`], summed.
     pub bytes: usize,
+    /// When the oldest change it carries was made (its diff's
+    /// [`TopicDiff::since`]).
+    pub since: Instant,
+}
+
+impl<O, M> OutboxPart<O, M> {
+    /// Microseconds since its oldest change. Reported as an age, not a
+    /// time: the reader's clock (the VM's, or the other side of a pipe)
+    /// is not this one.
+    pub fn age_us(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
 }
 
 #[derive(Debug)]
@@ -67,24 +80,31 @@ impl<O: Clone, M: Clone + AsRef<[u8]>> Outbox<O, M> {
     /// Queues `diff`, cut into parts within [`PART_LIMITS`].
     pub fn push_diff(&mut self, diff: &TopicDiff<O, M>) {
         for (joins, leaves) in diff.parts(PART_LIMITS, listed_size) {
-            self.push(&diff.topic, joins, leaves);
+            self.push(&diff.topic, joins, leaves, diff.since);
         }
     }
 
     /// Queues leaves of `topic` that come from no diff (owed after a
-    /// restart), cut into parts within [`PART_LIMITS`].
+    /// restart, dated from now), cut into parts within [`PART_LIMITS`].
     pub fn push_leaves(&mut self, topic: &Bytes, leaves: &[Presence<O, M>]) {
+        let now = Instant::now();
         for (joins, leaves) in cut(
             Vec::new(),
             leaves.iter().collect(),
             PART_LIMITS,
             &listed_size,
         ) {
-            self.push(topic, joins, leaves);
+            self.push(topic, joins, leaves, now);
         }
     }
 
-    fn push(&mut self, topic: &Bytes, joins: Vec<&Presence<O, M>>, leaves: Vec<&Presence<O, M>>) {
+    fn push(
+        &mut self,
+        topic: &Bytes,
+        joins: Vec<&Presence<O, M>>,
+        leaves: Vec<&Presence<O, M>>,
+        since: Instant,
+    ) {
         let bytes = joins.iter().chain(&leaves).map(|p| listed_size(p)).sum();
         let id = self.next_id;
         self.next_id += 1;
@@ -94,6 +114,7 @@ impl<O: Clone, M: Clone + AsRef<[u8]>> Outbox<O, M> {
             joins: joins.into_iter().cloned().collect(),
             leaves: leaves.into_iter().cloned().collect(),
             bytes,
+            since,
         });
     }
 
@@ -161,5 +182,16 @@ mod tests {
 
         outbox.push_leaves(&topic, &[]);
         assert!(outbox.is_empty(), "no leaves, no part");
+    }
+
+    #[test]
+    fn a_part_s_age_counts_from_its_oldest_change() {
+        let mut outbox = Outbox::new(0);
+        let topic = Bytes::from("t");
+        outbox.push_leaves(&topic, &[leave("k", 1)]);
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        let part = outbox.front().unwrap();
+        assert!(part.age_us() >= 3_000, "{} us", part.age_us());
+        assert!(part.age_us() < 60_000_000);
     }
 }

@@ -510,6 +510,7 @@ where
 mod tests {
     use super::*;
     use crate::PartLimits;
+    use std::time::Instant;
 
     fn limit(presences: usize) -> PartLimits {
         PartLimits {
@@ -897,6 +898,27 @@ mod tests {
         assert_eq!(r.next_diff_work(), 1);
         assert_eq!(r.take_diffs(10, 5).len(), 1);
         assert_eq!(r.next_diff_work(), 0);
+    }
+
+    #[test]
+    fn a_diff_is_dated_by_its_topic_s_first_change() {
+        let mut r = reg();
+        let before = Instant::now();
+        r.track(1, b"t", b"a", "m", watch).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let later = Instant::now();
+        r.track(2, b"t", b"b", "m", watch).unwrap();
+        r.track(3, b"u", b"c", "m", watch).unwrap();
+        let diffs = r.take_diffs(10, usize::MAX);
+        assert!(
+            diffs[0].since >= before && diffs[0].since < later,
+            "its first change"
+        );
+        assert!(diffs[1].since >= later);
+
+        // Dated anew once taken.
+        r.track(4, b"t", b"d", "m", watch).unwrap();
+        assert!(r.take_diffs(10, usize::MAX)[0].since >= later);
     }
 
     #[test]

@@ -545,9 +545,10 @@ fn take_diffs(env: Env, table: &Table, max_topics: usize, max_work: usize) -> (u
     (queued, table.lock().registry.pending_topics())
 }
 
-/// The oldest unacknowledged part as `{id, topic, joins, leaves}` (grouped
-/// like `list`), `:none`, or `:too_large` for `table_next_part_dirty`. It
-/// stays in the outbox until `table_ack_part/2`.
+/// The oldest unacknowledged part as `{id, topic, joins, leaves, age_us}`
+/// (grouped like `list`; `age_us`: microseconds since its oldest change),
+/// `:none`, or `:too_large` for `table_next_part_dirty`. It stays in the
+/// outbox until `table_ack_part/2`.
 #[rustler::nif]
 fn table_next_part(env: Env, table: ResourceArc<Table>) -> Term {
     let outbox = table.outbox.lock();
@@ -574,6 +575,7 @@ fn part_term<'a>(env: Env<'a>, part: Option<&OutboxPart<LocalPid, Meta>>) -> Ter
             encode::bytes_term(env, &part.topic),
             encode::grouped(env, part.joins.iter()),
             encode::grouped(env, part.leaves.iter()),
+            part.age_us(),
         )
             .encode(env),
     }

@@ -69,11 +69,20 @@
 //!          whose leaves subscribers have been told (or never needed), so
 //!          the BEAM stops owing them
 //! ```
+//!
+//! Version 4: each part of a `NextPart` reply carries its age, the
+//! microseconds since the oldest change it holds (read from the sidecar's
+//! clock as the reply is made), so that the BEAM can report a diff's
+//! latency from the change to its broadcast without comparing clocks.
+//!
+//! ```text
+//! NextPart max:u32 -> n:u32 (part:u64 age_us:u64 str(topic) str(joins) str(leaves))*n
+//! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The protocol version this sidecar speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// First bytes of a `Hello` body.
 pub const MAGIC: &[u8; 4] = b"DRPS";
 /// The largest frame read: a meta of the largest `max_meta_bytes` (1 GiB)
@@ -842,6 +851,8 @@ pub struct CountChange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartBody {
     pub part: u64,
+    /// Microseconds since its oldest change, when the reply was made.
+    pub age_us: u64,
     pub topic: Bytes,
     pub joins: Bytes,
     pub leaves: Bytes,
@@ -889,6 +900,7 @@ impl Body {
                 out.put_u32(parts.len() as u32);
                 for p in parts {
                     out.put_u64(p.part);
+                    out.put_u64(p.age_us);
                     put_str(&mut out, &p.topic);
                     put_str(&mut out, &p.joins);
                     put_str(&mut out, &p.leaves);
@@ -973,11 +985,12 @@ impl Body {
                 delivered: read_refs(&mut r)?,
             },
             Op::NextPart => {
-                let n = r.count(8 + 4 + 4 + 4)?;
+                let n = r.count(8 + 8 + 4 + 4 + 4)?;
                 let mut parts = Vec::with_capacity(n);
                 for _ in 0..n {
                     parts.push(PartBody {
                         part: r.u64()?,
+                        age_us: r.u64()?,
                         topic: r.str()?,
                         joins: r.str()?,
                         leaves: r.str()?,

@@ -284,6 +284,7 @@ impl Store {
             bytes += joins.len() + leaves.len();
             parts.push(PartBody {
                 part: part.id,
+                age_us: part.age_us(),
                 topic: Bytes::copy_from_slice(&part.topic),
                 joins: joins.into(),
                 leaves: leaves.into(),

@@ -185,6 +185,7 @@ fn every_body() -> Vec<(Op, Body)> {
             Body::Parts(vec![
                 PartBody {
                     part: 9,
+                    age_us: 51_234,
                     topic: b("t"),
                     joins: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),
                     leaves: Bytes::from_static(&[131, 116, 0, 0, 0, 0]),

@@ -211,6 +211,24 @@ async fn writes_apply_the_refs_the_beam_made() {
 }
 
 #[tokio::test]
+async fn a_part_carries_its_age_since_the_oldest_change() {
+    let (mut c, _task) = started().await;
+    c.write(track_request(1, "t", "ann", 10)).await;
+    // Applied (replies come in order), then 5 ms on the sidecar's clock.
+    assert_eq!(counts(&mut c, "t").await, (1, 1));
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    c.write(track_request(2, "t", "bob", 11)).await;
+    c.call(Request::TakeDiffs { max_topics: 10 }).await;
+    let part = next_part(&mut c).await.expect("a part");
+    assert!(
+        part.age_us >= 5_000,
+        "counted from ann's track: {} us",
+        part.age_us
+    );
+    assert!(part.age_us < 60_000_000);
+}
+
+#[tokio::test]
 async fn a_large_listing_streams_in_chunks() {
     let (mut c, _task) = started().await;
     for i in 0..2_500u64 {

@@ -47,7 +47,7 @@ defmodule Drab.Presence.ModelProperTest do
   end
 
   defp run_ops(ops) do
-    table = @table.new(max_meta_bytes: 1_024)
+    table = @table.new(__MODULE__, max_meta_bytes: 1_024)
     owners = Map.new(@owners, &{&1, spawn_owner()})
     views = Map.new(@topics, &{&1, %{pure: %{}, listing: %{}}})
     state = %{table: table, owners: owners, model: %{}, views: views}
@@ -133,7 +133,7 @@ defmodule Drab.Presence.ModelProperTest do
       :none ->
         views
 
-      {id, topic, joins, leaves} ->
+      {id, topic, joins, leaves, _age_us} ->
         :ok = @table.ack_part(table, id)
         apply_parts(table, apply_part(views, topic, joins, leaves))
     end

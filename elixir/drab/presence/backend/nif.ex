@@ -6,7 +6,7 @@ defmodule Drab.Presence.Backend.NIF do
   alias Drab.Presence.Native
 
   @impl true
-  def new(opts) do
+  def new(_module, opts) do
     table = Native.table_new(Keyword.fetch!(opts, :max_meta_bytes))
     :ok = Native.table_set_exact(table, exact?(opts))
     table

@@ -29,7 +29,7 @@ defmodule Drab.Presence.Backend.Sidecar do
   end
 
   @impl true
-  def new(opts) do
+  def new(module, opts) do
     max = Keyword.fetch!(opts, :max_meta_bytes)
     path = executable()
 
@@ -43,7 +43,7 @@ defmodule Drab.Presence.Backend.Sidecar do
             "backend: :sidecar needs the :drab_presence application started (its supervisor " <>
               "keeps the sidecar running)"
 
-    handle = Handle.new(max, pool_size(), path)
+    handle = Handle.new(module, max, pool_size(), path)
     :atomics.put(handle.max_meta, 2, exact(opts))
 
     spec = %{
@@ -191,7 +191,7 @@ defmodule Drab.Presence.Backend.Sidecar do
             :none
 
           {0, <<_n::32, parts::binary>>} ->
-            [first | _] = read = read_parts(parts)
+            [first | _] = read = read_parts(parts, System.monotonic_time(:microsecond))
             Process.put({__MODULE__, :parts, id}, read)
             decode_part(first)
         end
@@ -200,23 +200,26 @@ defmodule Drab.Presence.Backend.Sidecar do
 
   # Each part is decoded as it is handed out, not all at once: the
   # dispatcher broadcasts between two parts instead of decoding 256 KB in
-  # one go.
-  defp decode_part({id, topic, joins, leaves}),
-    do: {id, topic, :erlang.binary_to_term(joins), :erlang.binary_to_term(leaves)}
+  # one go. Its age is the sidecar's, plus the time it waited here.
+  defp decode_part({id, topic, joins, leaves, age_us, read_at}) do
+    age_us = age_us + System.monotonic_time(:microsecond) - read_at
+    {id, topic, :erlang.binary_to_term(joins), :erlang.binary_to_term(leaves), age_us}
+  end
 
-  defp read_parts(<<>>), do: []
+  defp read_parts(<<>>, _read_at), do: []
 
   defp read_parts(
-         <<id::64, tl::32, topic::binary-size(tl), jl::32, joins::binary-size(jl), ll::32,
-           leaves::binary-size(ll), rest::binary>>
+         <<id::64, age_us::64, tl::32, topic::binary-size(tl), jl::32, joins::binary-size(jl),
+           ll::32, leaves::binary-size(ll), rest::binary>>,
+         read_at
        ) do
-    [{id, :binary.copy(topic), joins, leaves} | read_parts(rest)]
+    [{id, :binary.copy(topic), joins, leaves, age_us, read_at} | read_parts(rest, read_at)]
   end
 
   @impl true
   def ack_part(%Handle{id: id} = handle, part) do
     case Process.get({__MODULE__, :parts, id}, []) do
-      [{^part, _, _, _} | rest] -> Process.put({__MODULE__, :parts, id}, rest)
+      [{^part, _, _, _, _, _} | rest] -> Process.put({__MODULE__, :parts, id}, rest)
       _ -> :ok
     end
 

@@ -30,6 +30,7 @@ defmodule Drab.Presence.Sidecar.Handle do
 
   @enforce_keys [
     :id,
+    :module,
     :journal,
     :leaves,
     :counts,
@@ -46,6 +47,7 @@ defmodule Drab.Presence.Sidecar.Handle do
 
   @type t :: %__MODULE__{
           id: pos_integer(),
+          module: module(),
           journal: atom(),
           leaves: atom(),
           counts: atom(),
@@ -59,9 +61,12 @@ defmodule Drab.Presence.Sidecar.Handle do
           path: Path.t()
         }
 
-  @doc "A handle for a new table; `create_tables/1` makes its tables."
-  @spec new(pos_integer(), pos_integer(), Path.t()) :: t()
-  def new(max_meta_bytes, pool_size, path) do
+  @doc """
+  A handle for a new table of presence module `module` (named in telemetry
+  events); `create_tables/1` makes its tables.
+  """
+  @spec new(module(), pos_integer(), pos_integer(), Path.t()) :: t()
+  def new(module, max_meta_bytes, pool_size, path) do
     id = :erlang.unique_integer([:positive])
     name = fn suffix -> :"drab_presence_sidecar_#{id}_#{suffix}" end
     # 1: max_meta_bytes; 2: 1 for `diff_window: 0` (one diff per operation).
@@ -73,6 +78,7 @@ defmodule Drab.Presence.Sidecar.Handle do
 
     %__MODULE__{
       id: id,
+      module: module,
       journal: name.(:journal),
       leaves: name.(:leaves),
       counts: name.(:counts),

@@ -8,7 +8,9 @@ defmodule Drab.Presence.Sidecar.Wire do
   # delta_started byte in take_diffs replies, replicas in stats).
   # 3: writes decided on the BEAM side, with their refs, and not answered;
   # Wake frames; delivered leaves in take_diffs and ack_part replies.
-  @version 3
+  # 4: each next_part part carries its age (microseconds since its oldest
+  # change), for the diff latency in telemetry.
+  @version 4
 
   @ops %{
     hello: 1,
