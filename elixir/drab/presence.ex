@@ -12,11 +12,11 @@ defmodule Drab.Presence do
   ## Setup
 
   Enable presence as with Drab, in `config/runtime.exs` (so that Drab does
-  not compile a `Drab.Presence` of its own) and as a keyword list (Drab 0.10
-  fails on `true`), and add `Drab.Presence` to your supervision tree:
+  not compile a `Drab.Presence` of its own), and add `Drab.Presence` to
+  your supervision tree:
 
       # config/runtime.exs
-      config :drab, :presence, id: []
+      config :drab, :presence, true     # or a keyword list, e.g. id: [session: :user_id]
 
       children = [
         MyAppWeb.Endpoint,
@@ -58,8 +58,10 @@ defmodule Drab.Presence do
     * `:id` - where the presence key comes from: `[session: key]`,
       `[store: key]`, or both, the first one listed winning. Without a value
       there, the key is the browser id (`socket.assigns.__client_id`).
-      `config :drab, :presence, true` uses the browser id; a keyword list
-      without `:id` means `[session: :user_id]`, as in Drab.
+      `config :drab, :presence, true` uses the browser id (it is read as
+      `id: []` when the application starts, since Drab 0.10 itself fails on
+      `true`); a keyword list without `:id` means `[session: :user_id]`, as
+      in Drab.
     * `:module` - your own presence module (see below). Defaults to `Drab.Presence`.
     * `:endpoint` - the endpoint whose pubsub server carries diffs, when the
       `:drab` config names several.

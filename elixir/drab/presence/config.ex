@@ -29,19 +29,13 @@ defmodule Drab.Presence.Config do
     end
   end
 
-  @doc """
-  Options for `Drab.Presence` itself: our keys from the config list, with
-  the pubsub server of the Drab endpoint unless one is given.
-  """
+  @doc "Options for `Drab.Presence` itself: our keys from the config list."
   @spec options() :: keyword()
   def options do
-    own =
-      case presence() do
-        options when is_list(options) -> Keyword.drop(options, [:id, :module, :endpoint])
-        _ -> []
-      end
-
-    Keyword.put_new_lazy(own, :pubsub_server, &endpoint_pubsub/0)
+    case presence() do
+      options when is_list(options) -> Keyword.drop(options, [:id, :module, :endpoint])
+      _ -> []
+    end
   end
 
   @doc """
@@ -77,11 +71,17 @@ defmodule Drab.Presence.Config do
 
   defp session(assigns, key), do: assigns[:__session] && assigns[:__session][key]
 
-  # Drab keeps endpoint settings under `config :drab, MyEndpoint, otp_app: app`;
-  # the endpoint's own config names its pubsub server (`pubsub_server:` since
-  # Phoenix 1.5, `pubsub: [name: ...]` before). No endpoint, no pubsub: the
-  # built-in subscription is used instead of raising as Drab does.
-  defp endpoint_pubsub do
+  @doc """
+  The pubsub server of the Drab endpoint (the configured `endpoint:`, or
+  the only one Drab has config for), or `nil`.
+
+  Drab keeps endpoint settings under `config :drab, MyEndpoint, otp_app: app`;
+  the endpoint's own config names its pubsub server (`pubsub_server:` since
+  Phoenix 1.5, `pubsub: [name: ...]` before). No endpoint, no pubsub: the
+  built-in subscription is used instead of raising as Drab does.
+  """
+  @spec endpoint_pubsub_server() :: atom() | nil
+  def endpoint_pubsub_server do
     with endpoint when not is_nil(endpoint) <- get(:endpoint) || single_endpoint(),
          {:ok, app} <- :drab |> Application.get_env(endpoint, []) |> Keyword.fetch(:otp_app),
          config when is_list(config) <- Application.get_env(app, endpoint) do

@@ -27,21 +27,26 @@ defmodule Drab.Presence.Definition do
       its built-in subscriber registry. The table itself is created on the
       first start and survives restarts.
 
-      Options are merged from, in increasing precedence: the options given to
-      `use`, the application env (`config otp_app, #{inspect(__MODULE__)}, ...`),
-      and `opts`.
+      Options are merged as Phoenix.Presence merges them, in increasing
+      precedence: the options given to `use`, `opts` (the child spec's), and
+      the application env (`config otp_app, #{inspect(__MODULE__)}, ...`),
+      so that what is configured for an environment wins.
 
       #{Drab.Presence.Options.docs()}
       """
       @spec start_link(keyword()) :: Supervisor.on_start()
       def start_link(opts \\ []) do
-        Drab.Presence.Server.start_link(__MODULE__, __presence_options__(), opts)
+        layers = Drab.Presence.Definition.options(__MODULE__, @drab_presence_opts, opts)
+        Drab.Presence.Server.start_link(__MODULE__, layers)
       end
 
       @doc false
+      # The options of `use`, and those configured for the app.
       @spec __presence_options__() :: keyword()
       def __presence_options__ do
-        Drab.Presence.Definition.options(__MODULE__, @drab_presence_opts)
+        __MODULE__
+        |> Drab.Presence.Definition.options(@drab_presence_opts, [])
+        |> Enum.reduce([], &Keyword.merge(&2, &1))
       end
 
       @doc """
@@ -203,15 +208,25 @@ defmodule Drab.Presence.Definition do
   end
 
   @doc false
-  @spec options(module(), keyword()) :: keyword()
-  def options(Drab.Presence, use_opts) do
-    Keyword.merge(use_opts, Drab.Presence.Config.options())
+  # The layers of a module's options, in Phoenix.Presence's order: `use`,
+  # the child spec's `opts`, then the app env. Drab.Presence's app env is
+  # Drab's presence config, and its pubsub server defaults to the Drab
+  # endpoint's (a default, under everything given).
+  @spec options(module(), keyword(), keyword()) :: [keyword()]
+  def options(Drab.Presence, use_opts, opts) do
+    defaults =
+      case Drab.Presence.Config.endpoint_pubsub_server() do
+        nil -> use_opts
+        pubsub -> Keyword.put(use_opts, :pubsub_server, pubsub)
+      end
+
+    [defaults, opts, Drab.Presence.Config.options()]
   end
 
-  def options(module, use_opts) do
+  def options(module, use_opts, opts) do
     case Keyword.fetch(use_opts, :otp_app) do
-      {:ok, app} -> Keyword.merge(use_opts, Application.get_env(app, module, []))
-      :error -> use_opts
+      {:ok, app} -> [use_opts, opts, Application.get_env(app, module, [])]
+      :error -> [use_opts, opts]
     end
   end
 

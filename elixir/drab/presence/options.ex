@@ -4,6 +4,8 @@ defmodule Drab.Presence.Options do
   # and rendered into the docs. No NimbleOptions (no hex here): the same
   # shape, written once.
 
+  require Logger
+
   @schema [
     otp_app: [
       type: :atom,
@@ -89,17 +91,31 @@ defmodule Drab.Presence.Options do
           permdown_period: pos_integer()
         ]
 
+  # Phoenix.Tracker's options, which Phoenix.Presence passes through: a
+  # module migrated from `use Phoenix.Presence` keeps them. Those with a
+  # meaning here become our options (unless ours are given); the others
+  # have none (one table, no shards; no clocks to sample; our own log
+  # levels) and are ignored with one debug log.
+  @tracker_options [
+    :pool_size,
+    :broadcast_period,
+    :max_silent_periods,
+    :clock_sample_periods,
+    :log_level
+  ]
+
   @doc """
-  Merges `opts` over `defaults`, validates the result against the schema
-  and fills in defaults. Raises `ArgumentError` naming the bad key.
+  Merges `layers` (keyword lists, each over the ones before it), takes in
+  Phoenix.Tracker's options, validates the result against the schema and
+  fills in defaults. Raises `ArgumentError` naming the bad key.
   """
-  @spec validate!(keyword(), term()) :: keyword()
-  def validate!(defaults \\ [], opts) do
-    for options <- [defaults, opts], not Keyword.keyword?(options) do
+  @spec validate!([keyword()]) :: keyword()
+  def validate!(layers) do
+    for options <- layers, not Keyword.keyword?(options) do
       raise ArgumentError, "presence options must be a keyword list, got: #{inspect(options)}"
     end
 
-    opts = Keyword.merge(defaults, opts)
+    opts = layers |> Enum.reduce([], &Keyword.merge(&2, &1)) |> from_tracker_options()
 
     known = Keyword.keys(@schema)
 
@@ -110,7 +126,7 @@ defmodule Drab.Presence.Options do
       unknown ->
         raise ArgumentError,
               "unknown presence options #{inspect(Enum.uniq(unknown))}; known options are " <>
-                inspect(known)
+                inspect(known) <> " (and Phoenix.Tracker's #{inspect(@tracker_options)})"
     end
 
     for {key, value} <- opts do
@@ -124,6 +140,49 @@ defmodule Drab.Presence.Options do
     |> Keyword.merge(opts)
     |> check_periods!()
   end
+
+  # `broadcast_period` is how often a tracker tells its peers what changed:
+  # our `heartbeat_period`. Phoenix's `down_period` defaults to
+  # `broadcast_period * max_silent_periods * 2` (30 s, as ours), so a module
+  # that sets either keeps the down period it had.
+  defp from_tracker_options(opts) do
+    {tracker, opts} = Keyword.split(opts, @tracker_options)
+
+    if tracker == [] do
+      opts
+    else
+      broadcast = Keyword.get(tracker, :broadcast_period, 1_500)
+      silent = Keyword.get(tracker, :max_silent_periods, 10)
+
+      for {key, value} <- tracker,
+          key in [:broadcast_period, :max_silent_periods],
+          not is_integer(value) or value < 1 do
+        raise ArgumentError,
+              "invalid value for #{inspect(key)}: expected a positive integer, got: #{inspect(value)}"
+      end
+
+      ignored = Keyword.keys(tracker) -- [:broadcast_period, :max_silent_periods]
+
+      if ignored != [] do
+        Logger.debug(
+          "Drab.Presence ignores the Phoenix.Tracker options #{inspect(ignored)}: " <>
+            "they have no meaning for its table"
+        )
+      end
+
+      opts
+      |> put_new_if(Keyword.has_key?(tracker, :broadcast_period), :heartbeat_period, broadcast)
+      |> put_new_if(
+        Keyword.has_key?(tracker, :broadcast_period) or
+          Keyword.has_key?(tracker, :max_silent_periods),
+        :down_period,
+        broadcast * silent * 2
+      )
+    end
+  end
+
+  defp put_new_if(opts, true, key, value), do: Keyword.put_new(opts, key, value)
+  defp put_new_if(opts, false, _key, _value), do: opts
 
   # Periods that only make sense in one order.
   defp check_periods!(opts) do
@@ -153,7 +212,13 @@ defmodule Drab.Presence.Options do
           else: ""
 
       "  * `#{inspect(key)}` - #{spec[:doc]}.#{default}\n"
-    end
+    end <>
+      "\nPhoenix.Tracker's options are taken too, so that a module moved from " <>
+      "`use Phoenix.Presence` keeps its own: `:broadcast_period` is `:heartbeat_period`, " <>
+      "and with `:max_silent_periods` it sets `:down_period` as Phoenix does " <>
+      "(`broadcast_period * max_silent_periods * 2`), unless those are given; " <>
+      "`:pool_size`, `:clock_sample_periods` and `:log_level` have no meaning here " <>
+      "and are ignored.\n"
   end
 
   defp check!(_key, _value, :any), do: :ok

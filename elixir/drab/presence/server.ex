@@ -7,12 +7,14 @@ defmodule Drab.Presence.Server do
   # without subscriptions; subscribers that monitor it subscribe again.
   use Supervisor
 
-  alias Drab.Presence.{Broadcast, Cluster, Dispatcher, Metas, Options, Runtime}
+  alias Drab.Presence.{Broadcast, Cluster, Dispatcher, Metas, Options, Runtime, Setup}
 
   @doc false
-  @spec start_link(module(), keyword(), term()) :: Supervisor.on_start()
-  def start_link(module, defaults, opts) do
-    opts = Options.validate!(defaults, opts)
+  # `layers`: keyword lists of options, each over the ones before it.
+  @spec start_link(module(), [keyword()]) :: Supervisor.on_start()
+  def start_link(module, layers) do
+    opts = Options.validate!(layers)
+    if message = Setup.pubsub_problem(module, opts), do: :logger.warning(message)
     # Phoenix.Presence's check, raised here as options errors are.
     Metas.check!(module)
     # In the caller, so that a restart with options the running table

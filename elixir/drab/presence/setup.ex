@@ -6,12 +6,59 @@ defmodule Drab.Presence.Setup do
   require Logger
 
   @doc """
+  Makes `config :drab, :presence, true`, the first line of Drab's own docs,
+  a config Drab 0.10 can read: Drab reads it as a keyword list, and `true`
+  makes every Drab page fail. It becomes `[id: []]`, which means what
+  `true` means (presences keyed by browser id), and says so at info level.
+  Run when the :drab_presence application starts, before the app's own
+  tree and before Drab serves a page.
+  """
+  @spec normalize_config() :: :ok
+  def normalize_config do
+    if Application.get_env(:drab, :presence) == true do
+      Application.put_env(:drab, :presence, id: [])
+
+      Logger.info(
+        "`config :drab, :presence, true` is read as `config :drab, :presence, id: []` " <>
+          "(presences keyed by browser id, as `true` means): Drab 0.10 reads this " <>
+          "config as a keyword list, and fails every page on `true`"
+      )
+    end
+
+    :ok
+  end
+
+  @doc """
   Logs an error for each problem `problems/1` finds. Never raises: a
   misconfigured presence must not keep the rest of the app from booting.
   """
   @spec log_problems() :: :ok
   def log_problems do
     Enum.each(problems(), &Logger.error/1)
+  end
+
+  @doc """
+  A warning for a presence module started without a `:pubsub_server` in
+  an app that has Phoenix (`phoenix?`): its diffs then go to the built-in
+  registry, and Phoenix channels never hear of a join or a leave. `nil`
+  when there is nothing to say.
+  """
+  @spec pubsub_problem(module(), keyword(), boolean()) :: String.t() | nil
+  def pubsub_problem(module, opts, phoenix? \\ Code.ensure_loaded?(Phoenix.Channel)) do
+    if phoenix? and opts[:pubsub_server] == nil do
+      fix =
+        if module == Drab.Presence,
+          do:
+            "name the endpoint whose pubsub carries them (`config :drab, :presence, " <>
+              "endpoint: MyAppWeb.Endpoint`) or the server (`pubsub_server: MyApp.PubSub`)",
+          else:
+            "give it one: `use Drab.Presence, otp_app: ..., pubsub_server: MyApp.PubSub`, " <>
+              "or `config :my_app, #{inspect(module)}, pubsub_server: MyApp.PubSub`"
+
+      "#{inspect(module)} has no :pubsub_server, so its presence_diff broadcasts go to " <>
+        "subscribe/1's built-in registry only: Phoenix channels will not hear of joins " <>
+        "and leaves. To reach them, " <> fix <> "."
+    end
   end
 
   @doc """
@@ -46,6 +93,8 @@ defmodule Drab.Presence.Setup do
     end
   end
 
+  # Only when `true` was set after this application started (normalize_config/0
+  # has not seen it).
   defp true_config_with_drab(true, true = _drab_loaded?) do
     "`config :drab, :presence, true` makes every Drab page fail in Drab 0.10 " <>
       "(Drab.Config reads the presence config as a keyword list). Use a keyword list " <>

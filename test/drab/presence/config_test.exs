@@ -132,7 +132,104 @@ defmodule Drab.Presence.ConfigTest do
       end)
 
       with_presence(endpoint: ConfigTest.Endpoint)
-      assert Config.options()[:pubsub_server] == From.Endpoint
+      assert Config.endpoint_pubsub_server() == From.Endpoint
+      layers = Drab.Presence.Definition.options(Drab.Presence, [], [])
+      assert Drab.Presence.Options.validate!(layers)[:pubsub_server] == From.Endpoint
+
+      # A default: the config's own pubsub_server, or the child's, wins.
+      with_presence(endpoint: ConfigTest.Endpoint, pubsub_server: Own.PubSub)
+      layers = Drab.Presence.Definition.options(Drab.Presence, [], [])
+      assert Drab.Presence.Options.validate!(layers)[:pubsub_server] == Own.PubSub
+      with_presence(endpoint: ConfigTest.Endpoint)
+      layers = Drab.Presence.Definition.options(Drab.Presence, [], pubsub_server: Child.PubSub)
+      assert Drab.Presence.Options.validate!(layers)[:pubsub_server] == Child.PubSub
+    end
+
+    test "Phoenix.Presence's precedence: use, then the child spec, then the app env wins" do
+      defmodule Layered do
+        use Drab.Presence,
+          otp_app: :drab_presence,
+          backend: Drab.PresenceCase.backend(),
+          max_meta_bytes: 100,
+          diff_window: 10
+      end
+
+      use_opts = [otp_app: :drab_presence, max_meta_bytes: 100]
+      effective = &Drab.Presence.Definition.options(Layered, use_opts, &1)
+
+      Application.put_env(:drab_presence, Layered, max_meta_bytes: 300)
+      on_exit(fn -> Application.delete_env(:drab_presence, Layered) end)
+
+      assert Drab.Presence.Options.validate!(effective.(max_meta_bytes: 200))[:max_meta_bytes] ==
+               300
+
+      # Seen in behaviour: the env's limit applies, not the child's.
+      start_supervised!({Layered, max_meta_bytes: 200, cluster: false})
+      meta = %{blob: String.duplicate("x", 250)}
+      assert {:ok, _} = Layered.track(live_pid(), "layered", "k", meta)
+      stop_supervised!(Layered)
+
+      Application.delete_env(:drab_presence, Layered)
+
+      assert Drab.Presence.Options.validate!(effective.(max_meta_bytes: 200))[:max_meta_bytes] ==
+               200
+
+      assert Drab.Presence.Options.validate!(effective.([]))[:max_meta_bytes] == 100
+    end
+
+    test "Phoenix.Tracker's options: mapped where they mean something, else ignored" do
+      validate = &Drab.Presence.Options.validate!([&1])
+
+      log =
+        ExUnit.CaptureLog.capture_log([level: :debug], fn ->
+          opts = validate.(pool_size: 4, clock_sample_periods: 2, log_level: false)
+          assert opts[:heartbeat_period] == 1_500
+          assert opts[:down_period] == 30_000
+          refute Keyword.has_key?(opts, :pool_size)
+        end)
+
+      assert log =~
+               "ignores the Phoenix.Tracker options [:pool_size, :clock_sample_periods, " <>
+                 ":log_level]"
+
+      # Phoenix's down_period default: broadcast_period * max_silent_periods * 2.
+      opts = validate.(broadcast_period: 500, max_silent_periods: 4)
+      assert {opts[:heartbeat_period], opts[:down_period]} == {500, 4_000}
+      assert validate.(max_silent_periods: 5)[:down_period] == 15_000
+
+      # Ours, when given, win over what the tracker's would make of them.
+      opts = validate.(broadcast_period: 500, heartbeat_period: 700, down_period: 9_000)
+      assert {opts[:heartbeat_period], opts[:down_period]} == {700, 9_000}
+
+      assert_raise ArgumentError, ~r/invalid value for :broadcast_period/, fn ->
+        validate.(broadcast_period: 0)
+      end
+
+      # Still an error: a key neither we nor Phoenix.Tracker know.
+      assert_raise ArgumentError, ~r/unknown presence options \[:pool_sise\]/, fn ->
+        validate.(pool_sise: 1)
+      end
+    end
+
+    @tag :capture_log
+    test "a module migrated from Phoenix.Presence starts with the tracker options it passed" do
+      defmodule Migrated do
+        use Drab.Presence,
+          otp_app: :drab_presence,
+          backend: Drab.PresenceCase.backend(),
+          diff_window: 0,
+          pool_size: 8,
+          broadcast_period: 100,
+          max_silent_periods: 5,
+          down_period: 10_000,
+          permdown_period: 60_000,
+          clock_sample_periods: 3,
+          log_level: :info
+      end
+
+      start_supervised!(Migrated)
+      assert {:ok, _} = Migrated.track(live_pid(), "migrated", "k", %{})
+      assert Migrated.count_users("migrated") == 1
     end
 
     test "invalid options are refused up front with a clear message" do

@@ -1,5 +1,6 @@
 defmodule Drab.Presence.SetupTest do
-  use ExUnit.Case, async: true
+  # Some tests change the :drab application env, so not async.
+  use ExUnit.Case, async: false
 
   alias Drab.Presence.Setup
 
@@ -39,6 +40,79 @@ defmodule Drab.Presence.SetupTest do
     assert message =~ "does not `use Drab.Presence`"
     assert [message] = problems(presence_config: [module: No.Such.Module])
     assert message =~ "no such module"
+  end
+
+  describe "config :drab, :presence, true" do
+    setup do
+      previous = Application.fetch_env(:drab, :presence)
+
+      on_exit(fn ->
+        case previous do
+          {:ok, value} -> Application.put_env(:drab, :presence, value)
+          :error -> Application.delete_env(:drab, :presence)
+        end
+      end)
+    end
+
+    test "becomes [id: []], which Drab reads, said at info level" do
+      Application.put_env(:drab, :presence, true)
+
+      log = ExUnit.CaptureLog.capture_log([level: :info], &Setup.normalize_config/0)
+      assert Application.get_env(:drab, :presence) == [id: []]
+      assert log =~ "[info]"
+      assert log =~ "is read as `config :drab, :presence, id: []`"
+
+      # Still the browser id, as `true` meant.
+      socket = %{assigns: %{__client_id: "browser", __session: %{user_id: 1}, __store: %{}}}
+      assert Drab.Presence.Config.client_id(socket) == "browser"
+
+      assert problems(presence_config: Application.get_env(:drab, :presence), drab_loaded?: true) ==
+               []
+    end
+
+    test "is mended when the application starts, in a VM of its own" do
+      script = Path.expand("../../fresh_vm/config_true.exs", __DIR__)
+      {output, status} = Drab.PresenceCase.run_clean_vm(script)
+      assert status == 0, "config_true.exs exited with #{status}:\n#{output}"
+      assert output =~ "[info]"
+      assert output =~ "is read as `config :drab, :presence, id: []`"
+      assert output =~ "fresh VM: ok"
+    end
+
+    test "other configs are left as they are" do
+      for config <- [[id: [session: :uid]], [], false] do
+        Application.put_env(:drab, :presence, config)
+        assert ExUnit.CaptureLog.capture_log(&Setup.normalize_config/0) == ""
+        assert Application.get_env(:drab, :presence) == config
+      end
+    end
+  end
+
+  describe "a presence module without :pubsub_server" do
+    test "is named at start where Phoenix is loaded, with the fix" do
+      assert Setup.pubsub_problem(OwnPresence, [pubsub_server: nil], true) =~
+               "OwnPresence has no :pubsub_server"
+
+      assert Setup.pubsub_problem(OwnPresence, [], true) =~ "pubsub_server: MyApp.PubSub"
+      assert Setup.pubsub_problem(Drab.Presence, [], true) =~ "endpoint: MyAppWeb.Endpoint"
+      assert Setup.pubsub_problem(OwnPresence, [pubsub_server: My.PubSub], true) == nil
+      assert Setup.pubsub_problem(OwnPresence, [], false) == nil
+    end
+
+    @tag :phoenix
+    test "is logged by start_link when Phoenix is loaded" do
+      defmodule NoPubSub do
+        use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend()
+      end
+
+      log =
+        ExUnit.CaptureLog.capture_log(fn ->
+          {:ok, sup} = NoPubSub.start_link(cluster: false)
+          Supervisor.stop(sup)
+        end)
+
+      assert log =~ "NoPubSub has no :pubsub_server"
+    end
   end
 
   test "an endpoint Drab has no config for" do
