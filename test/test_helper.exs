@@ -20,6 +20,17 @@ unless drab? do
   )
 end
 
+# Tests tagged :telemetry attach handlers with the real :telemetry, built
+# outside the repo; it is no dependency, so they need it on ERL_LIBS.
+telemetry? = Code.ensure_loaded?(:telemetry)
+
+unless telemetry? do
+  IO.puts(
+    "Skipping tests tagged :telemetry: :telemetry is not on the code path " <>
+      "(point ERL_LIBS at a built telemetry to run them)."
+  )
+end
+
 # Drab.Presence runs for the whole suite, unlinked from any test process;
 # tests use their own topics. Tests of restarts start and stop other modules.
 # The backend comes from DRAB_PRESENCE_BACKEND (Drab.PresenceCase.backend/0):
@@ -35,5 +46,6 @@ ExUnit.start(
   exclude:
     if(phoenix?, do: [], else: [:phoenix]) ++
       if(drab?, do: [], else: [:drab]) ++
+      if(telemetry?, do: [], else: [:telemetry]) ++
       if(backend == :nif, do: [:sidecar_only], else: [:nif_only])
 )

@@ -145,6 +145,50 @@ defmodule Drab.Presence do
   built from a copy-on-write snapshot on a dirty scheduler, so no normal
   scheduler is held up and writers are never blocked by a reader.
 
+  ## Telemetry
+
+  When the app has `:telemetry` (every Phoenix app does; drab_presence
+  does not depend on it), these events are emitted. Whether it is there is
+  decided when a presence module starts: without it, nothing is called.
+
+    * `[:drab_presence, :diff, :broadcast]` - a part of a topic's
+      `presence_diff` was broadcast.
+      Measurements: `%{joins: n, leaves: n, latency_ms: float}`: presences
+      that joined and left in it, and the milliseconds from the oldest
+      change it carries (the topic's first change since its previous diff)
+      until its broadcast returned.
+      Metadata: `%{module: module, topic: topic}`.
+
+    * `[:drab_presence, :fetch, :exception]` - `fetch/2` raised, threw or
+      exited; that part of the diff is dropped (and logged).
+      Measurements: `%{joins: n, leaves: n}`.
+      Metadata: `%{module: module, topic: topic, kind: kind, reason: reason,
+      stacktrace: stacktrace}`.
+
+    * `[:drab_presence, :sidecar, :restart]` - the sidecar (`backend:
+      :sidecar`) died and a new one was started and replayed.
+      Measurements: `%{presences: n, duration_ms: float}`: presences
+      replayed, and the time writes waited for it.
+      Metadata: `%{module: module, reason: String.t()}`.
+
+    * `[:drab_presence, :sidecar, :resync]` - owners whose writer was
+      killed mid-write were resynced into the sidecar.
+      Measurements: `%{owners: n}`. Metadata: `%{module: module}`.
+
+    * `[:drab_presence, :cluster, :peer_up]` - a node running the same
+      module was heard from for the first time, or again after it was down.
+      Measurements: `%{}`. Metadata: `%{module: module, node: node}`.
+
+    * `[:drab_presence, :cluster, :peer_down]` - a peer is down (nodedown,
+      or silent for `down_period`); its presences left.
+      Measurements: `%{presences: n}`.
+      Metadata: `%{module: module, node: node, reason: String.t()}`.
+
+    * `[:drab_presence, :cluster, :resync]` - a peer's full state was
+      applied (when it first appears, after a gap in its deltas, a heal, or
+      a sidecar restart).
+      Measurements: `%{bytes: n}`. Metadata: `%{module: module, node: node}`.
+
   > #### Restarts and shutdown {: .warning}
   >
   > The table outlives the processes of the package: a crashed or restarted

@@ -35,7 +35,7 @@ defmodule Drab.Presence.Cluster do
   use GenServer
   require Logger
 
-  alias Drab.Presence.Runtime
+  alias Drab.Presence.{Runtime, Telemetry}
 
   @compile {:no_warn_undefined, [Phoenix.PubSub, :pg, :pg2]}
 
@@ -331,6 +331,8 @@ defmodule Drab.Presence.Cluster do
       if status == :syncing or seq >= applied do
         case state.runtime.backend.sync_replica(state.runtime.table, id, chunks) do
           :ok ->
+            bytes = Enum.reduce(chunks, 0, &(byte_size(&1) + &2))
+            peer_event(state, :resync, name, %{bytes: bytes})
             put_replica(state, name, seq: seq, status: :live)
 
           {:error, :bad_delta} ->
@@ -359,6 +361,7 @@ defmodule Drab.Presence.Cluster do
 
     case state.replicas do
       %{^name => %{status: :down}} ->
+        peer_event(state, :peer_up, name, %{})
         state = put_replica(state, name, heard_at: now, down_at: nil, status: :syncing)
         if request?, do: request_state(state, name, from), else: state
 
@@ -366,6 +369,7 @@ defmodule Drab.Presence.Cluster do
         put_replica(state, name, heard_at: now)
 
       %{} ->
+        peer_event(state, :peer_up, name, %{})
         state = forget_other_incarnations(state, node, name)
 
         replica = %{
@@ -427,7 +431,14 @@ defmodule Drab.Presence.Cluster do
         "#{dropped} of its presences left"
     )
 
+    peer_event(state, :peer_down, name, %{presences: dropped}, %{reason: why})
+
     put_replica(state, name, status: :down, down_at: now(), seq: 0)
+  end
+
+  defp peer_event(state, event, {node, _incarnation}, measurements, metadata \\ %{}) do
+    metadata = Map.merge(%{module: state.module, node: node}, metadata)
+    Telemetry.execute([:cluster, event], measurements, metadata)
   end
 
   defp forget(state, name) do

@@ -18,7 +18,7 @@ defmodule Drab.Presence.Dispatcher do
   use GenServer
   require Logger
 
-  alias Drab.Presence.{Broadcast, Metas, Runtime}
+  alias Drab.Presence.{Broadcast, Metas, Runtime, Telemetry}
 
   # Work per message, so a backlog over many topics does not keep other
   # messages (and shutdown) waiting.
@@ -179,8 +179,11 @@ defmodule Drab.Presence.Dispatcher do
       :none ->
         :empty
 
-      {id, topic, joins, leaves, _age_us} ->
-        deliver(state, topic, joins, leaves)
+      {id, topic, joins, leaves, age_us} ->
+        # The part's latency: its age as handed out, plus the time until
+        # its broadcast returns.
+        handed_out_at = System.monotonic_time(:microsecond) - age_us
+        deliver(state, topic, joins, leaves, handed_out_at)
         :ok = backend.ack_part(table, id)
         deliver_parts(state, budget - 1)
     end
@@ -188,10 +191,24 @@ defmodule Drab.Presence.Dispatcher do
 
   # fetch/2 is user code: one that raises, throws or exits (a GenServer.call
   # timing out) loses that part of that topic's diff, not the dispatcher
-  # and with it every other topic's.
-  defp deliver(%{module: module, runtime: runtime, metas: metas}, topic, joins, leaves) do
-    payload = %{joins: module.fetch(topic, joins), leaves: module.fetch(topic, leaves)}
+  # and with it every other topic's. So does a broadcast that fails (a
+  # pubsub server that is not running).
+  defp deliver(%{module: module, runtime: runtime, metas: metas}, topic, joins, leaves, since) do
+    payload = fetch(module, topic, joins, leaves)
     Broadcast.local_broadcast(runtime.delivery, topic, payload)
+
+    if Telemetry.enabled?() do
+      Telemetry.execute(
+        [:diff, :broadcast],
+        %{
+          joins: Telemetry.presences(joins),
+          leaves: Telemetry.presences(leaves),
+          latency_ms: (System.monotonic_time(:microsecond) - since) / 1_000
+        },
+        %{module: module, topic: topic}
+      )
+    end
+
     if metas, do: Metas.diff(metas, topic, payload)
   catch
     kind, reason ->
@@ -200,5 +217,20 @@ defmodule Drab.Presence.Dispatcher do
           "(#{map_size(joins)} joins, #{map_size(leaves)} leaves): " <>
           Exception.format(kind, reason, __STACKTRACE__)
       )
+  end
+
+  defp fetch(module, topic, joins, leaves) do
+    %{joins: module.fetch(topic, joins), leaves: module.fetch(topic, leaves)}
+  catch
+    kind, reason ->
+      stacktrace = __STACKTRACE__
+
+      Telemetry.execute(
+        [:fetch, :exception],
+        %{joins: Telemetry.presences(joins), leaves: Telemetry.presences(leaves)},
+        %{module: module, topic: topic, kind: kind, reason: reason, stacktrace: stacktrace}
+      )
+
+      :erlang.raise(kind, reason, stacktrace)
   end
 end

@@ -7,7 +7,7 @@ defmodule Drab.Presence.Server do
   # without subscriptions; subscribers that monitor it subscribe again.
   use Supervisor
 
-  alias Drab.Presence.{Broadcast, Cluster, Dispatcher, Metas, Options, Runtime, Setup}
+  alias Drab.Presence.{Broadcast, Cluster, Dispatcher, Metas, Options, Runtime, Setup, Telemetry}
 
   @doc false
   # `layers`: keyword lists of options, each over the ones before it.
@@ -15,6 +15,8 @@ defmodule Drab.Presence.Server do
   def start_link(module, layers) do
     opts = Options.validate!(layers)
     if message = Setup.pubsub_problem(module, opts), do: :logger.warning(message)
+    # After the app's dependencies have started: :telemetry is up by now.
+    Telemetry.refresh()
     # Phoenix.Presence's check, raised here as options errors are.
     Metas.check!(module)
     # In the caller, so that a restart with options the running table

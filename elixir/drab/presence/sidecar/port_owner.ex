@@ -23,6 +23,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   require Logger
 
   alias Drab.Presence.Sidecar.{Handle, Wire, Writes}
+  alias Drab.Presence.Telemetry
 
   import Bitwise, only: [band: 2]
 
@@ -72,8 +73,13 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       dispatcher: dispatcher
     }
 
+    started_at = System.monotonic_time()
+
     case start_sidecar(state) do
       {:ok, state} ->
+        # A port owner that replaces a crashed one has started a new
+        # sidecar and replayed it.
+        if epoch > 0, do: restarted(state, "its port owner restarted", started_at)
         Process.send_after(self(), :sweep_locks, @sweep_ms)
         {:ok, state}
 
@@ -118,11 +124,29 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     state = Wire.fresh_template(state)
 
     Logger.error("Drab.Presence sidecar #{why}; restarting it and replaying its presences")
+    started_at = System.monotonic_time()
 
     case start_sidecar(%{state | port: nil}) do
-      {:ok, state} -> {:noreply, state}
-      {:error, message} -> {:stop, message, %{state | port: nil}}
+      {:ok, state} ->
+        restarted(state, why, started_at)
+        {:noreply, state}
+
+      {:error, message} ->
+        {:stop, message, %{state | port: nil}}
     end
+  end
+
+  defp restarted(%{handle: h}, why, started_at) do
+    Telemetry.execute(
+      [:sidecar, :restart],
+      %{
+        presences: :ets.info(h.journal, :size),
+        duration_ms:
+          System.convert_time_unit(System.monotonic_time() - started_at, :native, :microsecond) /
+            1_000
+      },
+      %{module: h.module, reason: why}
+    )
   end
 
   ## Starting and replaying
@@ -299,6 +323,8 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       Logger.error(
         "Drab.Presence sidecar: resynced #{length(dead)} owner(s) whose writer was killed mid-write"
       )
+
+      Telemetry.execute([:sidecar, :resync], %{owners: length(dead)}, %{module: h.module})
     end
 
     state
