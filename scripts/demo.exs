@@ -12,16 +12,40 @@
 # browsers are spread over them as a load balancer would, and every node
 # must show every browser: counts, lists and each node's dashboards.
 
-{switches, args} = OptionParser.parse!(System.argv(), strict: [nodes: :integer, backend: :string])
+# The usage is this file's opening comment (scripts/demo prints it too).
+usage = fn status ->
+  __ENV__.file
+  |> File.stream!()
+  |> Enum.take_while(&String.starts_with?(&1, "#"))
+  |> Enum.map_join(&String.replace_prefix(&1, "# ", ""))
+  |> String.replace(~r/^#\n/m, "\n")
+  |> IO.write()
+
+  System.halt(status)
+end
+
+{switches, args, invalid} =
+  OptionParser.parse(System.argv(),
+    strict: [nodes: :integer, backend: :string, help: :boolean],
+    aliases: [h: :help]
+  )
+
+cond do
+  switches[:help] ->
+    usage.(0)
+
+  invalid != [] or length(args) > 1 or not Enum.all?(args, &(&1 =~ ~r/^[1-9][0-9]*$/)) or
+      Keyword.get(switches, :backend, "nif") not in ["nif", "sidecar"] ->
+    IO.puts(:stderr, "scripts/demo: bad arguments #{inspect(System.argv())}\n")
+    usage.(2)
+
+  true ->
+    :ok
+end
+
 browsers = String.to_integer(List.first(args) || "5000")
 node_count = Keyword.get(switches, :nodes, 1)
-
-backend =
-  case Keyword.get(switches, :backend, "nif") do
-    "nif" -> :nif
-    "sidecar" -> :sidecar
-    other -> raise ArgumentError, "--backend takes nif or sidecar, got: #{other}"
-  end
+backend = String.to_existing_atom(Keyword.get(switches, :backend, "nif"))
 
 topics = [
   "__drab:same_path:/",
