@@ -1,111 +1,12 @@
-defmodule Mix.Tasks.Compile.PresenceNif do
-  @moduledoc """
-  Builds the `presence_nif` crate and the `presence_sidecar` binary with
-  cargo and copies them to `priv/native/`, where `Drab.Presence.Native`
-  loads the library and `Drab.Presence.Backend.Sidecar` starts the binary.
-
-  hex.pm is out of reach here, so the rustler mix package is not an option;
-  this is the small part of it we need. Cargo decides what is stale, so the
-  task simply runs it on every compile (a no-op build takes well under a
-  second).
-  """
-  use Mix.Task.Compiler
-
-  @crate "presence_nif"
-  @sidecar "presence_sidecar"
-
-  @impl Mix.Task.Compiler
-  def run(_args) do
-    # Release everywhere: the tests exercise the build that ships, and the
-    # crates are small enough that an optimised build costs seconds.
-    profile = System.get_env("DRAB_PRESENCE_CARGO_PROFILE", "release")
-    features = if Mix.env() == :test, do: ["--features", "test-hooks"], else: []
-    args = ["build", "--package", @crate, "--package", @sidecar, "--profile", profile] ++ features
-
-    with {:ok, cargo} <- find_cargo(),
-         :ok <- cargo_build(cargo, args),
-         :ok <- install(profile),
-         :ok <- install_sidecar(profile) do
-      {:ok, []}
-    else
-      {:error, message} ->
-        Mix.shell().error(message)
-
-        {:error,
-         [
-           %Mix.Task.Compiler.Diagnostic{
-             compiler_name: "presence_nif",
-             file: Path.expand("native/#{@crate}/Cargo.toml"),
-             message: message,
-             position: nil,
-             severity: :error
-           }
-         ]}
-    end
-  end
-
-  defp find_cargo do
-    case System.find_executable("cargo") || existing(Path.expand("~/.cargo/bin/cargo")) do
-      nil -> {:error, "cargo not found: install Rust (https://rustup.rs) to build #{@crate}"}
-      cargo -> {:ok, cargo}
-    end
-  end
-
-  defp existing(path), do: if(File.exists?(path), do: path)
-
-  defp cargo_build(cargo, args) do
-    Mix.shell().info("Compiling #{@crate} (cargo #{Enum.join(args, " ")})")
-
-    case System.cmd(cargo, args, stderr_to_stdout: true, into: IO.stream(:stdio, :line)) do
-      {_, 0} -> :ok
-      {_, status} -> {:error, "cargo build of #{@crate} failed with exit status #{status}"}
-    end
-  end
-
-  defp install(profile) do
-    {source_name, dest_name} = library_names()
-    install_file(profile, source_name, dest_name, nil)
-  end
-
-  defp install_sidecar(profile) do
-    exe = if match?({:win32, _}, :os.type()), do: @sidecar <> ".exe", else: @sidecar
-    install_file(profile, exe, @sidecar, 0o755)
-  end
-
-  # Copies a cargo output into priv/native under a temporary name and
-  # renames it into place: a running VM that has the old library mapped,
-  # or a running sidecar, keeps a valid file.
-  defp install_file(profile, source_name, dest_name, mode) do
-    target_dir = if profile == "dev", do: "debug", else: profile
-    source = Path.join(["target", target_dir, source_name])
-    dest_dir = Path.join(Mix.Project.app_path(), "priv/native")
-    File.mkdir_p!(dest_dir)
-    dest = Path.join(dest_dir, dest_name)
-
-    if File.exists?(source) do
-      tmp = dest <> ".tmp"
-      File.cp!(source, tmp)
-      if mode, do: File.chmod!(tmp, mode)
-      File.rename!(tmp, dest)
-      :ok
-    else
-      {:error, "cargo reported success but #{source} is missing"}
-    end
-  end
-
-  defp library_names do
-    case :os.type() do
-      {:win32, _} -> {"#{@crate}.dll", "#{@crate}.dll"}
-      {:unix, :darwin} -> {"lib#{@crate}.dylib", "lib#{@crate}.so"}
-      _ -> {"lib#{@crate}.so", "lib#{@crate}.so"}
-    end
-  end
-end
+# The mix compiler that installs the NIF and the sidecar (precompiled or
+# built with cargo), and the task that packages them for a release.
+Code.require_file("mix/presence_nif.exs", __DIR__)
 
 defmodule DrabPresence.MixProject do
   use Mix.Project
 
   @version "0.1.0"
+  @source_url "https://github.com/drab-presence/drab_presence"
 
   def project do
     [
@@ -120,6 +21,11 @@ defmodule DrabPresence.MixProject do
       deps: [],
       package: package(),
       description: "Drab.Presence on a Rust presence table: O(1) counts, coalesced diffs.",
+      source_url: @source_url,
+      docs: docs(),
+      # Where Mix.Tasks.Compile.PresenceNif fetches the precompiled NIF and
+      # sidecar of a release (DRAB_PRESENCE_BASE_URL overrides it).
+      precompiled_url: "#{@source_url}/releases/download/v#{@version}",
       test_coverage: [ignore_modules: [Mix.Tasks.Compile.PresenceNif]],
       # Optional: called only when the app has Phoenix (Broadcast.delivery/2).
       xref: [exclude: [Phoenix.PubSub, Phoenix.Channel.Server]]
@@ -136,10 +42,30 @@ defmodule DrabPresence.MixProject do
   defp package do
     [
       licenses: ["MIT"],
-      files: ~w(elixir native/presence_core/src native/presence_core/Cargo.toml
+      links: %{
+        "GitHub" => @source_url,
+        "Changelog" => "#{@source_url}/blob/main/CHANGELOG.md",
+        "Drab" => "https://github.com/grych/drab"
+      },
+      # The checksum file is written by scripts/package when a release is
+      # cut (see DESIGN.md, "Releasing"); a package without it builds
+      # from source.
+      files: ~w(elixir mix/presence_nif.exs native/presence_core/src native/presence_core/Cargo.toml
                 native/presence_nif/src native/presence_nif/Cargo.toml
                 native/presence_sidecar/src native/presence_sidecar/Cargo.toml
-                Cargo.toml Cargo.lock mix.exs README.md)
+                Cargo.toml Cargo.lock mix.exs checksum-Elixir.Drab.Presence.Native.exs
+                README.md DESIGN.md CHANGELOG.md LICENSE)
+    ]
+  end
+
+  # ExDoc (not a dependency here: `mix docs` needs ex_doc added where hex
+  # is reachable). The README is the user guide; DESIGN.md holds the
+  # design, the sidecar's protocol and the benchmarks.
+  defp docs do
+    [
+      main: "readme",
+      source_ref: "v#{@version}",
+      extras: ["README.md", "DESIGN.md", "CHANGELOG.md", "LICENSE"]
     ]
   end
 end

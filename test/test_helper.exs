@@ -31,6 +31,17 @@ unless telemetry? do
   )
 end
 
+# Tests tagged :rustler_precompiled check our artifact names and checksum
+# file against rustler_precompiled's own functions, built outside the repo.
+rustler_precompiled? = Code.ensure_loaded?(RustlerPrecompiled)
+
+unless rustler_precompiled? do
+  IO.puts(
+    "Skipping tests tagged :rustler_precompiled: RustlerPrecompiled is not on the code path " <>
+      "(point ERL_LIBS at a built rustler_precompiled to run them)."
+  )
+end
+
 # Drab.Presence runs for the whole suite, unlinked from any test process;
 # tests use their own topics. Tests of restarts start and stop other modules.
 # The backend comes from DRAB_PRESENCE_BACKEND (Drab.PresenceCase.backend/0):
@@ -47,5 +58,6 @@ ExUnit.start(
     if(phoenix?, do: [], else: [:phoenix]) ++
       if(drab?, do: [], else: [:drab]) ++
       if(telemetry?, do: [], else: [:telemetry]) ++
+      if(rustler_precompiled?, do: [], else: [:rustler_precompiled]) ++
       if(backend == :nif, do: [:sidecar_only], else: [:nif_only])
 )

@@ -2,8 +2,19 @@ defmodule Drab.Presence.Native do
   @moduledoc false
   # The NIF stubs. Every function is replaced by native/presence_nif when the
   # library loads; the bodies only run if it did not.
+  #
+  # `config :drab_presence, nif: false` (read at compile time) is for teams
+  # that allow no NIF: the library is then neither built nor installed
+  # (Mix.Tasks.Compile.PresenceNif), this module has no @on_load, and
+  # nothing loads it, not even a release that preloads every module.
 
-  @on_load :load_nif
+  @enabled Application.compile_env(:drab_presence, :nif, true) != false
+
+  if @enabled, do: @on_load(:load_nif)
+
+  @doc "Whether this build has the NIF (`config :drab_presence, nif: false` leaves it out)."
+  @spec enabled?() :: boolean()
+  def enabled?, do: @enabled
 
   @typedoc "A presence table (a NIF resource)."
   @opaque table :: reference()

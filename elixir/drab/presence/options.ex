@@ -40,7 +40,8 @@ defmodule Drab.Presence.Options do
       doc:
         "where the table lives: `:nif`, in this VM, or `:sidecar`, in an OS process of its " <>
           "own spoken to through a port (restarted and replayed if it dies). It cannot " <>
-          "change while the table lives, that is until the VM restarts"
+          "change while the table lives, that is until the VM restarts. A build with " <>
+          "`config :drab_presence, nif: false` has no NIF, and defaults to `:sidecar`"
     ],
     cluster: [
       type: {:in, [:auto, false]},
@@ -138,7 +139,26 @@ defmodule Drab.Presence.Options do
 
     defaults
     |> Keyword.merge(opts)
+    |> check_backend!(Keyword.has_key?(opts, :backend), Drab.Presence.Native.enabled?())
     |> check_periods!()
+  end
+
+  @doc false
+  # A build without the NIF (`config :drab_presence, nif: false`) defaults
+  # to the sidecar, and refuses the NIF by name.
+  @spec check_backend!(keyword(), boolean(), boolean()) :: keyword()
+  def check_backend!(opts, _given?, true = _nif?), do: opts
+  def check_backend!(opts, false = _given?, false), do: Keyword.put(opts, :backend, :sidecar)
+
+  def check_backend!(opts, true, false) do
+    if opts[:backend] == :nif do
+      raise ArgumentError,
+            "backend: :nif needs the NIF, which this build of drab_presence leaves out " <>
+              "(`config :drab_presence, nif: false`): use backend: :sidecar, or remove that " <>
+              "config and recompile drab_presence (mix deps.compile drab_presence --force)"
+    end
+
+    opts
   end
 
   # `broadcast_period` is how often a tracker tells its peers what changed:

@@ -252,6 +252,22 @@ defmodule Drab.Presence.ConfigTest do
       end
     end
 
+    test "a build without the NIF defaults to the sidecar and refuses backend: :nif by name" do
+      alias Drab.Presence.Options
+      # Given, NIF in the build.
+      assert Options.check_backend!([backend: :nif], true, true)[:backend] == :nif
+      # The default, without it (`config :drab_presence, nif: false`).
+      assert Options.check_backend!([backend: :nif], false, false)[:backend] == :sidecar
+      assert Options.check_backend!([backend: :sidecar], true, false)[:backend] == :sidecar
+
+      assert_raise ArgumentError, ~r/backend: :nif needs the NIF.*nif: false/, fn ->
+        Options.check_backend!([backend: :nif], true, false)
+      end
+
+      # This suite's build has it.
+      assert Drab.Presence.Native.enabled?()
+    end
+
     test "use without :otp_app is refused at compile time" do
       assert_raise ArgumentError, ~r/expects :otp_app/, fn ->
         Code.compile_string("defmodule NoApp do use Drab.Presence end")

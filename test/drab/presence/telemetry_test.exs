@@ -11,6 +11,8 @@ defmodule Drab.Presence.TelemetryTest do
   alias Drab.Presence.Backend.Sidecar
   alias Drab.Presence.Runtime
 
+  @compile {:no_warn_undefined, :telemetry}
+
   @moduletag :telemetry
   @moduletag :capture_log
   @moduletag timeout: 120_000

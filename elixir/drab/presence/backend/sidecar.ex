@@ -35,8 +35,9 @@ defmodule Drab.Presence.Backend.Sidecar do
 
     File.exists?(path) ||
       raise ArgumentError,
-            "the presence sidecar executable is missing (#{path}): build drab_presence with " <>
-              "cargo available, or use backend: :nif"
+            "the presence sidecar executable is missing (#{path}): compile drab_presence " <>
+              "again (mix deps.compile drab_presence), which installs it from the release " <>
+              "or builds it with cargo"
 
     Process.whereis(Drab.Presence.Application) ||
       raise ArgumentError,
