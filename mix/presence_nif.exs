@@ -418,7 +418,8 @@ defmodule Mix.Tasks.Compile.PresenceNif do
 
   defp force_build?, do: System.get_env("DRAB_PRESENCE_BUILD") in ["1", "true"]
 
-  defp project_dir, do: Path.dirname(Mix.Project.project_file())
+  # Mix runs a dependency's compilers in its directory.
+  defp project_dir, do: File.cwd!()
   defp checksum_path, do: Path.join(project_dir(), Precompiled.checksum_file_name())
   defp native_dir, do: Path.join(Mix.Project.app_path(), "priv/native")
   defp manifest_path, do: Path.join(Mix.Project.manifest_path(), "compile.presence_nif")
@@ -736,7 +737,7 @@ defmodule Mix.Tasks.DrabPresence.Package do
     version = Mix.Project.config()[:version]
     target = package_target(cargo)
     env = System.get_env()
-    project_dir = Path.dirname(Mix.Project.project_file())
+    project_dir = File.cwd!()
 
     # No test hooks: what users get.
     args =
