@@ -536,7 +536,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   # Removals whose leaves subscribers have had (or never needed): a
   # restarted sidecar owes them no more.
-  defp delivered(h, <<n::32, refs::binary-size(n * 8)>>) do
+  defp delivered(h, <<n::32, refs::binary>>) when byte_size(refs) == n * 8 do
     for <<ref::64 <- refs>>, do: :ets.delete(h.leaves, ref)
     :ok
   end
