@@ -7,6 +7,8 @@
 // presence_diff broadcasts reach the page on Drab's channel.
 //
 //   node drab_browser.mjs http://127.0.0.1:PORT [/usr/bin/chromium]
+//
+// DRAB_BROWSER_SCREENSHOT=file.png saves the first tab once Drab connected.
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -52,6 +54,11 @@ async function openTab(context, name) {
   page.on("pageerror", (err) => log(`[${name} page error]`, err.message));
   await page.goto(base + "/", { waitUntil: "load" });
   await page.waitForFunction("window.Drab_connected === true", { timeout: 15000, polling: 100 });
+  if (process.env.DRAB_BROWSER_SCREENSHOT && !openTab.shot) {
+    openTab.shot = true;
+    await page.screenshot({ path: process.env.DRAB_BROWSER_SCREENSHOT });
+    log(`screenshot of ${name}: ${process.env.DRAB_BROWSER_SCREENSHOT}`);
+  }
   return page;
 }
 

@@ -6,7 +6,9 @@ defmodule Drab.Presence.DrabIntegrationTest do
   # and skipped with a message when Chromium or puppeteer-core is missing.
   #
   # The presence config is set here, at run time, as config/runtime.exs would:
-  # Drab must have been compiled without it (README, "In a Drab app").
+  # Drab must have been compiled without it (README, "In a Drab app"). It is
+  # `true`, the first line of Drab's own docs, which Drab 0.10 alone turns
+  # into an HTTP 500 on every page.
   use ExUnit.Case, async: false
 
   @moduletag :drab
@@ -143,9 +145,11 @@ defmodule Drab.Presence.DrabIntegrationTest do
         Application.load(app) in [:ok, {:error, {:already_loaded, app}}],
         do: {:ok, _} = Application.ensure_all_started(app)
 
-    # Run time only, as config/runtime.exs would set it; id: [] tracks by
-    # browser id (a keyword list: `true` breaks Drab 0.10's pages).
-    Application.put_env(:drab, :presence, id: [])
+    # Run time only, as config/runtime.exs would set it, before the
+    # :drab_presence application starts, which mends `true` into what Drab
+    # reads (Setup.normalize_config/0, called here as it is at boot).
+    Application.put_env(:drab, :presence, true)
+    :ok = Drab.Presence.Setup.normalize_config()
 
     # The suite's global Drab.Presence broadcasts through the built-in
     # registry; this one must go through the endpoint's PubSub, to the page.
@@ -165,11 +169,24 @@ defmodule Drab.Presence.DrabIntegrationTest do
     on_exit(fn ->
       Supervisor.stop(sup)
       Application.delete_env(:drab, :presence)
-      {:ok, presence} = Drab.Presence.start_link(diff_window: 20)
+      # Without this endpoint's (stopped) PubSub, as test_helper.exs started it.
+      Application.delete_env(:drab, @endpoint)
+      opts = [diff_window: 20, backend: Drab.PresenceCase.backend()]
+      {:ok, presence} = Drab.Presence.start_link(opts)
       Process.unlink(presence)
     end)
 
     {:ok, port: :ranch.get_port(Module.concat(@endpoint, "HTTP"))}
+  end
+
+  test "config `true`: Drab's page renders, served by Phoenix (no HTTP 500)", %{port: port} do
+    {:ok, _} = Application.ensure_all_started(:inets)
+    url = String.to_charlist("http://127.0.0.1:#{port}/")
+    assert {:ok, {{_, 200, _}, _headers, body}} = :httpc.request(:get, {url, []}, [], [])
+    # Drab's client script, as Drab.Client.run/1 renders it (the step that
+    # read the presence config, and failed on `true`), and the page around it.
+    assert to_string(body) =~ "function client_id()"
+    assert to_string(body) =~ ~s(drab-click="sub")
   end
 
   test "Drab's JS in headless Chromium: connect, track, subscribe, unsubscribe, close, diffs",
