@@ -14,7 +14,7 @@ defmodule Drab.Presence.Server do
   @spec start_link(module(), [keyword()]) :: Supervisor.on_start()
   def start_link(module, layers) do
     opts = Options.validate!(layers)
-    if message = Setup.pubsub_problem(module, opts), do: :logger.warning(message)
+    if message = Setup.pubsub_problem(module, layers), do: :logger.warning(message)
     # After the app's dependencies have started: :telemetry is up by now.
     Telemetry.refresh()
     # Phoenix.Presence's check, raised here as options errors are.

@@ -41,11 +41,13 @@ defmodule Drab.Presence.Setup do
   A warning for a presence module started without a `:pubsub_server` in
   an app that has Phoenix (`phoenix?`): its diffs then go to the built-in
   registry, and Phoenix channels never hear of a join or a leave. `nil`
-  when there is nothing to say.
+  when there is nothing to say, or when `pubsub_server: nil` was given:
+  the built-in registry is then what is meant. `layers` are the options
+  as given (see `Drab.Presence.Options.validate!/1`).
   """
-  @spec pubsub_problem(module(), keyword(), boolean()) :: String.t() | nil
-  def pubsub_problem(module, opts, phoenix? \\ Code.ensure_loaded?(Phoenix.Channel)) do
-    if phoenix? and opts[:pubsub_server] == nil do
+  @spec pubsub_problem(module(), [keyword()], boolean()) :: String.t() | nil
+  def pubsub_problem(module, layers, phoenix? \\ Code.ensure_loaded?(Phoenix.Channel)) do
+    if phoenix? and not Enum.any?(layers, &Keyword.has_key?(&1, :pubsub_server)) do
       fix =
         if module == Drab.Presence,
           do:
@@ -57,7 +59,10 @@ defmodule Drab.Presence.Setup do
 
       "#{inspect(module)} has no :pubsub_server, so its presence_diff broadcasts go to " <>
         "subscribe/1's built-in registry only: Phoenix channels will not hear of joins " <>
-        "and leaves. To reach them, " <> fix <> "."
+        "and leaves. To reach them, " <>
+        fix <>
+        " (`pubsub_server: nil` says the " <>
+        "built-in registry is meant, and silences this)."
     end
   end
 

@@ -33,8 +33,8 @@ defmodule Drab.Presence.ClusterTest do
       setup context do
         module = Module.concat([__MODULE__, "P#{System.unique_integer([:positive])}"])
         pubsub = if unquote(transport) == :pubsub, do: Module.concat(module, PubSub)
-        opts = [backend: Drab.PresenceCase.backend()] ++ @opts
-        opts = if pubsub, do: [pubsub_server: pubsub] ++ opts, else: opts
+        # Over :pg, no pubsub server on purpose (nil says so where Phoenix is loaded).
+        opts = [pubsub_server: pubsub, backend: Drab.PresenceCase.backend()] ++ @opts
         {:ok, module: module, pubsub: pubsub, opts: opts, topic: "room:#{context.test}"}
       end
 

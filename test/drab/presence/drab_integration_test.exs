@@ -171,7 +171,7 @@ defmodule Drab.Presence.DrabIntegrationTest do
       Application.delete_env(:drab, :presence)
       # Without this endpoint's (stopped) PubSub, as test_helper.exs started it.
       Application.delete_env(:drab, @endpoint)
-      opts = [diff_window: 20, backend: Drab.PresenceCase.backend()]
+      opts = [diff_window: 20, backend: Drab.PresenceCase.backend(), pubsub_server: nil]
       {:ok, presence} = Drab.Presence.start_link(opts)
       Process.unlink(presence)
     end)

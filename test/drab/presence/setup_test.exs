@@ -90,13 +90,15 @@ defmodule Drab.Presence.SetupTest do
 
   describe "a presence module without :pubsub_server" do
     test "is named at start where Phoenix is loaded, with the fix" do
-      assert Setup.pubsub_problem(OwnPresence, [pubsub_server: nil], true) =~
+      assert Setup.pubsub_problem(OwnPresence, [[otp_app: :a], []], true) =~
                "OwnPresence has no :pubsub_server"
 
-      assert Setup.pubsub_problem(OwnPresence, [], true) =~ "pubsub_server: MyApp.PubSub"
-      assert Setup.pubsub_problem(Drab.Presence, [], true) =~ "endpoint: MyAppWeb.Endpoint"
-      assert Setup.pubsub_problem(OwnPresence, [pubsub_server: My.PubSub], true) == nil
-      assert Setup.pubsub_problem(OwnPresence, [], false) == nil
+      assert Setup.pubsub_problem(OwnPresence, [[]], true) =~ "pubsub_server: MyApp.PubSub"
+      assert Setup.pubsub_problem(Drab.Presence, [[]], true) =~ "endpoint: MyAppWeb.Endpoint"
+      assert Setup.pubsub_problem(OwnPresence, [[], [pubsub_server: My.PubSub]], true) == nil
+      # Said on purpose: the built-in registry is meant.
+      assert Setup.pubsub_problem(OwnPresence, [[pubsub_server: nil]], true) == nil
+      assert Setup.pubsub_problem(OwnPresence, [[]], false) == nil
     end
 
     @tag :phoenix

@@ -157,6 +157,7 @@ defmodule Drab.Presence.TelemetryTest do
     topic = "cluster:#{System.unique_integer([:positive])}"
 
     opts = [
+      pubsub_server: nil,
       backend: Drab.PresenceCase.backend(),
       diff_window: 20,
       heartbeat_period: 200,
