@@ -16,7 +16,9 @@ defmodule Drab.Presence.Options do
       default: nil,
       doc:
         "the `Phoenix.PubSub` server diffs are broadcast on. Without it (or without " <>
-          "phoenix_pubsub loaded), subscribers use `subscribe/1`'s built-in registry"
+          "phoenix_pubsub loaded), subscribers use `subscribe/1`'s built-in registry; " <>
+          "where Phoenix is loaded, a module started without it logs a warning, unless " <>
+          "`nil` is given"
     ],
     diff_window: [
       type: {:integer_in, 0, 60_000},
