@@ -38,6 +38,19 @@ defmodule Drab.PresenceCase do
     {:ok, topic: "topic:#{inspect(context.module)}.#{context.test}"}
   end
 
+  @doc "Puts `app`'s env `key` back as it was (or deletes it) when the test ends."
+  @spec restore_env_on_exit(atom(), atom()) :: :ok
+  def restore_env_on_exit(app, key) do
+    previous = Application.fetch_env(app, key)
+
+    ExUnit.Callbacks.on_exit(fn ->
+      case previous do
+        {:ok, value} -> Application.put_env(app, key, value)
+        :error -> Application.delete_env(app, key)
+      end
+    end)
+  end
+
   @doc "A live process that stays until the test ends (or is killed)."
   @spec live_pid() :: pid()
   def live_pid do

@@ -4,16 +4,7 @@ defmodule Drab.Presence.ConfigTest do
 
   alias Drab.Presence.Config
 
-  setup do
-    previous = Application.fetch_env(:drab, :presence)
-
-    on_exit(fn ->
-      case previous do
-        {:ok, value} -> Application.put_env(:drab, :presence, value)
-        :error -> Application.delete_env(:drab, :presence)
-      end
-    end)
-  end
+  setup do: restore_env_on_exit(:drab, :presence)
 
   defp with_presence(config), do: Application.put_env(:drab, :presence, config)
 

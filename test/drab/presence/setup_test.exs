@@ -43,16 +43,7 @@ defmodule Drab.Presence.SetupTest do
   end
 
   describe "config :drab, :presence, true" do
-    setup do
-      previous = Application.fetch_env(:drab, :presence)
-
-      on_exit(fn ->
-        case previous do
-          {:ok, value} -> Application.put_env(:drab, :presence, value)
-          :error -> Application.delete_env(:drab, :presence)
-        end
-      end)
-    end
+    setup do: Drab.PresenceCase.restore_env_on_exit(:drab, :presence)
 
     test "becomes [id: []], which Drab reads, said at info level" do
       Application.put_env(:drab, :presence, true)
