@@ -389,6 +389,11 @@ defmodule Mix.Tasks.Compile.PresenceNif do
 
     checksums = Precompiled.read_checksums(checksum_path())
 
+    # What an earlier build installed and this one leaves out (the NIF,
+    # after `nif: false`) must not stay behind, to be shipped in a release.
+    for kind <- [:nif, :sidecar] -- kinds,
+        do: File.rm(Path.join(native_dir(), Precompiled.installed_name(kind)))
+
     result =
       cond do
         force_build?() -> cargo(kinds, "DRAB_PRESENCE_BUILD=1")
@@ -521,7 +526,7 @@ defmodule Mix.Tasks.Compile.PresenceNif do
 
     with {:ok, data} <- File.read(cached),
          :ok <- Precompiled.verify(name, data, sum, cached) do
-      untar(data, name)
+      Precompiled.untar(data, name)
     else
       _ ->
         File.rm(cached)
@@ -530,7 +535,7 @@ defmodule Mix.Tasks.Compile.PresenceNif do
         case Precompiled.fetch(base_url, name) do
           {:ok, data, source} ->
             with :ok <- Precompiled.verify(name, data, sum, source),
-                 {:ok, contents} <- untar(data, name) do
+                 {:ok, contents} <- Precompiled.untar(data, name) do
               cache(cached, data)
               {:ok, contents}
             end
@@ -539,10 +544,6 @@ defmodule Mix.Tasks.Compile.PresenceNif do
             {:fallback, "could not fetch #{name}: #{why}"}
         end
     end
-  end
-
-  defp untar(data, name) do
-    with {:error, why} <- Precompiled.untar(data, name), do: {:error, why}
   end
 
   defp cache_dir do
@@ -746,12 +747,14 @@ defmodule Mix.Tasks.DrabPresence.Package do
 
     Mix.shell().info("cargo #{Enum.join(args, " ")}")
 
-    {_, 0} =
-      System.cmd(cargo, args,
-        cd: project_dir,
-        stderr_to_stdout: true,
-        into: IO.stream(:stdio, :line)
-      )
+    case System.cmd(cargo, args,
+           cd: project_dir,
+           stderr_to_stdout: true,
+           into: IO.stream(:stdio, :line)
+         ) do
+      {_, 0} -> :ok
+      {_, status} -> Mix.raise("cargo build failed with exit status #{status}")
+    end
 
     dir = Mix.Tasks.Compile.PresenceNif.cargo_output_dir(env, project_dir, "release")
     nif = if target =~ "darwin", do: "libpresence_nif.dylib", else: "libpresence_nif.so"
