@@ -193,7 +193,10 @@ defmodule Bench.Main do
 
     spread =
       [%Shape{label: "10k / 1k topics", n: 10 * @k, topics: @k}] ++
-        if(quick?, do: [], else: [%Shape{label: "100k / 100k topics", n: 100 * @k, topics: 100 * @k}])
+        if(quick?,
+          do: [],
+          else: [%Shape{label: "100k / 100k topics", n: 100 * @k, topics: 100 * @k}]
+        )
 
     alone = if quick?, do: [], else: [shape("1M", 1_000 * @k)]
 
