@@ -14,7 +14,7 @@
 # checked; nor are apply/3 and other calls made by name at run time.
 #
 # Then it looks for syntax newer than Elixir 1.10 (stepped ranges,
-# expressions as bitstring sizes in patterns, map.field in guards, ...; see
+# expressions as bitstring sizes, map.field in guards, ...; see
 # scripts/floor_syntax.exs) in every file the oldest toolchain compiles or
 # runs: elixir/, test/, mix.exs and the demo; and for Kernel functions and
 # macros missing from the baseline called there without a module (then/2,

@@ -158,14 +158,21 @@ defmodule Drab.Presence.DrabIntegrationTest do
         do: [{Phoenix.PubSub, name: @pubsub}],
         else: []
 
-    {:ok, sup} = Supervisor.start_link(pubsub ++ [@endpoint, Drab.Presence], strategy: :one_for_one)
+    # On the suite's backend: the table keeps the one it was made with.
+    backend = Drab.PresenceCase.backend()
+    presence = {Drab.Presence, backend: backend}
+    {:ok, sup} = Supervisor.start_link(pubsub ++ [@endpoint, presence], strategy: :one_for_one)
 
     Process.unlink(sup)
 
     on_exit(fn ->
       Supervisor.stop(sup)
       Application.delete_env(:drab, :presence)
-      {:ok, presence} = Drab.Presence.start_link(diff_window: 20)
+      # Without a PubSub, as test_helper.exs started it: the endpoint's has
+      # just stopped, and Drab's config would still name it.
+      {:ok, presence} =
+        Drab.Presence.start_link(diff_window: 20, backend: backend, pubsub_server: nil)
+
       Process.unlink(presence)
     end)
 

@@ -175,10 +175,10 @@ defmodule Drab.Presence.StopTest do
     Process.unlink(app)
     {:endpoint, endpoint, _, _} = List.keyfind(Supervisor.which_children(app), :endpoint, 0)
 
-    for i <- 1..3,
-        do:
-          {:ok, _} =
-            Supervisor.start_child(endpoint, {__MODULE__.Channel, {self(), module, topic, i}})
+    for i <- 1..3 do
+      channel = {__MODULE__.Channel, {self(), module, topic, i}}
+      {:ok, _} = Supervisor.start_child(endpoint, Supervisor.child_spec(channel, id: i))
+    end
 
     assert module.count_connections(topic) == 3
     assert Supervisor.stop(app) == :ok
@@ -195,8 +195,6 @@ defmodule Drab.Presence.StopTest do
     use GenServer, restart: :transient
 
     def start_link(args), do: GenServer.start_link(__MODULE__, args)
-
-    def child_spec({_test, _module, _topic, i} = args), do: %{super(args) | id: i}
 
     @impl true
     def init({_test, module, topic, i} = state) do
