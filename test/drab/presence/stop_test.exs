@@ -6,6 +6,8 @@ defmodule Drab.Presence.StopTest do
 
   import ExUnit.CaptureLog
 
+  require Logger
+
   defmodule Stopping do
     use Drab.Presence,
       otp_app: :drab_presence,
@@ -55,16 +57,25 @@ defmodule Drab.Presence.StopTest do
     Process.unlink(supervisor)
     {:ok, _} = Stopping.track(live_pid(), topic, "u", %{})
 
-    ref = Process.monitor(supervisor)
+    # Its children get the kill a moment later, and log it: all of it
+    # before the next test, which looks at the log.
+    refs = for pid <- [supervisor | descendants(supervisor)], do: Process.monitor(pid)
     Process.exit(supervisor, :kill)
-    assert_receive {:DOWN, ^ref, _, _, _}
-    # Its children get the kill a moment later.
-    wait_until(fn -> Process.whereis(Stopping.Dispatcher) == nil end)
+    for ref <- refs, do: assert_receive({:DOWN, ^ref, _, _, _})
+    Logger.flush()
 
     assert_not_started(Stopping, topic)
 
     start_supervised!(Stopping)
     assert Map.keys(Stopping.list(topic)) == ["u"]
+  end
+
+  defp descendants(supervisor) do
+    Enum.flat_map(Supervisor.which_children(supervisor), fn
+      {_id, pid, :supervisor, _} when is_pid(pid) -> [pid | descendants(pid)]
+      {_id, pid, _worker, _} when is_pid(pid) -> [pid]
+      _restarting -> []
+    end)
   end
 
   # A Drab or Phoenix app stops its children in reverse order. A channel
