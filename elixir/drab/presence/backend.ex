@@ -36,6 +36,10 @@ defmodule Drab.Presence.Backend do
               {part_id(), topic(), joins :: grouped(), leaves :: grouped()} | :none
   @callback ack_part(handle(), part_id()) :: :ok
   @callback stats(handle()) :: %{atom() => non_neg_integer()}
+  # Returns once every write made before the call has reached the table and
+  # the dispatcher has been told of the diffs it made pending (for
+  # fetchers_pids/0, which then waits for the dispatcher to be idle).
+  @callback sync(handle()) :: :ok
 
   # Cluster mode (Drab.Presence.Cluster): this node's changes out as deltas,
   # other nodes' in as replicas, numbered by the receiving node.

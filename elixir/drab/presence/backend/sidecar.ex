@@ -268,6 +268,15 @@ defmodule Drab.Presence.Backend.Sidecar do
     incarnation
   end
 
+  # Any request does: the sidecar answers in order, after the writes before
+  # it, and the port owner forwards the Wake frames of those writes before
+  # the reply. delta_seq is the cheapest.
+  @impl true
+  def sync(handle) do
+    _seq = delta_seq(handle)
+    :ok
+  end
+
   @impl true
   def delta_seq(handle) do
     {0, <<seq::64>>} = call(handle, :delta_seq, [])
