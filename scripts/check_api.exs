@@ -11,8 +11,14 @@
 # scripts/api_baseline.txt. Anything missing there fails the check, with
 # file and line. Only calls written in elixir/ count, not the code Elixir's
 # own macros expand to. Calls into other modules (our own, Phoenix) are not
-# checked; nor are apply/3 and other calls made by name at run time. It
-# takes about two seconds.
+# checked; nor are apply/3 and other calls made by name at run time.
+#
+# Then it looks for syntax newer than Elixir 1.10 (stepped ranges,
+# expressions as bitstring sizes, map.field in guards, ...; see
+# scripts/floor_syntax.exs) in every file the oldest toolchain compiles or
+# runs: elixir/, test/, mix.exs and the demo; and for Kernel functions and
+# macros missing from the baseline called there without a module (then/2,
+# dbg/1). All in about two seconds.
 #
 # The baseline lists the exports of Elixir 1.10.3 (elixir, logger) and of
 # Erlang/OTP 22.3.4.19 (erts, kernel, stdlib): the oldest line the whole
@@ -21,7 +27,11 @@
 #
 #   elixir scripts/check_api.exs --generate > scripts/api_baseline.txt
 
+Code.require_file("floor_syntax.exs", __DIR__)
+
 defmodule DrabPresence.ApiCheck do
+  alias DrabPresence.FloorSyntax
+
   @baseline Path.expand("api_baseline.txt", __DIR__)
   @elixir_apps [:elixir, :logger]
   @erlang_apps [:erts, :kernel, :stdlib]
@@ -69,22 +79,42 @@ defmodule DrabPresence.ApiCheck do
       |> Enum.flat_map(fn {file, line, ref} -> problem(baseline, ref, where(file, line)) end)
       |> Enum.uniq()
 
+    problems = problems ++ FloorSyntax.check_files(floor_files(), newer_kernel(baseline))
+
     case problems do
       [] ->
-        IO.puts("API check: elixir/ calls only what #{@oldest} have")
+        IO.puts(
+          "API check: elixir/ calls only what #{@oldest} have, and no file that runs there " <>
+            "uses newer syntax"
+        )
 
       _ ->
         Enum.each(problems, &IO.puts(:stderr, &1))
 
         IO.puts(:stderr, """
 
-        API check failed: library code uses what #{@oldest} lack
-        (scripts/api_baseline.txt). Use an older API, or call the newer one only
-        where it exists (Code.ensure_loaded?/1, function_exported?/3).\
+        API check failed: code that runs on #{@oldest} uses what they lack
+        (scripts/api_baseline.txt, scripts/floor_syntax.exs). Use an older API
+        or syntax, or call the newer API only where it exists
+        (Code.ensure_loaded?/1, function_exported?/3).\
         """)
 
         System.halt(1)
     end
+  end
+
+  # What the oldest toolchain compiles or runs: the library, the tests
+  # (scripts/test-with runs them there), mix.exs and the demo.
+  defp floor_files do
+    Path.wildcard("elixir/**/*.ex") ++
+      Path.wildcard("test/**/*.{ex,exs}") ++ ["mix.exs", "scripts/demo.exs"]
+  end
+
+  # Kernel's functions and macros that the baseline's Kernel (and special
+  # forms) lack.
+  defp newer_kernel(baseline) do
+    floor = MapSet.union(baseline[Kernel], baseline[Kernel.SpecialForms])
+    MapSet.new(exports(Kernel) -- MapSet.to_list(floor))
   end
 
   @doc false

@@ -187,11 +187,18 @@ nodes =
     [node()]
   end
 
-for node <- nodes, do: :ok = :erpc.call(node, Demo.Node, :start, [backend])
+# On this node by a plain call: :erpc is OTP 23+, and the one-node demo runs
+# on OTP 22 too (scripts/test-with).
+on_node = fn
+  node, module, function, args when node == node() -> apply(module, function, args)
+  node, module, function, args -> :erpc.call(node, module, function, args)
+end
+
+for node <- nodes, do: :ok = on_node.(node, Demo.Node, :start, [backend])
 
 dashboards =
   for node <- nodes, topic <- all_topics, into: %{} do
-    pid = :erpc.call(node, Demo.Dashboard, :start, [topic, self()])
+    pid = on_node.(node, Demo.Dashboard, :start, [topic, self()])
     receive do: ({:subscribed, ^topic, ^pid} -> :ok)
     {{node, topic}, pid}
   end
@@ -199,7 +206,7 @@ dashboards =
 print_status = fn phase ->
   rows =
     for topic <- all_topics, node <- nodes do
-      {users, connections} = :erpc.call(node, Demo.Node, :counts, [topic])
+      {users, connections} = on_node.(node, Demo.Node, :counts, [topic])
       name = if node_count > 1, do: "  #{node}", else: ""
       :io_lib.format("  ~-52s ~8B users ~8B connections~s~n", [topic, users, connections, name])
     end
@@ -220,7 +227,7 @@ pids =
       for i <- chunk do
         node = Enum.at(nodes, rem(i, node_count))
         topic = Enum.at(topics, rem(i, length(topics)))
-        {i, :erpc.call(node, Demo.Browser, :start, [i, topic, shared])}
+        {i, on_node.(node, Demo.Browser, :start, [i, topic, shared])}
       end
 
     Process.sleep(100)
@@ -263,8 +270,8 @@ failures =
   for node <- nodes, topic <- all_topics, reduce: [] do
     failures ->
       {users, connections} = expected[topic]
-      {counted_users, counted_connections} = :erpc.call(node, Demo.Node, :counts, [topic])
-      listed = :erpc.call(node, Drab.Presence, :list, [topic])
+      {counted_users, counted_connections} = on_node.(node, Demo.Node, :counts, [topic])
+      listed = on_node.(node, Drab.Presence, :list, [topic])
       listed_refs = for {key, %{metas: m}} <- listed, meta <- m, into: %{}, do: {meta.phx_ref, key}
       dashboard = dashboards[{node, topic}]
       send(dashboard, {:report, self()})

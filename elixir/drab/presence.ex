@@ -193,10 +193,16 @@ defmodule Drab.Presence do
   >
   > The table outlives the processes of the package: a crashed or restarted
   > dispatcher loses no presence of a live process, and diffs pending or
-  > half-delivered at the crash go out when it is back. While the presence
-  > module is stopped, track and list still work, and diffs wait for the
-  > next start. The NIF library is loaded once per VM: a code reload of
-  > `Drab.Presence.Native` is refused, and new native code needs a restart.
+  > half-delivered at the crash go out when it is back. A presence module
+  > that is stopped, or whose supervisor died, takes no call: every
+  > function raises the `ArgumentError` it raises before the first start
+  > (no dispatcher would announce a write made meanwhile), as
+  > Phoenix.Presence's calls fail without their tracker; `fetchers_pids/0`
+  > returns `[]`. Its presences stay, and processes that exit meanwhile
+  > still leave: the next start in the same VM lists them and sends the
+  > diffs left pending. The NIF library is loaded once per VM: a code
+  > reload of `Drab.Presence.Native` is refused, and new native code needs
+  > a restart.
   """
 
   @typedoc "A Drab or Phoenix socket: anything with `topic`, `channel_pid` and `assigns`."

@@ -393,19 +393,12 @@ defmodule Drab.PresenceTest do
       assert Drab.Presence.list(topic) == before
     end
 
-    test "calls before the module is started" do
+    test "calls before the module is started", %{topic: topic} do
       defmodule NeverStarted do
         use Drab.Presence, otp_app: :drab_presence, backend: Drab.PresenceCase.backend()
       end
 
-      for call <- [
-            fn -> NeverStarted.track(self(), "t", "k", %{}) end,
-            fn -> NeverStarted.list("t") end,
-            fn -> NeverStarted.count_users("t") end,
-            fn -> NeverStarted.untrack(self(), "t", "k") end
-          ] do
-        assert_raise ArgumentError, ~r/NeverStarted is not started/, call
-      end
+      assert_not_started(NeverStarted, topic)
     end
 
     @tag :nif_only

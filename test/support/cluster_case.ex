@@ -27,7 +27,7 @@ defmodule Drab.Presence.ClusterCase do
 
   # :peer is OTP 25+; the suite still compiles on older OTPs, where these
   # tests are skipped.
-  @compile {:no_warn_undefined, :peer}
+  @compile {:no_warn_undefined, [:peer, :erpc]}
 
   using opts do
     # Nodes, names and epmd are shared by the whole VM.

@@ -79,6 +79,51 @@ defmodule Drab.PresenceCase do
     end
   end
 
+  @doc """
+  Asserts that every call of the presence `module` on `topic` raises its
+  not-started `ArgumentError` and does nothing (an update function is never
+  run), and that `fetchers_pids/0` is `[]`, as Phoenix's is without a
+  tracker: what a module answers before its first start and after a stop.
+  """
+  @spec assert_not_started(module(), String.t()) :: :ok
+  def assert_not_started(module, topic) do
+    me = self()
+    pid = live_pid()
+
+    calls = [
+      track: fn -> module.track(pid, topic, "k", %{}) end,
+      untrack: fn -> module.untrack(pid, topic, "k") end,
+      update: fn -> module.update(pid, topic, "k", %{a: 1}) end,
+      update_fun: fn -> module.update(pid, topic, "k", fn _ -> send(me, :update_ran) end) end,
+      list: fn -> module.list(topic) end,
+      get_by_key: fn -> module.get_by_key(topic, "k") end,
+      count_users: fn -> module.count_users(topic) end,
+      count_connections: fn -> module.count_connections(topic) end,
+      subscribe: fn -> module.subscribe(topic) end,
+      unsubscribe: fn -> module.unsubscribe(topic) end,
+      stats: fn -> module.stats() end
+    ]
+
+    for {name, call} <- calls do
+      message =
+        try do
+          call.()
+          ExUnit.Assertions.flunk("#{name} did not raise")
+        rescue
+          error in ArgumentError -> error.message
+        end
+
+      ExUnit.Assertions.assert(
+        message =~ "#{inspect(module)} is not started",
+        "#{name} raised another ArgumentError: #{message}"
+      )
+    end
+
+    ExUnit.Assertions.refute_received(:update_ran)
+    ExUnit.Assertions.assert(module.fetchers_pids() == [])
+    :ok
+  end
+
   @doc "Waits for the next presence_diff on `topic` and returns its payload."
   defmacro assert_diff(topic, timeout \\ 1_000) do
     quote do

@@ -23,7 +23,9 @@ defmodule Drab.Presence.Soak do
   # it resyncs, each subscriber counts the leaves of refs it never had and
   # the joins of refs it had. Meanwhile a chaos process kills the dispatcher
   # (often right as it delivers), kills the registry, and stops and restarts
-  # the whole presence supervisor.
+  # the whole presence supervisor. A call made while it is stopped raises
+  # and changes nothing (a stopped module takes no write), so the worker
+  # makes it again once the module is back; such calls are counted.
   #
   # At the end: churn stops, the views settle, and counts, list/1 and every
   # subscriber's view must equal the model; then every owner exits, every
@@ -70,6 +72,7 @@ defmodule Drab.Presence.Soak do
   @lists 8
   @unknown_leaves 9
   @duplicate_joins 10
+  @stopped_calls 11
 
   @doc """
   Runs the soak; returns what it did. Raises `RuntimeError` on a mismatch.
@@ -87,7 +90,7 @@ defmodule Drab.Presence.Soak do
     seed = opts[:seed] || :erlang.unique_integer([:positive])
     opts = Keyword.put(opts, :seed, seed)
     topics = for i <- 1..opts[:topics], do: "soak:#{i}"
-    counters = :counters.new(10, [:write_concurrency])
+    counters = :counters.new(11, [:write_concurrency])
 
     stop_presence()
     start_presence(opts)
@@ -146,6 +149,7 @@ defmodule Drab.Presence.Soak do
         lists: :counters.get(counters, @lists),
         unknown_leaves: :counters.get(counters, @unknown_leaves),
         duplicate_joins: :counters.get(counters, @duplicate_joins),
+        stopped_calls: :counters.get(counters, @stopped_calls),
         chaos: chaos_counts(counters),
         nif_heap_bytes: %{
           baseline: baseline.nif_heap_bytes,
@@ -173,7 +177,8 @@ defmodule Drab.Presence.Soak do
       "(#{result.ops_per_s}/s), #{result.presences_at_end} presences at the end, " <>
       "#{result.diffs} diffs, #{result.resyncs} resyncs, #{result.lists} lists, " <>
       "#{result.unknown_leaves} unknown leaves and #{result.duplicate_joins} duplicate joins " <>
-      "before a resync, chaos #{inspect(result.chaos)}, " <>
+      "before a resync, #{result.stopped_calls} calls made again after a stop, " <>
+      "chaos #{inspect(result.chaos)}, " <>
       "NIF heap #{mb(result.nif_heap_bytes.baseline)} -> #{mb(result.nif_heap_bytes.end)} " <>
       "-> #{mb(result.nif_heap_bytes.after)}"
   end
@@ -194,7 +199,8 @@ defmodule Drab.Presence.Soak do
 
         opts[:log].(
           "soak #{round(secs)} s: #{ops} ops (#{round(ops / secs)}/s), " <>
-            "#{Presence.stats().presences} presences, #{:counters.get(counters, @diffs)} diffs, " <>
+            "#{while_started(counters, &Presence.stats/0).presences} presences, " <>
+            "#{:counters.get(counters, @diffs)} diffs, " <>
             "#{:counters.get(counters, @resyncs)} resyncs, chaos #{inspect(chaos_counts(counters))}"
         )
 
@@ -482,16 +488,17 @@ defmodule Drab.Presence.Soak do
     flush_diffs(topic)
     monitor = Process.monitor(registry)
 
-    subscribed? =
+    # Any of these raises while the module is stopped.
+    view =
       try do
         _ = Presence.unsubscribe(topic)
-        Presence.subscribe(topic) == :ok
+        if Presence.subscribe(topic) == :ok, do: Presence.list(topic)
       rescue
-        ArgumentError -> false
+        ArgumentError -> nil
       end
 
-    if subscribed? do
-      %{state | view: Presence.list(topic), registry: registry, monitor: monitor}
+    if view do
+      %{state | view: view, registry: registry, monitor: monitor}
     else
       Process.demonitor(monitor, [:flush])
       resync(state, counters)
@@ -694,7 +701,13 @@ defmodule Drab.Presence.Soak do
         stopped(state.parent)
     after
       0 ->
-        state = if burst_due?(state), do: burst(state), else: op(state, :rand.uniform(100))
+        roll = :rand.uniform(100)
+
+        state =
+          if burst_due?(state),
+            do: burst(state),
+            else: while_started(state.counters, fn -> op(state, roll) end)
+
         :counters.add(state.counters, @ops, 1)
         pace(state)
         worker_loop(%{state | seq: state.seq + 1})
@@ -835,7 +848,10 @@ defmodule Drab.Presence.Soak do
     presences =
       Map.new(1..state.burst, fn i ->
         meta = %{w: state.id, burst: i}
-        {:ok, _} = Presence.track(pid, topic, "b#{i}", meta)
+
+        {:ok, _} =
+          while_started(state.counters, fn -> Presence.track(pid, topic, "b#{i}", meta) end)
+
         {{topic, "b#{i}"}, meta}
       end)
 
@@ -845,6 +861,21 @@ defmodule Drab.Presence.Soak do
         burst_owner: pid,
         next_burst: System.monotonic_time(:millisecond) + state.burst_every_ms
     }
+  end
+
+  # A call that raised because the chaos had stopped the module changed
+  # nothing: it is made again until the module is back.
+  defp while_started(counters, call) do
+    call.()
+  rescue
+    error in ArgumentError ->
+      if error.message =~ "#{inspect(Presence)} is not started" do
+        :counters.add(counters, @stopped_calls, 1)
+        Process.sleep(1)
+        while_started(counters, call)
+      else
+        reraise error, __STACKTRACE__
+      end
   end
 
   defp exit_owner(pid, :normal) do

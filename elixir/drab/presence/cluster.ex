@@ -37,7 +37,7 @@ defmodule Drab.Presence.Cluster do
 
   alias Drab.Presence.{Runtime, Telemetry}
 
-  @compile {:no_warn_undefined, [Phoenix.PubSub, :pg, :pg2]}
+  @compile {:no_warn_undefined, [Phoenix.PubSub]}
 
   # Bumped when a message changes shape; a peer speaking another version is
   # refused, loudly, once.
@@ -506,10 +506,12 @@ defmodule Drab.Presence.Cluster do
       :ok = apply(:pg, :join, [scope, module, self()])
       {:pg, scope, module}
     else
-      # OTP 22: :pg2, which pubsub 1.x uses too.
+      # OTP 22: :pg2, which pubsub 1.x uses too. By name as well: OTP 23
+      # deprecates :pg2, and a call written out warns there, which
+      # --warnings-as-errors refuses.
       group = {__MODULE__, module}
-      :ok = :pg2.create(group)
-      :ok = :pg2.join(group, self())
+      :ok = apply(:pg2, :create, [group])
+      :ok = apply(:pg2, :join, [group, self()])
       {:pg2, group}
     end
   end
@@ -540,7 +542,7 @@ defmodule Drab.Presence.Cluster do
   defp send_to(_state, _name, nil, _message), do: :ok
 
   defp members({:pg, scope, group}), do: apply(:pg, :get_members, [scope, group])
-  defp members({:pg2, group}), do: :pg2.get_members(group)
+  defp members({:pg2, group}), do: apply(:pg2, :get_members, [group])
 
   defp quiet_period(state), do: max(state.heartbeat_period, div(state.down_period, 3))
 

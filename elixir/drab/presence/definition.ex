@@ -65,7 +65,9 @@ defmodule Drab.Presence.Definition do
       on its own when `pid` exits. A `pid` that has already exited is answered
       as Phoenix answers it, `{:ok, phx_ref}`, and its presence is gone at once:
       neither listed nor counted. A pid of another node, or anything that is
-      not a pid, raises `ArgumentError`.
+      not a pid, raises `ArgumentError`, and so does this and every other
+      call of a module that is not running (before its start, after a stop:
+      see "Restarts and shutdown" in `Drab.Presence`).
       """
       @spec track(pid(), Drab.Presence.topic(), Drab.Presence.key(), map()) ::
               {:ok, binary()} | {:error, term()}

@@ -59,18 +59,20 @@ defmodule Drab.Presence.Dispatcher do
 
       dispatcher ->
         metas = Metas.name(module)
-        %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
 
         [
           spawn(fn ->
-            # A dispatcher or callback process that goes away has no more
-            # work to wait for.
+            # Diffs the backend has not told the dispatcher of yet (the
+            # sidecar does so in frames of its own) count as pending too.
+            # A module stopped, or a dispatcher or callback process gone,
+            # meanwhile has no more work to wait for.
             try do
-              # Writes made before the call, which a sidecar applies after
-              # they return, have then woken the dispatcher if need be.
+              %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
               :ok = backend.sync_writes(table)
               GenServer.call(dispatcher, :await_idle, @fetcher_patience_ms)
               if Process.whereis(metas), do: Metas.sync(metas, @fetcher_patience_ms)
+            rescue
+              ArgumentError -> :ok
             catch
               :exit, _ -> :ok
             end

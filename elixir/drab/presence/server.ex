@@ -27,6 +27,8 @@ defmodule Drab.Presence.Server do
 
   @impl true
   def init({module, opts}) do
+    # Before any child: the cluster process reads the runtime in its init.
+    :ok = Runtime.running(module, self())
     subscribers = Broadcast.subscribers(module)
 
     children = [

@@ -162,17 +162,23 @@ defmodule Drab.Presence.DrabIntegrationTest do
         do: [{Phoenix.PubSub, name: @pubsub}],
         else: []
 
-    {:ok, sup} = Supervisor.start_link(pubsub ++ [@endpoint, Drab.Presence], strategy: :one_for_one)
+    # On the suite's backend: the table keeps the one it was made with.
+    backend = Drab.PresenceCase.backend()
+    presence = {Drab.Presence, backend: backend}
+    {:ok, sup} = Supervisor.start_link(pubsub ++ [@endpoint, presence], strategy: :one_for_one)
 
     Process.unlink(sup)
 
     on_exit(fn ->
       Supervisor.stop(sup)
       Application.delete_env(:drab, :presence)
-      # Without this endpoint's (stopped) PubSub, as test_helper.exs started it.
+      # Without this endpoint's (stopped) PubSub, as test_helper.exs started
+      # it: Drab's config would still name it.
       Application.delete_env(:drab, @endpoint)
-      opts = [diff_window: 20, backend: Drab.PresenceCase.backend(), pubsub_server: nil]
-      {:ok, presence} = Drab.Presence.start_link(opts)
+
+      {:ok, presence} =
+        Drab.Presence.start_link(diff_window: 20, backend: backend, pubsub_server: nil)
+
       Process.unlink(presence)
     end)
 

@@ -117,18 +117,6 @@ defmodule Drab.Presence.RestartTest do
     assert Restarting.count_connections(topic) == 49
   end
 
-  test "stopping and starting the whole module keeps the presences", %{topic: topic} do
-    start_supervised!(Restarting)
-    {:ok, _} = Restarting.track(live_pid(), topic, "u", %{a: 1})
-    stop_supervised!(Restarting)
-
-    # While stopped, the table still answers.
-    assert Restarting.count_users(topic) == 1
-
-    start_supervised!(Restarting)
-    assert %{"u" => %{metas: [%{a: 1}]}} = Restarting.list(topic)
-  end
-
   defp collect(topic) do
     receive do
       %{event: "presence_diff", topic: ^topic, payload: payload} -> [payload | collect(topic)]

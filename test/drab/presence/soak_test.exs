@@ -48,5 +48,8 @@ defmodule Drab.Presence.SoakTest do
     IO.puts("\n" <> Soak.summary(result))
     assert result.chaos.dispatcher_kills > 0 and result.chaos.registry_kills > 0
     assert result.chaos.restarts > 0 and result.resyncs > 0
+    # Calls made while a restart had the module stopped raised, took
+    # nothing, and the model still matches.
+    assert result.stopped_calls > 0
   end
 end

@@ -536,6 +536,8 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   # Removals whose leaves subscribers have had (or never needed): a
   # restarted sidecar owes them no more.
+  # A size checked in a guard, not written as binary-size(n * 8): Elixir
+  # takes an expression as a size in a pattern from 1.14 on.
   defp delivered(h, <<n::32, refs::binary>>) when byte_size(refs) == n * 8 do
     for <<ref::64 <- refs>>, do: :ets.delete(h.leaves, ref)
     :ok
