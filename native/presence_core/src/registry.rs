@@ -37,6 +37,9 @@ pub struct Registry<O, M, W> {
     dirty: VecDeque<TopicId>,
     pub(crate) refs: RefGen,
     pub(crate) presences: usize,
+    /// Topics with presences: a counter, so that stats never walk them
+    /// under the lock.
+    pub(crate) occupied_topics: usize,
     /// `diff_window: 0`: every operation is recorded as a diff of its own
     /// instead of being coalesced (see [`Registry::set_exact`]).
     pub(crate) exact: bool,
@@ -58,6 +61,7 @@ where
             dirty: VecDeque::new(),
             refs: RefGen::new(ref_seed),
             presences: 0,
+            occupied_topics: 0,
             exact: false,
             last_group: 0,
         }
@@ -129,6 +133,7 @@ where
         let next_seq = self.refs.next_seq();
         let entry = self.topics.get_mut(id).expect("interned above");
         let key = entry.shared_key(key);
+        self.occupied_topics += usize::from(entry.is_empty());
         let position = entry.insert(Presence {
             owner: Holder::Local(owner),
             key,
@@ -440,10 +445,9 @@ where
         self.owners.get(owner).map_or(0, |o| o.len())
     }
 
-    /// Topics with presences (topics emptied since the last diff are kept
-    /// until it is taken).
+    /// Topics with presences: O(1).
     pub fn topic_count(&self) -> usize {
-        self.topics.iter().filter(|t| !t.is_empty()).count()
+        self.occupied_topics
     }
 
     /// `owner`'s presence under `key` on `topic`: the topic's id, the
@@ -494,6 +498,7 @@ where
             .position_of(phx_ref)
             .expect("handles point at live refs");
         let removed = topic.remove(position).expect("found above");
+        self.occupied_topics -= usize::from(topic.is_empty());
         if self.exact {
             topic
                 .pending()
