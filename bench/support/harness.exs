@@ -331,6 +331,14 @@ defmodule Bench.Harness do
     "#{role(pid)}, #{Float.round(words * 8 / 1_048_576, 1)} MB of heap"
   end
 
+  # A port (the sidecar's) can run long too.
+  defp role(port) when is_port(port) do
+    case Port.info(port, :name) do
+      {:name, name} -> "port #{name}"
+      nil -> "a closed port"
+    end
+  end
+
   defp role(pid) do
     case Process.info(pid, [:registered_name, :dictionary]) do
       [registered_name: name, dictionary: _] when is_atom(name) and name != [] ->
