@@ -964,6 +964,19 @@ mod tests {
     }
 
     #[test]
+    fn a_join_storm_is_cut_as_it_comes_a_shared_key_across_parts() {
+        let mut r: Registry<u32, u32, ()> = Registry::new(7);
+        for owner in 0..7u32 {
+            r.track(owner, b"t", b"same", 0, watch).unwrap();
+        }
+        let diffs = r.take_diffs(usize::MAX, usize::MAX);
+        let parts = diffs[0].parts(limit(3), |_| 1);
+        // Joins only: nobody can appear to leave, so no key waits for room.
+        let sizes: Vec<(usize, usize)> = parts.iter().map(|(j, l)| (j.len(), l.len())).collect();
+        assert_eq!(sizes, [(3, 0), (3, 0), (1, 0)]);
+    }
+
+    #[test]
     fn parts_respect_the_weight_limit_and_split_big_keys_joins_first() {
         let mut r: Registry<u32, u32, ()> = Registry::new(7);
         for owner in 0..4u32 {
