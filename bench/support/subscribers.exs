@@ -52,13 +52,19 @@ defmodule Bench.Subscriber do
   def start(adapter, topics) do
     parent = self()
 
+    # Its mailbox off the heap: at 1M presences, diffs queue faster than it
+    # folds them, and every GC would copy the whole queue (a 500 ms pause
+    # of a scheduler, the harness's own, counted against the system).
     pid =
-      spawn(fn ->
-        Process.put(:bench_role, "subscriber")
-        Enum.each(topics, fn topic -> :ok = adapter.subscribe(topic) end)
-        send(parent, {:subscribed, self()})
-        loop(View.new(), nil, nil)
-      end)
+      :erlang.spawn_opt(
+        fn ->
+          Process.put(:bench_role, "subscriber")
+          Enum.each(topics, fn topic -> :ok = adapter.subscribe(topic) end)
+          send(parent, {:subscribed, self()})
+          loop(View.new(), nil, nil)
+        end,
+        message_queue_data: :off_heap
+      )
 
     receive do
       {:subscribed, ^pid} -> pid

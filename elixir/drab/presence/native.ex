@@ -57,30 +57,30 @@ defmodule Drab.Presence.Native do
   def table_set_dispatcher(_table, _pid), do: err()
 
   @spec table_track(table(), pid(), binary(), binary(), map()) ::
-          {:ok, binary()} | {:error, reason()}
+          {:ok, binary()} | {:error, reason()} | :busy
   def table_track(_table, _pid, _topic, _key, _meta), do: err()
 
-  @spec table_untrack(table(), pid(), binary(), binary()) :: :ok
+  @spec table_untrack(table(), pid(), binary(), binary()) :: :ok | :busy
   def table_untrack(_table, _pid, _topic, _key), do: err()
 
   @spec table_lookup(table(), pid(), binary(), binary()) ::
-          {:ok, {map(), non_neg_integer()}} | {:error, :not_tracked}
+          {:ok, {map(), non_neg_integer()}} | {:error, :not_tracked} | :busy
   def table_lookup(_table, _pid, _topic, _key), do: err()
 
   @spec table_update(table(), pid(), binary(), binary(), map(), non_neg_integer() | nil) ::
-          {:ok, binary()} | {:error, reason()}
+          {:ok, binary()} | {:error, reason()} | :busy
   def table_update(_table, _pid, _topic, _key, _meta, _expected_ref), do: err()
 
-  @spec table_counts(table(), binary()) :: {non_neg_integer(), non_neg_integer()}
+  @spec table_counts(table(), binary()) :: {non_neg_integer(), non_neg_integer()} | :busy
   def table_counts(_table, _topic), do: err()
 
-  @spec table_list(table(), binary()) :: map() | :too_large
+  @spec table_list(table(), binary()) :: map() | :too_large | :busy
   def table_list(_table, _topic), do: err()
 
   @spec table_list_dirty(table(), binary()) :: map()
   def table_list_dirty(_table, _topic), do: err()
 
-  @spec table_get_by_key(table(), binary(), binary()) :: map() | [] | :too_large
+  @spec table_get_by_key(table(), binary(), binary()) :: map() | [] | :too_large | :busy
   def table_get_by_key(_table, _topic, _key), do: err()
 
   @spec table_get_by_key_dirty(table(), binary(), binary()) :: map() | []
@@ -93,7 +93,9 @@ defmodule Drab.Presence.Native do
   def table_set_exact(_table, _exact), do: err()
 
   @spec table_take_diffs(table(), pos_integer()) ::
-          {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()} | :too_large
+          {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()}
+          | :too_large
+          | :busy
   def table_take_diffs(_table, _max_topics), do: err()
 
   @spec table_take_diffs_dirty(table(), pos_integer()) ::

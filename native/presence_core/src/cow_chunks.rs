@@ -17,6 +17,9 @@ const _: () = assert!(CHUNK_LEN.is_power_of_two());
 pub struct CowChunks<T> {
     chunks: Vec<Arc<Vec<T>>>,
     len: usize,
+    /// Chunks written since [`CowChunks::snapshot_written`], a bit each:
+    /// what was added or changed since is in those chunks alone.
+    written: Vec<u64>,
 }
 
 /// A consistent, immutable view of a [`CowChunks`] at one point in time.
@@ -31,6 +34,7 @@ impl<T> Default for CowChunks<T> {
         Self {
             chunks: Vec::new(),
             len: 0,
+            written: Vec::new(),
         }
     }
 }
@@ -69,6 +73,7 @@ impl<T: Clone> CowChunks<T> {
         let last = self.chunks.last_mut().expect("a chunk was just ensured");
         Arc::make_mut(last).push(value);
         self.len += 1;
+        self.mark_written(self.len - 1);
         self.len - 1
     }
 
@@ -76,7 +81,48 @@ impl<T: Clone> CowChunks<T> {
         if index >= self.len {
             return None;
         }
+        self.mark_written(index);
         Arc::make_mut(&mut self.chunks[index / CHUNK_LEN]).get_mut(index % CHUNK_LEN)
+    }
+
+    fn mark_written(&mut self, index: usize) {
+        let chunk = index / CHUNK_LEN;
+        if self.written.len() <= chunk / 64 {
+            self.written.resize(chunk / 64 + 1, 0);
+        }
+        self.written[chunk / 64] |= 1 << (chunk % 64);
+    }
+
+    /// The chunks written since the last call (or ever), as a snapshot: an
+    /// element added or changed since is in it, whatever moved where.
+    pub fn snapshot_written(&mut self) -> Snapshot<T> {
+        let chunks: Vec<Arc<Vec<T>>> = self
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                self.written
+                    .get(i / 64)
+                    .is_some_and(|w| w & (1 << (i % 64)) != 0)
+            })
+            .map(|(_, chunk)| Arc::clone(chunk))
+            .collect();
+        self.written.clear();
+        Snapshot {
+            len: chunks.iter().map(|chunk| chunk.len()).sum(),
+            chunks,
+        }
+    }
+
+    /// Elements in the chunks written since the last snapshot of them.
+    pub fn written_len(&self) -> usize {
+        let chunks: usize = self.written.iter().map(|w| w.count_ones() as usize).sum();
+        (chunks * CHUNK_LEN).min(self.len)
+    }
+
+    /// Forgets which chunks were written.
+    pub fn clear_written(&mut self) {
+        self.written.clear();
     }
 
     /// Removes the element at `index` by moving the last element into its
@@ -101,6 +147,7 @@ impl<T: Clone> CowChunks<T> {
         if index == self.len {
             return Some(last);
         }
+        self.mark_written(index);
         let slot = &mut Arc::make_mut(&mut self.chunks[index / CHUNK_LEN])[index % CHUNK_LEN];
         Some(std::mem::replace(slot, last))
     }
@@ -171,6 +218,25 @@ mod tests {
             v.push(i);
         }
         assert_eq!(v.chunks[0].capacity(), CHUNK_LEN);
+    }
+
+    #[test]
+    fn a_snapshot_of_written_chunks_holds_every_element_changed_since() {
+        let mut v = CowChunks::default();
+        for i in 0..CHUNK_LEN * 4 {
+            v.push(i);
+        }
+        assert_eq!(v.snapshot_written().len(), CHUNK_LEN * 4);
+        assert_eq!(v.written_len(), 0);
+        *v.get_mut(3).unwrap() = 1_000_000;
+        v.swap_remove(CHUNK_LEN + 1);
+        v.push(2_000_000);
+        let written: Vec<usize> = v.snapshot_written().iter().copied().collect();
+        assert!(written.contains(&1_000_000) && written.contains(&2_000_000));
+        // The last element, moved into the second chunk, is there too.
+        assert!(written.contains(&(CHUNK_LEN * 4 - 1)));
+        assert_eq!(written.len(), CHUNK_LEN * 3);
+        assert_eq!(v.snapshot_written().len(), 0);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What a topic's subscribers have not been told yet: recorded as changes
 //! happen ([`PendingDiff`]), taken as a [`TopicDiff`], and cut into parts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::time::Instant;
 
@@ -351,13 +351,15 @@ impl<O, M> TopicDiff<O, M> {
 ///
 /// Applied in order, the parts have the same effect as the whole: a ref in
 /// both joins and leaves (a presence listed mid-window, then gone) has its
-/// join in the same part as its leave or an earlier one. A key's
-/// joins and leaves travel in one part whenever they fit in one, so that
-/// an update (the leave of the old meta, the join of the new) never shows
-/// a client a user who left and came back. A key too large for one part
-/// has its joins sent before its leaves: the key is never empty in between
-/// unless it is empty at the end. A diff whose joins and leaves all
-/// cancelled out has no parts.
+/// join in the same part as its leave or an earlier one. A key that both
+/// joins and leaves has its changes travel in one part whenever they fit
+/// in one, so that an update (the leave of the old meta, the join of the
+/// new) never shows a client a user who left and came back; one too large
+/// for a part has its joins sent before its leaves: the key is never empty
+/// in between unless it is empty at the end. Other changes (a join storm,
+/// a mass disconnect: most large diffs) are cut as they come, with no
+/// grouping to pay for. A diff whose joins and leaves all cancelled out
+/// has no parts.
 pub(crate) fn cut<'d, O, M>(
     joins: Vec<&'d Presence<O, M>>,
     leaves: Vec<&'d Presence<O, M>>,
@@ -371,55 +373,129 @@ pub(crate) fn cut<'d, O, M>(
     if joins.len() + leaves.len() <= limits.presences && total_weight <= limits.weight {
         return vec![(joins, leaves)];
     }
-
-    // Each key's changes, joins first, keys in the order they appear.
-    let mut by_key: HashMap<&[u8], usize> = HashMap::new();
-    let mut groups: Vec<Vec<(bool, &Presence<O, M>)>> = Vec::new();
-    for (is_join, presence) in joins
+    let joined = joins.len();
+    let changes: Vec<(bool, &'d Presence<O, M>)> = joins
         .into_iter()
         .map(|p| (true, p))
         .chain(leaves.into_iter().map(|p| (false, p)))
+        .collect();
+    let mut parts = PartCutter::new(limits);
+    match key_groups(&changes, joined) {
+        None => {
+            for &(is_join, presence) in &changes {
+                parts.add(is_join, presence, weight(presence));
+            }
+        }
+        Some(next_of_key) => {
+            // Each key's changes from its first one on, joins first (they
+            // come first in `changes`), keys in the order they appear.
+            let mut taken = vec![false; changes.len()];
+            for first in 0..changes.len() {
+                if taken[first] {
+                    continue;
+                }
+                let mut group = Vec::new();
+                let mut at = Some(first);
+                while let Some(i) = at {
+                    taken[i] = true;
+                    group.push(changes[i]);
+                    at = next_of_key[i];
+                }
+                let group_weight: usize = group.iter().map(|(_, p)| weight(p)).sum();
+                parts.start_group(group.len(), group_weight);
+                for (is_join, presence) in group {
+                    parts.add(is_join, presence, weight(presence));
+                }
+            }
+        }
+    }
+    parts.finish()
+}
+
+/// For each change, the next change of the same key, when some key both
+/// joins and leaves (`changes` holds the `joined` joins, then the leaves);
+/// `None` when none does, and no change needs another's company.
+fn key_groups<O, M>(
+    changes: &[(bool, &Presence<O, M>)],
+    joined: usize,
+) -> Option<Vec<Option<usize>>> {
+    if joined == 0 || joined == changes.len() {
+        return None;
+    }
+    let leaving: HashSet<&[u8]> = changes[joined..].iter().map(|(_, p)| &*p.key).collect();
+    if !changes[..joined]
+        .iter()
+        .any(|(_, p)| leaving.contains(&*p.key))
     {
-        let group = *by_key.entry(&presence.key).or_insert_with(|| {
-            groups.push(Vec::new());
-            groups.len() - 1
-        });
-        groups[group].push((is_join, presence));
+        return None;
+    }
+    let mut last_of_key: HashMap<&[u8], usize> = HashMap::with_capacity(changes.len());
+    let mut next = vec![None; changes.len()];
+    for (i, (_, presence)) in changes.iter().enumerate() {
+        if let Some(previous) = last_of_key.insert(&presence.key, i) {
+            next[previous] = Some(i);
+        }
+    }
+    Some(next)
+}
+
+/// Fills parts in turn within limits.
+struct PartCutter<'d, O, M> {
+    limits: PartLimits,
+    max_presences: usize,
+    parts: Vec<Part<'d, O, M>>,
+    part: Part<'d, O, M>,
+    weight: usize,
+}
+
+impl<'d, O, M> PartCutter<'d, O, M> {
+    fn new(limits: PartLimits) -> Self {
+        Self {
+            limits,
+            max_presences: limits.presences.max(1),
+            parts: Vec::new(),
+            part: (Vec::new(), Vec::new()),
+            weight: 0,
+        }
     }
 
-    let max_presences = limits.presences.max(1);
-    let mut parts = Vec::new();
-    let mut part: Part<'_, O, M> = (Vec::new(), Vec::new());
-    let mut part_weight = 0;
-    for group in groups {
-        let group_weight: usize = group.iter().map(|(_, p)| weight(p)).sum();
-        let part_len = part.0.len() + part.1.len();
-        if part_len > 0
-            && (part_len + group.len() > max_presences
-                || part_weight + group_weight > limits.weight)
+    fn len(&self) -> usize {
+        self.part.0.len() + self.part.1.len()
+    }
+
+    fn close_part(&mut self) {
+        self.parts.push(std::mem::take(&mut self.part));
+        self.weight = 0;
+    }
+
+    /// A group of changes that should share a part: a new part begins
+    /// unless it fits in the current one.
+    fn start_group(&mut self, presences: usize, weight: usize) {
+        let len = self.len();
+        if len > 0
+            && (len + presences > self.max_presences || self.weight + weight > self.limits.weight)
         {
-            parts.push(std::mem::take(&mut part));
-            part_weight = 0;
-        }
-        for (is_join, presence) in group {
-            let presence_weight = weight(presence);
-            let part_len = part.0.len() + part.1.len();
-            if part_len > 0
-                && (part_len == max_presences || part_weight + presence_weight > limits.weight)
-            {
-                parts.push(std::mem::take(&mut part));
-                part_weight = 0;
-            }
-            part_weight += presence_weight;
-            if is_join {
-                part.0.push(presence)
-            } else {
-                part.1.push(presence)
-            }
+            self.close_part();
         }
     }
-    if !part.0.is_empty() || !part.1.is_empty() {
-        parts.push(part);
+
+    fn add(&mut self, is_join: bool, presence: &'d Presence<O, M>, weight: usize) {
+        let len = self.len();
+        if len > 0 && (len == self.max_presences || self.weight + weight > self.limits.weight) {
+            self.close_part();
+        }
+        self.weight += weight;
+        if is_join {
+            self.part.0.push(presence)
+        } else {
+            self.part.1.push(presence)
+        }
     }
-    parts
+
+    fn finish(mut self) -> Vec<Part<'d, O, M>> {
+        if self.len() > 0 {
+            self.close_part();
+        }
+        self.parts
+    }
 }

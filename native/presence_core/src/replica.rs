@@ -74,6 +74,7 @@ where
             .withdraw_leave(&owner, join.key, &join.meta)
             .unwrap_or(seq);
         let key = entry.shared_key(join.key);
+        self.occupied_topics += usize::from(entry.is_empty());
         let position = entry.insert(Presence {
             owner,
             key,

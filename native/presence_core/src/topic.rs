@@ -166,14 +166,35 @@ where
 
     /// What taking this topic's diff costs (see [`PendingDiff::work`]).
     pub(crate) fn diff_work(&self) -> usize {
-        self.pending.as_ref().map_or(0, |p| p.work(self.len()))
+        self.pending
+            .as_ref()
+            .map_or(0, |p| p.work(self.changed_len()))
+    }
+
+    /// The presences among which those that joined since the last diff
+    /// are: a large topic's chunks written since, a small one's all.
+    fn changed_len(&self) -> usize {
+        match &self.presences {
+            Presences::Many(many) => many.entries.written_len(),
+            _ => self.len(),
+        }
     }
 
     /// Takes the pending diff: moves what was recorded, and snapshots the
-    /// presences if joins are to be found among them.
+    /// presences among which its joins are, if it has some: for a large
+    /// topic, only the chunks written since the last diff.
     pub(crate) fn take_diff(&mut self) -> Option<TopicDiff<O, M>> {
         let pending = self.pending.take()?;
-        let entries = (pending.coalesced_joins && !self.is_empty()).then(|| self.snapshot());
+        let wanted = pending.coalesced_joins;
+        let entries = match &mut self.presences {
+            Presences::Many(many) if wanted => Some(many.entries.snapshot_written()),
+            Presences::Many(many) => {
+                many.entries.clear_written();
+                None
+            }
+            Presences::None => None,
+            few => wanted.then(|| Snapshot::owned(few.iter().cloned().collect())),
+        };
         Some(pending.into_diff(self.name.clone(), entries))
     }
 

@@ -130,10 +130,6 @@ where
         Some(topic)
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Topic<O, M>> {
-        self.by_id.iter().map(|topic| &**topic)
-    }
-
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Topic<O, M>> {
         self.by_id.iter_mut().map(|topic| &mut **topic)
     }

@@ -208,6 +208,8 @@ proptest! {
                 }
             }
             prop_assert_eq!(reg.len(), model.len());
+            let occupied: BTreeSet<usize> = model.keys().map(|(_, t, _)| *t).collect();
+            prop_assert_eq!(reg.topic_count(), occupied.len());
         }
 
         apply_diffs(&mut reg, &mut views, usize::MAX);

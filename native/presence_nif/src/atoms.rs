@@ -10,6 +10,8 @@ rustler::atoms! {
     meta_too_large,
     // table_list: the topic belongs on a dirty scheduler.
     too_large,
+    // The table lock is taken: yield and call again (Shared::try_lock).
+    busy,
     // table_next_part: the outbox is empty.
     none,
     // Sent to the dispatcher on the first pending diff.

@@ -9,6 +9,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -56,9 +57,18 @@ const BYTES_PER_TIMESLICE: usize = 256 * 1024;
 /// scheduler without collecting them under the lock.
 const INLINE_KEY_PRESENCES: usize = 64;
 
-/// Taking diffs looks for joins among every presence of each topic taken:
-/// up to this many are done on the dispatcher's scheduler, more go dirty.
-const INLINE_TAKE_WORK: usize = 20_000;
+/// Taking diffs looks for joins among every presence of each topic taken,
+/// and copies them into parts: up to this many (a few hundred
+/// microseconds) are done on the dispatcher's scheduler, more go dirty.
+const INLINE_TAKE_WORK: usize = 2_000;
+
+/// A timeslice, as `enif_consume_timeslice` counts it: 1 ms.
+const TIMESLICE_US: u128 = 1_000;
+
+/// How long a NIF on a normal scheduler spins for the table lock before
+/// it answers `:busy` (see [`Shared::try_lock`]): a few times the longest
+/// a writer holds it.
+const LOCK_SPIN: Duration = Duration::from_micros(20);
 
 /// Presences of an exited owner removed per hold of the lock (tens of
 /// microseconds). An owner with more is removed by a thread of its own, a
@@ -224,8 +234,46 @@ impl Shared {
         self.state.lock()
     }
 
+    /// The lock for a NIF on a normal scheduler: taken if it is free, or
+    /// comes free within a few microseconds; otherwise `None`, and the NIF
+    /// answers `:busy` for its caller to yield and call again. Waiting in
+    /// the lock would park the scheduler's thread, and with it every
+    /// process queued on that scheduler, until the OS runs it again: with
+    /// four writers on two cores, that was up to 20 ms at a time.
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, State>> {
+        if let Some(state) = self.state.try_lock() {
+            return Some(state);
+        }
+        let started = Instant::now();
+        while started.elapsed() < LOCK_SPIN {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+            if let Some(state) = self.state.try_lock() {
+                return Some(state);
+            }
+        }
+        None
+    }
+
+    /// [`Shared::write`] for a NIF on a normal scheduler: `None`, having
+    /// changed nothing, when the lock is busy (see [`Shared::try_lock`]).
+    pub(crate) fn try_write<T: WakesDispatcher>(
+        &self,
+        env: Env,
+        change: impl FnOnce(&mut Registry<LocalPid, Meta, Monitor>) -> T,
+    ) -> Option<T> {
+        let (result, dispatcher) = {
+            let mut state = self.try_lock()?;
+            (change(&mut state.registry), state.dispatcher)
+        };
+        wake_if_needed(env, &result, dispatcher);
+        Some(result)
+    }
+
     /// Runs `change` under the lock, then, with the lock released, tells
-    /// the dispatcher if this change made the first pending diff.
+    /// the dispatcher if this change made the first pending diff. Off the
+    /// normal schedulers only (a thread of ours, a `down` callback).
     pub(crate) fn write<T: WakesDispatcher>(
         &self,
         env: Env,
@@ -242,9 +290,7 @@ impl Shared {
     /// A snapshot of `topic` for a listing, which a client may sync from:
     /// the registry must then send the leave of anything in it.
     fn observed_snapshot(&self, topic: &[u8]) -> Option<Snapshot<Entry>> {
-        let mut state = self.lock();
-        state.registry.observe(topic);
-        state.registry.snapshot(topic)
+        observed(&mut self.lock(), topic)
     }
 
     /// Removes a departed owner's presences a chunk at a time, handing the
@@ -345,21 +391,28 @@ fn table_track<'a>(
     topic: Binary,
     key: Binary,
     meta: Term<'a>,
-) -> NifResult<Result<Term<'a>, NifError>> {
-    Ok(table.encode_meta(meta)?.and_then(|meta| {
-        let change = table.write(env, |registry| {
-            let tracked = registry.track(pid, &topic, &key, meta.clone(), || {
-                env.monitor(&table, &pid)
-            });
-            match tracked {
-                // A channel that tracks itself while it is dying must not
-                // crash on it: Phoenix answers {:ok, ref} there too.
-                Err(CoreError::OwnerGone) => Ok(registry.track_gone(pid, &topic, &key, meta)),
-                other => other,
-            }
-        })?;
-        Ok(ref_term(env, change.phx_ref))
-    }))
+) -> NifResult<Term<'a>> {
+    let _charge = Charge::start(env);
+    let meta = match table.encode_meta(meta)? {
+        Ok(meta) => meta,
+        Err(refused) => return Ok(error_term(env, refused)),
+    };
+    let tracked = table.try_write(env, |registry| {
+        let tracked = registry.track(pid, &topic, &key, meta.clone(), || {
+            env.monitor(&table, &pid)
+        });
+        match tracked {
+            // A channel that tracks itself while it is dying must not
+            // crash on it: Phoenix answers {:ok, ref} there too.
+            Err(CoreError::OwnerGone) => Ok(registry.track_gone(pid, &topic, &key, meta)),
+            other => other,
+        }
+    });
+    Ok(match tracked {
+        None => atoms::busy().encode(env),
+        Some(Ok(change)) => ok_ref(env, change.phx_ref),
+        Some(Err(e)) => error_term(env, e.into()),
+    })
 }
 
 #[rustler::nif]
@@ -370,14 +423,18 @@ fn table_untrack(
     topic: Binary,
     key: Binary,
 ) -> rustler::Atom {
-    let removed = table.write(env, |registry| registry.untrack(pid, &topic, &key));
+    let _charge = Charge::start(env);
+    let Some(removed) = table.try_write(env, |registry| registry.untrack(pid, &topic, &key)) else {
+        return atoms::busy();
+    };
     if let Some(monitor) = &removed.released_watch {
         env.demonitor(&table, monitor);
     }
     atoms::ok()
 }
 
-/// The current meta (with `phx_ref`) and its raw ref, for update functions.
+/// `{:ok, {meta, ref}}`: the current meta (with `phx_ref`) and its raw
+/// ref, for update functions.
 #[rustler::nif]
 fn table_lookup<'a>(
     env: Env<'a>,
@@ -385,10 +442,19 @@ fn table_lookup<'a>(
     pid: LocalPid,
     topic: Binary,
     key: Binary,
-) -> Result<(Term<'a>, u64), NifError> {
-    let found = table.lock().registry.lookup(pid, &topic, &key).cloned();
-    let presence = found.ok_or(NifError::Core(CoreError::NotTracked))?;
-    Ok((encode::meta(env, &presence), presence.phx_ref))
+) -> Term<'a> {
+    let Some(state) = table.try_lock() else {
+        return atoms::busy().encode(env);
+    };
+    let found = state.registry.lookup(pid, &topic, &key).cloned();
+    drop(state);
+    match found {
+        Some(presence) => {
+            let found = (encode::meta(env, &presence), presence.phx_ref);
+            (atoms::ok(), found).encode(env)
+        }
+        None => error_term(env, NifError::Core(CoreError::NotTracked)),
+    }
 }
 
 /// Replaces a meta. `expected_ref` (or `nil`) guards a read-modify-write
@@ -402,28 +468,62 @@ fn table_update<'a>(
     key: Binary,
     meta: Term<'a>,
     expected_ref: Option<u64>,
-) -> NifResult<Result<Term<'a>, NifError>> {
-    Ok(table.encode_meta(meta)?.and_then(|meta| {
-        let update = table.write(env, |registry| {
-            registry.update(pid, &topic, &key, meta, expected_ref)
-        })?;
-        let (Update::Unchanged(phx_ref) | Update::Changed(Change { phx_ref, .. })) = update;
-        Ok(ref_term(env, phx_ref))
-    }))
+) -> NifResult<Term<'a>> {
+    let _charge = Charge::start(env);
+    let meta = match table.encode_meta(meta)? {
+        Ok(meta) => meta,
+        Err(refused) => return Ok(error_term(env, refused)),
+    };
+    let updated = table.try_write(env, |registry| {
+        registry.update(pid, &topic, &key, meta, expected_ref)
+    });
+    Ok(match updated {
+        None => atoms::busy().encode(env),
+        Some(Ok(Update::Unchanged(phx_ref) | Update::Changed(Change { phx_ref, .. }))) => {
+            ok_ref(env, phx_ref)
+        }
+        Some(Err(e)) => error_term(env, e.into()),
+    })
+}
+
+/// `{:ok, phx_ref}`: a write's answer, beside `:busy` and `{:error, reason}`.
+fn ok_ref(env: Env, phx_ref: u64) -> Term {
+    (atoms::ok(), ref_term(env, phx_ref)).encode(env)
+}
+
+fn error_term(env: Env, reason: NifError) -> Term {
+    (atoms::error(), reason).encode(env)
 }
 
 /// `{users, connections}` on `topic`, from counters.
 #[rustler::nif]
-fn table_counts(table: ResourceArc<Table>, topic: Binary) -> (usize, usize) {
-    let counts = table.lock().registry.counts(&topic);
-    (counts.users, counts.connections)
+fn table_counts<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
+    match table.try_lock() {
+        Some(state) => {
+            let counts = state.registry.counts(&topic);
+            (counts.users, counts.connections).encode(env)
+        }
+        None => atoms::busy().encode(env),
+    }
 }
 
-/// The grouped presences of a topic, or `:too_large` when the listing is
-/// large enough to belong on a dirty scheduler (`table_list_dirty`).
+/// A snapshot of `topic` for a listing, which a client may sync from:
+/// the registry must then send the leave of anything in it.
+fn observed(state: &mut State, topic: &[u8]) -> Option<Snapshot<Entry>> {
+    state.registry.observe(topic);
+    state.registry.snapshot(topic)
+}
+
+/// The grouped presences of a topic, `:too_large` when the listing is
+/// large enough to belong on a dirty scheduler (`table_list_dirty`), or
+/// `:busy`.
 #[rustler::nif]
 fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    let snapshot = table.observed_snapshot(&topic);
+    let Some(mut state) = table.try_lock() else {
+        return atoms::busy().encode(env);
+    };
+    let snapshot = observed(&mut state, &topic);
+    drop(state);
     match snapshot {
         None => rustler::types::map::map_new(env),
         Some(s) if s.len() > INLINE_LIST_PRESENCES => atoms::too_large().encode(env),
@@ -442,7 +542,7 @@ fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) 
 
 /// The presences under one key, grouped like a list, or `[]` when there
 /// are none, as Phoenix.Presence.get_by_key/2 distinguishes them; or
-/// `:too_large` for `table_get_by_key_dirty`.
+/// `:too_large` for `table_get_by_key_dirty`; or `:busy`.
 #[rustler::nif]
 fn table_get_by_key<'a>(
     env: Env<'a>,
@@ -451,7 +551,9 @@ fn table_get_by_key<'a>(
     key: Binary,
 ) -> Term<'a> {
     let presences = {
-        let mut state = table.lock();
+        let Some(mut state) = table.try_lock() else {
+            return atoms::busy().encode(env);
+        };
         if state.registry.key_len(&topic, &key) > INLINE_KEY_PRESENCES {
             return atoms::too_large().encode(env);
         }
@@ -498,6 +600,33 @@ where
     encode::grouped(env, presences())
 }
 
+/// Charges the calling process's reductions for a write's time in the NIF
+/// when it returns, at least 1% of a timeslice: a NIF call counts as one
+/// reduction otherwise, so a process writing in a loop would run for many
+/// milliseconds between preemptions, and a process waiting on its
+/// scheduler (a ticker, a channel) would wait that long.
+struct Charge<'a> {
+    env: Env<'a>,
+    started: Instant,
+}
+
+impl<'a> Charge<'a> {
+    fn start(env: Env<'a>) -> Self {
+        Charge {
+            env,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        let micros = self.started.elapsed().as_micros();
+        let percent = (micros * 100).div_ceil(TIMESLICE_US).clamp(1, 100);
+        rustler::schedule::consume_timeslice(self.env, percent as i32);
+    }
+}
+
 /// Charges the calling process's reductions for decoding `bytes` of
 /// listing on its scheduler, so that a busy caller is preempted in time.
 fn charge_for(env: Env, bytes: usize) {
@@ -509,14 +638,27 @@ fn charge_for(env: Env, bytes: usize) {
 /// cut into parts of at most `PART_LIMITS`, unless parts from an earlier
 /// take still wait there: those go first, so that subscribers see every
 /// topic's diffs in order. Returns `{parts_queued, topics_still_pending}`,
-/// or `:too_large` when the next diff belongs on a dirty scheduler
-/// (`table_take_diffs_dirty`).
+/// `:too_large` when the next diff belongs on a dirty scheduler
+/// (`table_take_diffs_dirty`), or `:busy`.
 #[rustler::nif]
 fn table_take_diffs(env: Env, table: ResourceArc<Table>, max_topics: usize) -> Term {
-    if table.lock().registry.next_diff_work() > INLINE_TAKE_WORK {
+    // Only the dispatcher takes the outbox lock: it is never contended.
+    let mut outbox = table.outbox.lock();
+    let Some(state) = table.try_lock() else {
+        return atoms::busy().encode(env);
+    };
+    if outbox.is_empty() && state.registry.next_diff_work() > INLINE_TAKE_WORK {
         return atoms::too_large().encode(env);
     }
-    take_diffs(env, &table, max_topics, INLINE_TAKE_WORK).encode(env)
+    take_diffs(
+        env,
+        &table,
+        &mut outbox,
+        state,
+        max_topics,
+        INLINE_TAKE_WORK,
+    )
+    .encode(env)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -525,24 +667,36 @@ fn table_take_diffs_dirty(
     table: ResourceArc<Table>,
     max_topics: usize,
 ) -> (usize, usize) {
-    take_diffs(env, &table, max_topics, usize::MAX)
+    let mut outbox = table.outbox.lock();
+    let state = table.lock();
+    take_diffs(env, &table, &mut outbox, state, max_topics, usize::MAX)
 }
 
-/// Also records, in cluster mode, this node's own changes among the diffs
-/// for the other nodes: each node replicates what its subscribers are told,
-/// so joins that cancelled out within a window never cross the network.
-fn take_diffs(env: Env, table: &Table, max_topics: usize, max_work: usize) -> (usize, usize) {
-    let mut outbox = table.outbox.lock();
-    if outbox.is_empty() {
-        let diffs = table.lock().registry.take_diffs(max_topics, max_work);
-        crate::replication::record(env, table, &diffs);
-        for diff in &diffs {
-            outbox.push_diff(diff);
-        }
+/// Takes diffs into `outbox` with `state` locked (lock order: outbox, then
+/// state), unless parts wait there already. Also records, in cluster mode,
+/// this node's own changes among the diffs for the other nodes: each node
+/// replicates what its subscribers are told, so joins that cancelled out
+/// within a window never cross the network.
+fn take_diffs(
+    env: Env,
+    table: &Table,
+    outbox: &mut Outbox<LocalPid, Meta>,
+    mut state: MutexGuard<'_, State>,
+    max_topics: usize,
+    max_work: usize,
+) -> (usize, usize) {
+    let diffs = if outbox.is_empty() {
+        state.registry.take_diffs(max_topics, max_work)
+    } else {
+        Vec::new()
+    };
+    let still_pending = state.registry.pending_topics();
+    drop(state);
+    crate::replication::record(env, table, &diffs);
+    for diff in &diffs {
+        outbox.push_diff(diff);
     }
-    let queued = outbox.len();
-    drop(outbox);
-    (queued, table.lock().registry.pending_topics())
+    (outbox.len(), still_pending)
 }
 
 /// The oldest unacknowledged part as `{id, topic, joins, leaves, age_us}`

@@ -5,7 +5,6 @@
 //! after a restart.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use presence_core::outbox::{listed_size, Outbox};
@@ -16,8 +15,8 @@ use crate::protocol::{Body, Departed, LeaveEntry, PartBody, ReplayEntry, Stats, 
 mod replication;
 pub use replication::{Job, APPLY_CHUNK};
 
-/// A meta as `term_to_binary/1` encoded it.
-pub type Meta = Arc<[u8]>;
+/// A meta as `term_to_binary/1` encoded it, held inline when short.
+pub type Meta = presence_core::Bytes;
 pub type Entry = Presence<u64, Meta>;
 
 /// Presences per listing chunk, and bytes: a chunk is one frame, small
@@ -87,7 +86,7 @@ impl Store {
     /// are not a map's, never from our BEAM side, are refused.
     fn check_meta(&self, meta: &[u8]) -> Result<Meta, Status> {
         etf::check_meta(meta).map_err(|_| Status::BadFrame)?;
-        Ok(Arc::from(meta))
+        Ok(Meta::from(meta))
     }
 
     pub fn configure(&mut self, max_meta_bytes: u64, exact: bool) -> Outcome {

@@ -24,33 +24,42 @@ defmodule Drab.Presence.Backend.NIF do
   @impl true
   defdelegate set_dispatcher(table, pid), to: Native, as: :table_set_dispatcher
 
+  # The NIFs that run on the caller's scheduler answer :busy, having done
+  # nothing, when the table lock is held for more than a few microseconds
+  # (Native's `Shared::try_lock`): the caller yields to the scheduler's
+  # other processes and calls again, instead of the NIF parking the
+  # scheduler's thread.
   @impl true
-  defdelegate track(table, pid, topic, key, meta), to: Native, as: :table_track
+  def track(table, pid, topic, key, meta),
+    do: unbusy(:table_track, [table, pid, topic, key, meta])
 
   @impl true
-  defdelegate untrack(table, pid, topic, key), to: Native, as: :table_untrack
+  def untrack(table, pid, topic, key), do: unbusy(:table_untrack, [table, pid, topic, key])
 
   @impl true
-  defdelegate lookup(table, pid, topic, key), to: Native, as: :table_lookup
+  def lookup(table, pid, topic, key), do: unbusy(:table_lookup, [table, pid, topic, key])
 
   @impl true
-  defdelegate update(table, pid, topic, key, meta, expected_ref), to: Native, as: :table_update
+  def update(table, pid, topic, key, meta, expected_ref),
+    do: unbusy(:table_update, [table, pid, topic, key, meta, expected_ref])
 
   @impl true
-  defdelegate counts(table, topic), to: Native, as: :table_counts
+  def counts(table, topic), do: unbusy(:table_counts, [table, topic])
 
   # Small listings are built on the calling scheduler; the NIF answers
   # :too_large when one is big enough (presences or bytes) to belong on a
   # dirty scheduler.
   @impl true
   def list(table, topic) do
-    inline_or_dirty(Native.table_list(table, topic), fn -> Native.table_list_dirty(table, topic) end)
+    inline_or_dirty(unbusy(:table_list, [table, topic]), fn ->
+      Native.table_list_dirty(table, topic)
+    end)
   end
 
   @impl true
   def get_by_key(table, topic, key) do
     inline_or_dirty(
-      Native.table_get_by_key(table, topic, key),
+      unbusy(:table_get_by_key, [table, topic, key]),
       fn -> Native.table_get_by_key_dirty(table, topic, key) end
     )
   end
@@ -60,7 +69,7 @@ defmodule Drab.Presence.Backend.NIF do
   @impl true
   def take_diffs(table, max_topics) do
     inline_or_dirty(
-      Native.table_take_diffs(table, max_topics),
+      unbusy(:table_take_diffs, [table, max_topics]),
       fn -> Native.table_take_diffs_dirty(table, max_topics) end
     )
   end
@@ -114,6 +123,18 @@ defmodule Drab.Presence.Backend.NIF do
 
   @impl true
   defdelegate forget_replica(table, replica), to: Native, as: :replication_forget_replica
+
+  # Yields to the scheduler's other processes before each new try.
+  defp unbusy(function, args) do
+    case apply(Native, function, args) do
+      :busy ->
+        :erlang.yield()
+        unbusy(function, args)
+
+      result ->
+        result
+    end
+  end
 
   # Each such NIF does the work on the caller's scheduler when it is small,
   # and answers :too_large, having taken nothing, when it belongs on a dirty one.

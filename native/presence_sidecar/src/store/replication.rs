@@ -16,7 +16,6 @@
 //! of each replica's refs.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use presence_core::delta::{self, DeltaReader, Outgoing, Record};
@@ -292,7 +291,7 @@ impl Store {
                     RemoteJoin {
                         topic: &topic,
                         key: &key,
-                        meta: Arc::from(&*meta),
+                        meta: super::Meta::from(&*meta),
                         phx_ref,
                         prev_ref,
                     },
