@@ -269,6 +269,7 @@ defmodule Bench.Harness do
         Process.flag(:priority, :high)
         tick(System.monotonic_time(:millisecond) + 1, [])
       end)
+
     {ticker, stalls}
   end
 
