@@ -103,7 +103,10 @@ defmodule Drab.Presence.Native do
   def table_take_diffs_dirty(_table, _max_topics), do: err()
 
   @spec table_next_part(table()) ::
-          {non_neg_integer(), binary(), map(), map(), non_neg_integer()} | :none | :too_large
+          {non_neg_integer(), binary(), map(), map(), non_neg_integer()}
+          | :none
+          | :too_large
+          | :busy
   def table_next_part(_table), do: err()
 
   @spec table_next_part_dirty(table()) ::
@@ -119,17 +122,17 @@ defmodule Drab.Presence.Native do
   @spec replication_set_replicator(table(), pid() | nil) :: incarnation :: binary()
   def replication_set_replicator(_table, _pid), do: err()
 
-  @spec replication_delta_seq(table()) :: non_neg_integer()
+  @spec replication_delta_seq(table()) :: non_neg_integer() | :busy
   def replication_delta_seq(_table), do: err()
 
-  @spec replication_take_delta(table()) :: {pos_integer(), binary()} | :none
+  @spec replication_take_delta(table()) :: {pos_integer(), binary()} | :none | :busy
   def replication_take_delta(_table), do: err()
 
   @spec replication_local_state(table()) :: {non_neg_integer(), [binary()]}
   def replication_local_state(_table), do: err()
 
   @spec replication_apply_delta(table(), non_neg_integer(), binary()) ::
-          :ok | :too_large | {:error, :bad_delta}
+          :ok | :too_large | {:error, :bad_delta} | :busy
   def replication_apply_delta(_table, _replica, _delta), do: err()
 
   @spec replication_apply_delta_dirty(table(), non_neg_integer(), binary()) ::

@@ -22,7 +22,6 @@
 use crate::diff::TopicDiff;
 use crate::etf;
 use crate::presence::{Bytes, Presence, Ref};
-use crate::replica::RemoteJoin;
 use crate::Snapshot;
 
 pub const VERSION: u8 = 1;
@@ -67,9 +66,49 @@ pub struct DeltaWriter {
     records: usize,
 }
 
+/// Records of another node's delta or state applied per hold of the table
+/// lock (the NIF) or per step between other requests (the sidecar): tens of
+/// microseconds, so that a 100k-presence state never holds up local writers.
+pub const APPLY_CHUNK: usize = 256;
+
+/// A presence as another node reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteJoin<'a, M> {
+    pub topic: &'a [u8],
+    pub key: &'a [u8],
+    pub meta: M,
+    /// Its ref on its own node.
+    pub phx_ref: Ref,
+    pub prev_ref: Option<Ref>,
+}
+
 impl DeltaWriter {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Writes the changes this node's own processes made in `diff`, for
+    /// the other nodes: replicas' presences are theirs to report.
+    pub fn diff<O, M: AsRef<[u8]>>(&mut self, diff: &TopicDiff<O, M>) {
+        // In operation order: a presence may join in one op and leave in
+        // a later one, and a replica applies records in turn.
+        for op in diff.ops() {
+            for leave in op.leaves.iter().filter(|p| p.is_local()) {
+                self.leave(leave.phx_ref);
+            }
+            for join in op.joins.iter().filter(|p| p.is_local()) {
+                self.join(&diff.topic, join);
+            }
+        }
+        for leave in diff.leaves().filter(|p| p.is_local()) {
+            self.leave(leave.phx_ref);
+        }
+        // Not the gone joins: the other nodes never listed this node's
+        // table mid-window (a full state is taken as a list, and its leaves
+        // are sent), and a join there after its leave would stay.
+        for join in diff.present_joins().filter(|p| p.is_local()) {
+            self.join(&diff.topic, join);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -145,7 +184,7 @@ impl Outgoing {
     pub fn record<O, M: AsRef<[u8]>>(&mut self, diffs: &[TopicDiff<O, M>]) -> bool {
         let was_empty = self.pending.is_empty();
         for diff in diffs {
-            diff.write_delta(&mut self.pending);
+            self.pending.diff(diff);
         }
         was_empty && !self.pending.is_empty()
     }

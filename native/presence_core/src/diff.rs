@@ -6,7 +6,6 @@ use std::hash::Hash;
 use std::time::Instant;
 
 use crate::cow_chunks::Snapshot;
-use crate::delta::DeltaWriter;
 use crate::presence::{Bytes, Holder, Presence};
 
 /// One operation's changes to a topic, kept whole for `diff_window: 0`:
@@ -266,33 +265,6 @@ impl PartLimits {
 }
 
 impl<O, M> TopicDiff<O, M> {
-    /// Writes the changes this node's own processes made, for the other
-    /// nodes: replicas' presences are theirs to report.
-    pub fn write_delta(&self, delta: &mut DeltaWriter)
-    where
-        M: AsRef<[u8]>,
-    {
-        // In operation order: a presence may join in one op and leave in
-        // a later one, and a replica applies records in turn.
-        for op in &self.ops {
-            for leave in op.leaves.iter().filter(|p| p.is_local()) {
-                delta.leave(leave.phx_ref);
-            }
-            for join in op.joins.iter().filter(|p| p.is_local()) {
-                delta.join(&self.topic, join);
-            }
-        }
-        for leave in self.leaves().filter(|p| p.is_local()) {
-            delta.leave(leave.phx_ref);
-        }
-        // Not the gone joins: the other nodes never listed this node's
-        // table mid-window (a full state is taken as a list, and its leaves
-        // are sent), and a join there after its leave would stay.
-        for join in self.present_joins().filter(|p| p.is_local()) {
-            delta.join(&self.topic, join);
-        }
-    }
-
     /// The single operations (`diff_window: 0`), in the order they happened.
     pub fn ops(&self) -> &[Op<O, M>] {
         &self.ops
@@ -307,7 +279,7 @@ impl<O, M> TopicDiff<O, M> {
     }
 
     /// The coalesced joins of presences still on the topic.
-    fn present_joins(&self) -> impl Iterator<Item = &Presence<O, M>> {
+    pub(crate) fn present_joins(&self) -> impl Iterator<Item = &Presence<O, M>> {
         self.entries
             .iter()
             .flat_map(|snapshot| snapshot.iter())

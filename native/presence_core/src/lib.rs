@@ -12,6 +12,7 @@
 
 mod bytes;
 mod cow_chunks;
+mod delivery;
 pub mod delta;
 mod diff;
 mod error;
@@ -31,10 +32,13 @@ mod topics;
 
 pub use bytes::Bytes;
 pub use cow_chunks::{CowChunks, Snapshot, CHUNK_LEN};
+pub use delivery::Delivery;
+pub use delta::RemoteJoin;
 pub use diff::{Op, Part, PartLimits, TopicDiff};
 pub use error::CoreError;
 pub use owner::Departure;
-pub use phx_ref::{encode_ref, RefGen};
-pub use presence::{prev_ref, Change, Counts, Holder, Presence, Ref, Removed, ReplicaId, Update};
+pub use phx_ref::{encode_ref, random_seed, RefGen};
+pub use presence::{
+    prev_ref, Change, Counts, Entry, Holder, Meta, Presence, Ref, Removed, ReplicaId, Update,
+};
 pub use registry::Registry;
-pub use replica::RemoteJoin;

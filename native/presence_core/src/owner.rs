@@ -6,42 +6,34 @@ use std::hash::BuildHasherDefault;
 
 use crate::presence::Ref;
 use crate::ref_hash::RefHasher;
-use crate::replica::RemoteHandle;
-use crate::topic::TopicId;
+use crate::replica::ReplicaPresence;
+use crate::topic::{Location, TopicId};
 
-/// Where one presence of an owner lives: 16 bytes. Its key is the
-/// presence's: keeping it here too would cost 24 more.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Handle {
-    pub(crate) topic: TopicId,
-    pub(crate) phx_ref: Ref,
-}
-
-/// An owner's handles, by ref. Most owners (channel processes) are present
+/// An owner's locations, by ref. Most owners (channel processes) are present
 /// on one topic, so that case lives inline; an owner with many presences
 /// finds, changes and drops any of them in O(1).
 ///
 /// 16 bytes: the one handle's fields are the variant's own (not a
-/// `Handle` inside it), so that the tag fits beside the topic id, and the
+/// `Location` inside it), so that the tag fits beside the topic id, and the
 /// map is boxed (inline, it would make every owner 40 bytes larger).
 #[derive(Debug)]
 #[allow(clippy::box_collection)]
-enum Handles {
+enum Locations {
     One { topic: TopicId, phx_ref: Ref },
     Many(Box<HashMap<Ref, TopicId, BuildHasherDefault<RefHasher>>>),
 }
 
 #[derive(Debug)]
-pub(crate) struct Owner<W> {
+pub(crate) struct OwnerEntry<W> {
     pub(crate) watch: W,
-    handles: Handles,
+    locations: Locations,
 }
 
-impl<W> Owner<W> {
-    pub(crate) fn new(watch: W, first: Handle) -> Self {
+impl<W> OwnerEntry<W> {
+    pub(crate) fn new(watch: W, first: Location) -> Self {
         Self {
             watch,
-            handles: Handles::One {
+            locations: Locations::One {
                 topic: first.topic,
                 phx_ref: first.phx_ref,
             },
@@ -49,35 +41,35 @@ impl<W> Owner<W> {
     }
 
     pub(crate) fn len(&self) -> usize {
-        match &self.handles {
-            Handles::One { .. } => 1,
-            Handles::Many(by_ref) => by_ref.len(),
+        match &self.locations {
+            Locations::One { .. } => 1,
+            Locations::Many(by_ref) => by_ref.len(),
         }
     }
 
-    pub(crate) fn add(&mut self, handle: Handle) {
-        match &mut self.handles {
-            Handles::Many(by_ref) => {
+    pub(crate) fn add(&mut self, handle: Location) {
+        match &mut self.locations {
+            Locations::Many(by_ref) => {
                 by_ref.insert(handle.phx_ref, handle.topic);
             }
-            Handles::One { topic, phx_ref } => {
+            Locations::One { topic, phx_ref } => {
                 let mut by_ref = HashMap::default();
                 by_ref.insert(*phx_ref, *topic);
                 by_ref.insert(handle.phx_ref, handle.topic);
-                self.handles = Handles::Many(Box::new(by_ref));
+                self.locations = Locations::Many(Box::new(by_ref));
             }
         }
     }
 
     /// Drops the handle of `phx_ref`; returns true when it was the last.
     pub(crate) fn remove(&mut self, phx_ref: Ref) -> bool {
-        match &mut self.handles {
-            Handles::One { phx_ref: only, .. } => *only == phx_ref,
-            Handles::Many(by_ref) => {
+        match &mut self.locations {
+            Locations::One { phx_ref: only, .. } => *only == phx_ref,
+            Locations::Many(by_ref) => {
                 by_ref.remove(&phx_ref);
                 if by_ref.len() == 1 {
                     let (&phx_ref, &topic) = by_ref.iter().next().expect("one left");
-                    self.handles = Handles::One { topic, phx_ref };
+                    self.locations = Locations::One { topic, phx_ref };
                 }
                 false
             }
@@ -86,9 +78,9 @@ impl<W> Owner<W> {
 
     /// Follows a presence to its new ref after an update.
     pub(crate) fn rename(&mut self, old: Ref, new: Ref) {
-        match &mut self.handles {
-            Handles::One { phx_ref, .. } => *phx_ref = new,
-            Handles::Many(by_ref) => {
+        match &mut self.locations {
+            Locations::One { phx_ref, .. } => *phx_ref = new,
+            Locations::Many(by_ref) => {
                 if let Some(topic) = by_ref.remove(&old) {
                     by_ref.insert(new, topic);
                 }
@@ -96,18 +88,18 @@ impl<W> Owner<W> {
         }
     }
 
-    /// The watch, and the handles as a [`Departure`]: O(1), so that it can
+    /// The watch, and the locations as a [`Departure`]: O(1), so that it can
     /// happen under the table lock whatever the owner's presences.
     pub(crate) fn depart(self) -> (W, Departure) {
         let remaining = self.len();
-        let handles = match self.handles {
-            Handles::One { topic, phx_ref } => Departing::One(Some(Handle { topic, phx_ref })),
-            Handles::Many(by_ref) => Departing::Many((*by_ref).into_iter()),
+        let locations = match self.locations {
+            Locations::One { topic, phx_ref } => Departing::One(Some(Location { topic, phx_ref })),
+            Locations::Many(by_ref) => Departing::Many((*by_ref).into_iter()),
         };
         (
             self.watch,
             Departure {
-                handles,
+                locations,
                 remaining,
                 group: 0,
             },
@@ -119,11 +111,11 @@ impl<W> Owner<W> {
 /// removed a chunk at a time ([`crate::Registry::remove_departed`]), so
 /// that an owner with 100k presences never holds the table for the whole of
 /// its removal.
-/// Walking the departed owner's map hands out its handles without first
+/// Walking the departed owner's map hands out its locations without first
 /// copying them: the walk, and freeing the map, happen a chunk at a time.
 #[derive(Debug)]
 pub struct Departure {
-    handles: Departing,
+    locations: Departing,
     remaining: usize,
     /// Groups its leaves into one op per topic (`diff_window: 0`); given on
     /// its first removal, 0 until then.
@@ -132,28 +124,28 @@ pub struct Departure {
 
 #[derive(Debug)]
 enum Departing {
-    One(Option<Handle>),
+    One(Option<Location>),
     Many(std::collections::hash_map::IntoIter<Ref, TopicId>),
-    Handles(std::vec::IntoIter<Handle>),
-    Replica(std::collections::hash_map::IntoIter<Ref, RemoteHandle>),
+    Locations(std::vec::IntoIter<Location>),
+    Replica(std::collections::hash_map::IntoIter<Ref, ReplicaPresence>),
 }
 
 impl Departure {
-    /// Presences at `handles`, removed like a departed owner's.
-    pub(crate) fn of_handles(handles: Vec<Handle>) -> Self {
+    /// Presences at `locations`, removed like a departed owner's.
+    pub(crate) fn of_locations(locations: Vec<Location>) -> Self {
         Self {
-            remaining: handles.len(),
-            handles: Departing::Handles(handles.into_iter()),
+            remaining: locations.len(),
+            locations: Departing::Locations(locations.into_iter()),
             group: 0,
         }
     }
 
     /// A dropped replica's presences, walked a chunk at a time like a
     /// departed owner's map.
-    pub(crate) fn of_replica(presences: HashMap<Ref, RemoteHandle>) -> Self {
+    pub(crate) fn of_replica(presences: HashMap<Ref, ReplicaPresence>) -> Self {
         Self {
             remaining: presences.len(),
-            handles: Departing::Replica(presences.into_iter()),
+            locations: Departing::Replica(presences.into_iter()),
             group: 0,
         }
     }
@@ -167,17 +159,17 @@ impl Departure {
         self.remaining == 0
     }
 
-    pub(crate) fn take(&mut self, max: usize) -> Vec<Handle> {
-        let taken: Vec<Handle> = match &mut self.handles {
+    pub(crate) fn take(&mut self, max: usize) -> Vec<Location> {
+        let taken: Vec<Location> = match &mut self.locations {
             Departing::One(only) => only.take().into_iter().collect(),
             Departing::Many(by_ref) => by_ref
                 .take(max)
-                .map(|(phx_ref, topic)| Handle { topic, phx_ref })
+                .map(|(phx_ref, topic)| Location { topic, phx_ref })
                 .collect(),
-            Departing::Handles(handles) => handles.take(max).collect(),
+            Departing::Locations(locations) => locations.take(max).collect(),
             Departing::Replica(presences) => presences
                 .take(max)
-                .map(|(_, remote)| Handle {
+                .map(|(_, remote)| Location {
                     topic: remote.topic,
                     phx_ref: remote.local_ref,
                 })

@@ -45,6 +45,14 @@ impl RefGen {
     }
 }
 
+/// A random 64-bit seed for a table's refs, from the OS's randomness (as
+/// `std`'s hash maps seed themselves): no two tables start alike.
+pub fn random_seed() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    RandomState::new().build_hasher().finish()
+}
+
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// Renders a ref as 11 URL-safe base64 characters (the big-endian bytes of

@@ -10,6 +10,14 @@ pub use crate::bytes::Bytes;
 /// 8 bytes ([`Presence::prev_ref`]).
 pub type Ref = u64;
 
+/// A meta as `term_to_binary/1` encodes it: compact, compared by bytes to
+/// detect no-op updates, held inline when short (Drab's own meta is), and
+/// spliced into listings without being decoded. Both backends store these.
+pub type Meta = Bytes;
+
+/// A presence as both backends store it.
+pub type Entry<O> = Presence<O, Meta>;
+
 /// A node's replica of another node's presences, as numbered by the node
 /// holding the copy.
 pub type ReplicaId = u32;

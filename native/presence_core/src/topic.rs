@@ -18,9 +18,17 @@ use crate::presence::{Bytes, Holder, Presence, Ref};
 use crate::ref_hash::hash_ref;
 use crate::sharded_map::ShardedTable;
 
-/// Names a topic for as long as it lives: what an owner's handles point
+/// Names a topic for as long as it lives: what an owner's locations point
 /// at, 4 bytes instead of a copy of the name.
 pub(crate) type TopicId = u32;
+
+/// Where one presence lives: its topic and its ref there, 16 bytes. Its key
+/// is the presence's: keeping it here too would cost 24 more.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Location {
+    pub(crate) topic: TopicId,
+    pub(crate) phx_ref: Ref,
+}
 
 /// Presences a topic holds without indexes. Finding one among them
 /// compares at most this many keys; a topic that grows past it indexes its

@@ -106,7 +106,7 @@ impl Cluster {
     fn take(&mut self, node: usize) -> Vec<u8> {
         let mut delta = DeltaWriter::new();
         for diff in self.nodes[node].take_diffs(usize::MAX, usize::MAX) {
-            diff.write_delta(&mut delta);
+            delta.diff(&diff);
             let topic = TOPICS.iter().position(|t| *t == &*diff.topic).unwrap();
             let view = &mut self.views[node][topic];
             // As phoenix.js applies a diff: its joins, then its leaves. These

@@ -4,13 +4,12 @@
 //! the NIF API. Large listings do both on a dirty scheduler, so that building
 //! a map of 100k keys never holds up a normal one.
 
-use presence_core::{encode_ref, etf, Presence, Ref};
+use presence_core::{encode_ref, etf, Ref};
 use rustler::types::NewBinary;
 use rustler::{Env, LocalPid, Term};
 
-use crate::table::Meta;
-
-pub type Entry = Presence<LocalPid, Meta>;
+/// A presence as the NIF's table holds it.
+pub type Entry = presence_core::Entry<LocalPid>;
 
 pub fn bytes_term<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
     let mut binary = NewBinary::new(env, bytes.len());

@@ -5,9 +5,12 @@
 //! return values happens once, in Elixir.
 
 mod atoms;
+mod departure;
 mod encode;
 mod error;
 mod replication;
+mod resource;
+mod schedule;
 mod size;
 mod table;
 #[cfg(feature = "test-hooks")]

@@ -4,31 +4,25 @@
 //! Applying is chunked: at most `APPLY_CHUNK` records per hold of the
 //! table lock, so a 100k-presence state from a joining node never holds up
 //! local writers for more than a fraction of a millisecond at a time.
+//! This node's changes are recorded by `presence_core::Delivery`, as the
+//! dispatcher takes diffs.
 
 use parking_lot::MutexGuard;
-use presence_core::delta::{self, DeltaError, DeltaReader, Record};
-use presence_core::{RemoteJoin, ReplicaId, TopicDiff};
+use presence_core::delta::{self, DeltaError, DeltaReader, Record, APPLY_CHUNK};
+use presence_core::{Meta, RemoteJoin, ReplicaId};
 use rustler::types::Binary;
 use rustler::{Encoder, Env, LocalPid, ResourceArc, Term};
 
 use crate::atoms;
 use crate::encode::bytes_term;
-use crate::table::{Meta, Table};
-
-/// Records applied per hold of the lock (tens of microseconds).
-const APPLY_CHUNK: usize = 256;
+use crate::resource::{State, Table};
 
 /// A delta with more records than this is applied on a dirty scheduler.
 const INLINE_APPLY_RECORDS: usize = APPLY_CHUNK;
 
-/// Adds this node's changes in `diffs` to the pending delta, in cluster
-/// mode, and tells the replicator when they are the first to wait.
-pub(crate) fn record(env: Env, table: &Table, diffs: &[TopicDiff<LocalPid, Meta>]) {
-    let mut replication = table.replication.lock();
-    let Some(replicator) = replication.replicator else {
-        return;
-    };
-    if replication.outgoing.record(diffs) {
+/// Tells the replicator that this node's changes started waiting.
+pub(crate) fn wake_replicator(env: Env, table: &Table) {
+    if let Some(replicator) = table.replication.lock().replicator {
         // A dead replicator is fine: its successor takes the delta on start.
         let _ = env.send(&replicator, atoms::drab_presence_delta());
     }
@@ -43,25 +37,33 @@ fn replication_set_replicator<'a>(
     table: ResourceArc<Table>,
     pid: Option<LocalPid>,
 ) -> Term<'a> {
-    let mut replication = table.replication.lock();
-    if pid.is_none() {
-        replication.outgoing.discard();
-    }
-    replication.replicator = pid;
+    // Lock order: delivery, then replication (as a take does).
+    let mut delivery = table.delivery.lock();
+    delivery.set_replicating(pid.is_some());
+    table.replication.lock().replicator = pid;
+    drop(delivery);
     bytes_term(env, table.incarnation.hyphenated().to_string().as_bytes())
 }
 
 /// The seq of the last delta handed out: heartbeats carry it, so that a
 /// peer notices a lost delta even when no other follows.
+/// Or `:busy` (see `Shared::try_lock`), as the next two.
 #[rustler::nif]
-fn replication_delta_seq(table: ResourceArc<Table>) -> u64 {
-    table.replication.lock().outgoing.seq()
+fn replication_delta_seq(env: Env, table: ResourceArc<Table>) -> Term {
+    match table.try_lock_delivery() {
+        Some(delivery) => delivery.delta_seq().encode(env),
+        None => atoms::busy().encode(env),
+    }
 }
 
 /// This node's changes since the last delta, as `{seq, delta}`, or `:none`.
 #[rustler::nif]
 fn replication_take_delta(env: Env, table: ResourceArc<Table>) -> Term {
-    let taken = table.replication.lock().outgoing.take();
+    let Some(mut delivery) = table.try_lock_delivery() else {
+        return atoms::busy().encode(env);
+    };
+    let taken = delivery.take_delta();
+    drop(delivery);
     match taken {
         Some((seq, delta)) => (seq, bytes_term(env, &delta)).encode(env),
         None => atoms::none().encode(env),
@@ -75,11 +77,11 @@ fn replication_take_delta(env: Env, table: ResourceArc<Table>) -> Term {
 fn replication_local_state(env: Env, table: ResourceArc<Table>) -> Term {
     let (seq, snapshots) = {
         // Changes are taken from the registry before they are recorded:
-        // holding the replication lock across the snapshot orders it
-        // against every delta handed out.
-        let replication = table.replication.lock();
+        // holding the delivery across the snapshot orders it against every
+        // delta handed out.
+        let delivery = table.delivery.lock();
         let snapshots = table.lock().registry.observed_snapshots();
-        (replication.outgoing.seq(), snapshots)
+        (delivery.delta_seq(), snapshots)
     };
     let chunks: Vec<Term> = delta::state_chunks(&snapshots, delta::STATE_CHUNK_BYTES)
         .iter()
@@ -89,7 +91,8 @@ fn replication_local_state(env: Env, table: ResourceArc<Table>) -> Term {
 }
 
 /// Applies a delta from `replica`: `:ok`, `{:error, :bad_delta}` (nothing
-/// applied), or `:too_large` for `replication_apply_delta_dirty`.
+/// applied), `:too_large` for `replication_apply_delta_dirty`, or `:busy`
+/// (nothing applied).
 #[rustler::nif]
 fn replication_apply_delta<'a>(
     env: Env<'a>,
@@ -97,7 +100,18 @@ fn replication_apply_delta<'a>(
     replica: ReplicaId,
     delta: Binary,
 ) -> Term<'a> {
-    apply_checked(env, &table, replica, &delta, INLINE_APPLY_RECORDS)
+    match delta::validate(&delta) {
+        Err(error) => bad_delta(env, error),
+        Ok(records) if records > INLINE_APPLY_RECORDS => atoms::too_large().encode(env),
+        Ok(_) => match table.try_lock() {
+            // One chunk at most: applied in this one hold of the lock.
+            Some(state) => {
+                apply_chunks(env, state, || Some(table.lock()), replica, &delta, false);
+                atoms::ok().encode(env)
+            }
+            None => atoms::busy().encode(env),
+        },
+    }
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -127,6 +141,17 @@ fn apply_checked<'a>(
             atoms::ok().encode(env)
         }
     }
+}
+
+fn apply(env: Env, table: &Table, replica: ReplicaId, delta: &[u8], syncing: bool) {
+    apply_chunks(
+        env,
+        table.lock(),
+        || Some(table.lock()),
+        replica,
+        delta,
+        syncing,
+    );
 }
 
 /// Replaces what `replica` holds here with its full state `chunks`: what
@@ -211,11 +236,23 @@ fn replication_replica_len(table: ResourceArc<Table>, replica: ReplicaId) -> usi
     table.lock().registry.replica_len(replica)
 }
 
-fn apply(env: Env, table: &Table, replica: ReplicaId, delta: &[u8], syncing: bool) {
+/// Applies `delta`'s records, [`APPLY_CHUNK`] per hold of the lock: the
+/// first under `first`, the next under `relock`'s, the lock handed fairly
+/// to waiting writers between chunks.
+fn apply_chunks<'t>(
+    env: Env,
+    first: MutexGuard<'t, State>,
+    relock: impl Fn() -> Option<MutexGuard<'t, State>>,
+    replica: ReplicaId,
+    delta: &[u8],
+    syncing: bool,
+) {
     let records = DeltaReader::new(delta).expect("validated by the caller");
-    let mut records = records.map(|r| r.expect("validated by the caller"));
-    loop {
-        let mut state = table.lock();
+    let mut records = records
+        .map(|r| r.expect("validated by the caller"))
+        .peekable();
+    let mut next = Some(first);
+    while let Some(mut state) = next.take() {
         let mut wake = false;
         let mut applied = 0;
         for record in records.by_ref() {
@@ -237,8 +274,8 @@ fn apply(env: Env, table: &Table, replica: ReplicaId, delta: &[u8], syncing: boo
         if let (true, Some(pid)) = (wake, dispatcher) {
             let _ = env.send(&pid, atoms::drab_presence_pending());
         }
-        if applied < APPLY_CHUNK {
-            break;
+        if records.peek().is_some() {
+            next = relock();
         }
     }
 }

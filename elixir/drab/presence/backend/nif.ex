@@ -76,7 +76,7 @@ defmodule Drab.Presence.Backend.NIF do
 
   @impl true
   def next_part(table) do
-    inline_or_dirty(Native.table_next_part(table), fn -> Native.table_next_part_dirty(table) end)
+    inline_or_dirty(unbusy(:table_next_part, [table]), fn -> Native.table_next_part_dirty(table) end)
   end
 
   @impl true
@@ -93,10 +93,10 @@ defmodule Drab.Presence.Backend.NIF do
   defdelegate set_replicator(table, pid), to: Native, as: :replication_set_replicator
 
   @impl true
-  defdelegate delta_seq(table), to: Native, as: :replication_delta_seq
+  def delta_seq(table), do: unbusy(:replication_delta_seq, [table])
 
   @impl true
-  defdelegate take_delta(table), to: Native, as: :replication_take_delta
+  def take_delta(table), do: unbusy(:replication_take_delta, [table])
 
   @impl true
   defdelegate local_state(table), to: Native, as: :replication_local_state
@@ -104,7 +104,7 @@ defmodule Drab.Presence.Backend.NIF do
   @impl true
   def apply_delta(table, replica, delta) do
     inline_or_dirty(
-      Native.replication_apply_delta(table, replica, delta),
+      unbusy(:replication_apply_delta, [table, replica, delta]),
       fn -> Native.replication_apply_delta_dirty(table, replica, delta) end
     )
   end
