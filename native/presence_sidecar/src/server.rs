@@ -9,9 +9,6 @@
 //! thread from a copy-on-write snapshot and streamed in chunks, so replies
 //! to other callers are not held up behind it.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-
 use std::collections::VecDeque;
 
 use bytes::Bytes;
@@ -69,10 +66,6 @@ fn codec() -> LengthDelimitedCodec {
         .length_field_length(4)
         .max_frame_length(MAX_FRAME)
         .new_codec()
-}
-
-fn random_seed() -> u64 {
-    RandomState::new().build_hasher().finish()
 }
 
 fn reply(op: u8, header: Header, status: Status, body: Bytes) -> Bytes {
@@ -148,7 +141,7 @@ async fn serve<R: AsyncRead + Unpin>(
         }) if version == VERSION => {
             let body = Body::Hello { version: VERSION }.encode();
             let _ = tx.send(reply(Op::Hello as u8, header, Status::Ok, body));
-            Store::new(random_seed(), 65_536)
+            Store::new(presence_core::random_seed(), 65_536)
         }
         other => {
             let message = match other {

@@ -1,23 +1,23 @@
-//! The presence table of a sidecar: `presence_core::Registry` plus what
-//! the NIF's table resource adds around it (the core's outbox of diff
-//! parts, with the NIF's "a take waits for the outbox to empty" rule; the
-//! meta size limit), and one thing of its own: leaves owed to subscribers
-//! after a restart.
+//! The presence table of a sidecar: `presence_core::Registry` and
+//! `presence_core::Delivery`, as the NIF's table resource holds them, the
+//! meta size limit, and what is the sidecar's own: leaves owed to
+//! subscribers after a restart, and the removals whose leaves the BEAM side
+//! must owe until they are delivered.
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use presence_core::outbox::{listed_size, Outbox};
-use presence_core::{etf, CoreError, Holder, Presence, Registry, Snapshot, Update};
+use presence_core::outbox::listed_size;
+use presence_core::{etf, CoreError, Delivery, Holder, Registry, Snapshot, Update};
 
 use crate::protocol::{Body, Departed, LeaveEntry, PartBody, ReplayEntry, Stats, Status};
 
 mod replication;
-pub use replication::{Job, APPLY_CHUNK};
+pub use replication::Job;
 
-/// A meta as `term_to_binary/1` encoded it, held inline when short.
-pub type Meta = presence_core::Bytes;
-pub type Entry = Presence<u64, Meta>;
+pub use presence_core::Meta;
+/// A presence as the sidecar holds it: owners are the BEAM side's u64s.
+pub type Entry = presence_core::Entry<u64>;
 
 /// Presences per listing chunk, and bytes: a chunk is one frame, small
 /// enough that replies queued behind it wait microseconds, not a whole
@@ -27,7 +27,7 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 
 pub struct Store {
     registry: Registry<u64, Meta, ()>,
-    outbox: Outbox<u64, Meta>,
+    delivery: Delivery<u64, Meta>,
     max_meta_bytes: usize,
     /// Leaves of presences a restarted sidecar's subscribers may still
     /// show, by topic: sent as parts of their own after the topic's next
@@ -39,7 +39,7 @@ pub struct Store {
     woke: bool,
     /// Refs of presences removed since the last take that left nothing
     /// pending: the BEAM owes their leaves after a restart until they are
-    /// known delivered. `taken`: those a take has moved to the outbox.
+    /// known delivered. `taken`: those a take has moved to the parts.
     removed: Vec<u64>,
     taken: Vec<u64>,
 }
@@ -69,7 +69,7 @@ impl Store {
             // Part ids differ between sidecars: an acknowledgement retried
             // after a restart must not remove the new sidecar's part that
             // happens to have the same number.
-            outbox: Outbox::new(ref_seed >> 1),
+            delivery: Delivery::new(ref_seed >> 1),
             max_meta_bytes,
             recovery_leaves: HashMap::new(),
             replication: Default::default(),
@@ -98,7 +98,7 @@ impl Store {
     /// The BEAM's port owner wakes the dispatcher; it only asks whether
     /// anything is pending already.
     pub fn set_dispatcher(&mut self) -> Outcome {
-        let pending = !self.outbox.is_empty()
+        let pending = !self.delivery.wants_diffs()
             || self.registry.pending_topics() > 0
             || !self.recovery_leaves.is_empty();
         Outcome::Reply(Status::Ok, Body::SetDispatcher { pending })
@@ -224,27 +224,24 @@ impl Store {
         Outcome::Listing(Listing::Key(self.registry.get_by_key(topic, key)))
     }
 
-    /// Moves up to `max_topics` pending diffs into the outbox, cut into
-    /// parts, unless earlier parts still wait there; then the recovery
-    /// leaves of those topics, and of topics with no diff of their own.
+    /// Takes up to `max_topics` pending diffs, unless earlier parts still
+    /// wait (see `presence_core::Delivery`); then the recovery leaves of
+    /// those topics, and of topics with no diff of their own.
     pub fn take_diffs(&mut self, max_topics: u32) -> Outcome {
         let mut delta_started = false;
-        if self.outbox.is_empty() {
+        if self.delivery.wants_diffs() {
             let diffs = self
                 .registry
                 .take_diffs(max_topics.max(1) as usize, usize::MAX);
-            // Cluster mode: this node's changes go to the other nodes as
-            // its subscribers are told of them, as the NIF does.
-            delta_started = self.record_delta(&diffs);
+            delta_started = self.delivery.queue(&diffs);
             for diff in &diffs {
-                self.outbox.push_diff(diff);
                 if let Some(owed) = self.recovery_leaves.remove(&*diff.topic) {
-                    self.outbox.push_leaves(&diff.topic, &owed);
+                    self.delivery.queue_leaves(&diff.topic, &owed);
                 }
             }
             if self.registry.pending_topics() == 0 {
                 for (topic, owed) in self.recovery_leaves.drain() {
-                    self.outbox.push_leaves(&topic, &owed);
+                    self.delivery.queue_leaves(&topic, &owed);
                 }
                 // Every removal so far is in the outbox now, or needed no
                 // leave (its join was never sent).
@@ -254,7 +251,7 @@ impl Store {
         Outcome::Reply(
             Status::Ok,
             Body::TakeDiffs {
-                queued: self.outbox.len() as u64,
+                queued: self.delivery.queued() as u64,
                 pending: self.registry.pending_topics() as u64,
                 delta_started,
                 delivered: self.delivered(),
@@ -269,7 +266,7 @@ impl Store {
     pub fn next_parts(&self, max: u32) -> Outcome {
         let mut parts = Vec::new();
         let mut bytes = 0;
-        for part in self.outbox.iter().take(max.max(1) as usize) {
+        for part in self.delivery.parts().take(max.max(1) as usize) {
             if !parts.is_empty() && bytes >= CHUNK_BYTES {
                 break;
             }
@@ -293,11 +290,11 @@ impl Store {
     }
 
     pub fn ack_part(&mut self, id: u64) -> Outcome {
-        self.outbox.ack(id);
+        self.delivery.ack(id);
         Outcome::Reply(
             Status::Ok,
             Body::AckPart {
-                outbox_empty: self.outbox.is_empty(),
+                outbox_empty: self.delivery.wants_diffs(),
                 delivered: self.delivered(),
             },
         )
@@ -306,7 +303,7 @@ impl Store {
     /// Removals whose leaves are delivered: those taken, once the outbox
     /// they went to is empty.
     fn delivered(&mut self) -> Vec<u64> {
-        if self.outbox.is_empty() {
+        if self.delivery.wants_diffs() {
             std::mem::take(&mut self.taken)
         } else {
             Vec::new()
@@ -322,7 +319,7 @@ impl Store {
                 owners: r.owner_count() as u64,
                 topics: r.topic_count() as u64,
                 pending_topics: r.pending_topics() as u64,
-                queued_parts: self.outbox.len() as u64,
+                queued_parts: self.delivery.queued() as u64,
                 max_meta_bytes: self.max_meta_bytes as u64,
                 heap_bytes,
                 replicas: r.replica_count() as u64,

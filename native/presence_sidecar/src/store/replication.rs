@@ -2,7 +2,8 @@
 //! `replication.rs`, on the sidecar's single-threaded store.
 //!
 //! * This node's own changes are written to a pending delta as diffs are
-//!   taken (only while a replicator is set), and handed out numbered.
+//!   taken (only while a replicator is set), and handed out numbered: the
+//!   store's `presence_core::Delivery` does it, as the NIF's does.
 //! * Other nodes' deltas and full states are validated whole, then applied
 //!   as a [`Job`] of [`APPLY_CHUNK`] records per step: the request loop
 //!   serves other requests between steps, as the NIF releases its lock.
@@ -18,21 +19,15 @@
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
-use presence_core::delta::{self, DeltaReader, Outgoing, Record};
+use presence_core::delta::{self, DeltaReader, Record, APPLY_CHUNK};
 use presence_core::{Departure, RemoteJoin, ReplicaId};
 
 use super::{Outcome, Store};
 use crate::protocol::{flags, Body, CountChange, ReplicaBody, Status};
 
-/// Records applied (or presences removed) per step of a job: tens of
-/// microseconds, as one hold of the NIF's lock.
-pub const APPLY_CHUNK: usize = 256;
-
 /// This node's side of cluster mode, and the replicas' mirror.
 #[derive(Default)]
 pub struct Replication {
-    on: bool,
-    outgoing: Outgoing,
     /// Each replica's presences here, by their ref on their node: the
     /// topic and key to count them under.
     remote: HashMap<ReplicaId, HashMap<u64, (Bytes, Bytes)>>,
@@ -139,37 +134,22 @@ fn bad_delta() -> Outcome {
 
 impl Store {
     pub fn set_replicator(&mut self, on: bool, seq: u64) -> Outcome {
-        let r = &mut self.replication;
-        if !on {
-            r.outgoing.discard();
-        }
-        r.on = on;
-        r.outgoing.resume_after(seq);
+        self.delivery.set_replicating(on);
+        self.delivery.resume_deltas_after(seq);
         Outcome::Reply(Status::Ok, Body::Empty)
-    }
-
-    /// Called as diffs are taken: adds this node's changes among them to
-    /// the pending delta. Returns whether the delta started pending (the
-    /// BEAM then tells the replicator).
-    pub(super) fn record_delta(
-        &mut self,
-        diffs: &[presence_core::TopicDiff<u64, super::Meta>],
-    ) -> bool {
-        let r = &mut self.replication;
-        r.on && r.outgoing.record(diffs)
     }
 
     pub fn delta_seq(&self) -> Outcome {
         Outcome::Reply(
             Status::Ok,
             Body::Seq {
-                seq: self.replication.outgoing.seq(),
+                seq: self.delivery.delta_seq(),
             },
         )
     }
 
     pub fn take_delta(&mut self) -> Outcome {
-        let taken = self.replication.outgoing.take();
+        let taken = self.delivery.take_delta();
         Outcome::Reply(
             Status::Ok,
             Body::Delta(taken.map(|(seq, delta)| (seq, delta.into()))),
@@ -181,7 +161,7 @@ impl Store {
     /// local presences out as state chunks.
     pub fn local_state(&mut self) -> Outcome {
         Outcome::State(
-            self.replication.outgoing.seq(),
+            self.delivery.delta_seq(),
             self.registry.observed_snapshots(),
         )
     }
