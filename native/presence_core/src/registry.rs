@@ -44,8 +44,8 @@ pub struct Registry<O, M, W> {
     /// under the lock.
     pub(crate) occupied_topics: usize,
     /// `diff_window: 0`: every operation is recorded as a diff of its own
-    /// instead of being coalesced (see [`Registry::set_exact`]).
-    pub(crate) exact: bool,
+    /// instead of being coalesced (see [`Registry::set_diff_per_operation`]).
+    pub(crate) diff_per_operation: bool,
     /// The last group handed to a departure (see [`crate::diff::Op`]).
     last_group: u64,
 }
@@ -65,7 +65,7 @@ where
             refs: RefGen::new(ref_seed),
             presences: 0,
             occupied_topics: 0,
-            exact: false,
+            diff_per_operation: false,
             last_group: 0,
         }
     }
@@ -76,8 +76,8 @@ where
     /// behaviour, `diff_window: 0`). Switching on with diffs pending turns
     /// each pending diff into one operation first: O(presences of those
     /// topics), once.
-    pub fn set_exact(&mut self, exact: bool) {
-        if exact && !self.exact {
+    pub fn set_diff_per_operation(&mut self, on: bool) {
+        if on && !self.diff_per_operation {
             let next_seq = self.refs.next_seq();
             for &id in &self.dirty {
                 if let Some(topic) = self.topics.get_mut(id) {
@@ -85,12 +85,12 @@ where
                 }
             }
         }
-        self.exact = exact;
+        self.diff_per_operation = on;
     }
 
-    /// Whether each operation is its own diff (see [`Registry::set_exact`]).
-    pub fn is_exact(&self) -> bool {
-        self.exact
+    /// Whether each operation is its own diff (see [`Registry::set_diff_per_operation`]).
+    pub fn diff_per_operation(&self) -> bool {
+        self.diff_per_operation
     }
 
     /// Adds a presence of `owner` under `key` on `topic`.
@@ -145,7 +145,7 @@ where
             prev_ref: None,
             seq,
         });
-        entry.record_join(position, self.exact, next_seq);
+        entry.record_join(position, self.diff_per_operation, next_seq);
         self.presences += 1;
         let location = Location { topic: id, phx_ref };
         match new_watch {
@@ -167,7 +167,7 @@ where
     /// leave cancel out; with single operations, both are sent, as
     /// Phoenix sends them.
     pub fn track_gone(&mut self, owner: O, topic: &[u8], key: &[u8], meta: M) -> Change {
-        if !self.exact {
+        if !self.diff_per_operation {
             let (phx_ref, _) = self.refs.next(None);
             return Change {
                 phx_ref,
@@ -313,7 +313,7 @@ where
         let next_seq = self.refs.next_seq();
         let entry = self.topics.get_mut(id).expect("found above");
         let before = entry.replace(position, meta, new_ref, seq);
-        if self.exact {
+        if self.diff_per_operation {
             // Phoenix's update: the old meta leaves, the new one joins, in
             // one diff.
             let after = entry.get(position).expect("replaced above").clone();
@@ -484,7 +484,7 @@ where
             prev_ref: prev_ref(join.prev_ref),
             seq,
         });
-        entry.record_join(position, self.exact, next_seq);
+        entry.record_join(position, self.diff_per_operation, next_seq);
         self.presences += 1;
         self.replicas
             .get_mut(&replica)
@@ -610,7 +610,7 @@ where
             .expect("handles point at live refs");
         let removed = topic.remove(position).expect("found above");
         self.occupied_topics -= usize::from(topic.is_empty());
-        if self.exact {
+        if self.diff_per_operation {
             topic
                 .pending()
                 .push_op(group, Vec::new(), Vec::from([removed]));
@@ -883,9 +883,9 @@ mod tests {
     }
 
     #[test]
-    fn exact_mode_sends_each_operation_in_order() {
+    fn diff_per_operation_sends_each_operation_in_order() {
         let mut r = reg();
-        r.set_exact(true);
+        r.set_diff_per_operation(true);
         let a = r.track(1, b"t", b"a", "x", watch).unwrap().phx_ref;
         let Update::Changed(b) = r.update(1, b"t", b"a", "y", None).unwrap() else {
             panic!("meta changed")
@@ -910,9 +910,9 @@ mod tests {
     }
 
     #[test]
-    fn exact_mode_sends_an_exit_as_one_leave_per_topic_unless_interleaved() {
+    fn diff_per_operation_sends_an_exit_as_one_leave_per_topic_unless_interleaved() {
         let mut r = reg();
-        r.set_exact(true);
+        r.set_diff_per_operation(true);
         let mut on_t = Vec::new();
         for key in 0..6u32 {
             let k = key.to_string();
@@ -945,15 +945,15 @@ mod tests {
     }
 
     #[test]
-    fn switching_to_exact_mode_sends_what_was_coalesced_first() {
+    fn switching_to_diff_per_operation_sends_what_was_coalesced_first() {
         let mut r = reg();
         let a = r.track(1, b"t", b"a", "x", watch).unwrap().phx_ref;
         let b = r.track(2, b"t", b"b", "x", watch).unwrap().phx_ref;
-        r.set_exact(true);
+        r.set_diff_per_operation(true);
         r.untrack(1, b"t", b"a");
         // The coalesced joins, then the leave on its own: nothing cancelled.
         assert_eq!(sent(&mut r), vec![(vec![a, b], vec![]), (vec![], vec![a])]);
-        r.set_exact(false);
+        r.set_diff_per_operation(false);
         let c = r.track(3, b"t", b"c", "x", watch).unwrap().phx_ref;
         r.untrack(3, b"t", b"c");
         assert!(sent(&mut r).is_empty(), "coalescing again: {c} cancels");

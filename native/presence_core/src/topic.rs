@@ -149,11 +149,11 @@ where
             .expect("a change opens the pending diff first")
     }
 
-    /// Notes the join of the presence at `position`, made by an operation of
-    /// its own (`exact`) or to be found when the diff is taken. `next_seq`
-    /// is the seq the next change will have.
-    pub(crate) fn record_join(&mut self, position: usize, exact: bool, next_seq: u64) {
-        if !exact {
+    /// Notes the join of the presence at `position`: as a diff of its own
+    /// (`own_diff`, `diff_window: 0`) or to be found when the diff is taken.
+    /// `next_seq` is the seq the next change will have.
+    pub(crate) fn record_join(&mut self, position: usize, own_diff: bool, next_seq: u64) {
+        if !own_diff {
             self.pending().coalesced_joins = true;
             return;
         }

@@ -52,8 +52,8 @@ fn table_configure(table: ResourceArc<Table>, max_meta_bytes: usize) -> rustler:
 /// Switching on with diffs pending walks those topics once: it runs when a
 /// presence module starts, not on a hot path.
 #[rustler::nif]
-fn table_set_exact(table: ResourceArc<Table>, exact: bool) -> rustler::Atom {
-    table.lock().registry.set_exact(exact);
+fn table_set_diff_per_operation(table: ResourceArc<Table>, on: bool) -> rustler::Atom {
+    table.lock().registry.set_diff_per_operation(on);
     atoms::ok()
 }
 

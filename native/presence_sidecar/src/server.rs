@@ -251,8 +251,8 @@ fn handle(
         Request::Hello { .. } => Outcome::Reply(Status::Ok, Body::Hello { version: VERSION }),
         Request::Configure {
             max_meta_bytes,
-            exact,
-        } => store.configure(max_meta_bytes, exact),
+            diff_per_operation,
+        } => store.configure(max_meta_bytes, diff_per_operation),
         Request::SetDispatcher { .. } => store.set_dispatcher(),
         Request::Wake => Outcome::Reply(Status::BadFrame, Body::Empty),
         Request::Track {

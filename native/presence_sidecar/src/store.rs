@@ -89,9 +89,9 @@ impl Store {
         Ok(Meta::from(meta))
     }
 
-    pub fn configure(&mut self, max_meta_bytes: u64, exact: bool) -> Outcome {
+    pub fn configure(&mut self, max_meta_bytes: u64, diff_per_operation: bool) -> Outcome {
         self.max_meta_bytes = usize::try_from(max_meta_bytes).unwrap_or(usize::MAX);
-        self.registry.set_exact(exact);
+        self.registry.set_diff_per_operation(diff_per_operation);
         Outcome::Reply(Status::Ok, Body::Empty)
     }
 

@@ -19,7 +19,7 @@ fn every_request() -> Vec<Request> {
         Request::Hello { version: 1 },
         Request::Configure {
             max_meta_bytes: 65_536,
-            exact: true,
+            diff_per_operation: true,
         },
         Request::SetDispatcher { dispatcher: 7 },
         Request::Wake,

@@ -8,14 +8,14 @@ defmodule Drab.Presence.Backend.NIF do
   @impl true
   def new(_module, opts) do
     table = Native.table_new(Keyword.fetch!(opts, :max_meta_bytes))
-    :ok = Native.table_set_exact(table, exact?(opts))
+    :ok = Native.table_set_diff_per_operation(table, exact?(opts))
     table
   end
 
   @impl true
   def configure(table, opts) do
     :ok = Native.table_configure(table, Keyword.fetch!(opts, :max_meta_bytes))
-    Native.table_set_exact(table, exact?(opts))
+    Native.table_set_diff_per_operation(table, exact?(opts))
   end
 
   # `diff_window: 0` is Phoenix.Presence's behaviour: one diff per operation.

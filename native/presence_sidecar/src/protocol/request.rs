@@ -38,10 +38,10 @@ pub enum Request {
     Hello {
         version: u16,
     },
-    /// `exact`: `diff_window: 0`, one diff per operation.
+    /// `diff_per_operation`: `diff_window: 0`.
     Configure {
         max_meta_bytes: u64,
-        exact: bool,
+        diff_per_operation: bool,
     },
     SetDispatcher {
         dispatcher: u64,
@@ -193,7 +193,7 @@ impl Envelope {
             }
             Op::Configure => Request::Configure {
                 max_meta_bytes: r.u64()?,
-                exact: r.u8()? != 0,
+                diff_per_operation: r.u8()? != 0,
             },
             Op::SetDispatcher => Request::SetDispatcher {
                 dispatcher: r.u64()?,
@@ -311,10 +311,10 @@ impl Envelope {
             }
             Request::Configure {
                 max_meta_bytes,
-                exact,
+                diff_per_operation,
             } => {
                 out.put_u64(*max_meta_bytes);
-                out.put_u8(u8::from(*exact));
+                out.put_u8(u8::from(*diff_per_operation));
             }
             Request::SetDispatcher { dispatcher } => out.put_u64(*dispatcher),
             Request::Wake => {}

@@ -1,4 +1,4 @@
-//! `diff_window: 0` (`Registry::set_exact`): random track, track of a gone
+//! `diff_window: 0` (`Registry::set_diff_per_operation`): random track, track of a gone
 //! owner, untrack, update, exit and draining. The diffs drained, topic by
 //! topic, must be exactly the model's single-operation diffs, in order:
 //! a track is its join, an untrack its leave, an update the leave of the
@@ -31,7 +31,7 @@ enum Op {
     Exit(Owner),
     Drain(usize),
     /// Only in the switching property.
-    Exact(bool),
+    DiffPerOperation(bool),
 }
 
 fn op(switching: bool) -> impl Strategy<Value = Op> {
@@ -47,7 +47,7 @@ fn op(switching: bool) -> impl Strategy<Value = Op> {
         3 => (owner.clone(), topic, key, meta).prop_map(|(o, t, k, m)| Op::Update(o, t, k, m)),
         1 => owner.prop_map(Op::Exit),
         2 => (1usize..4).prop_map(Op::Drain),
-        if switching { 1 } else { 0 } => any::<bool>().prop_map(Op::Exact),
+        if switching { 1 } else { 0 } => any::<bool>().prop_map(Op::DiffPerOperation),
     ]
 }
 
@@ -177,7 +177,7 @@ fn run(reg: &mut Reg, model: &mut Model, op: &Op) -> Result<Vec<(usize, Diff)>, 
                 .map(|(t, left)| (t, diff(vec![], left)))
                 .collect()
         }
-        Op::Drain(_) | Op::Exact(_) => vec![],
+        Op::Drain(_) | Op::DiffPerOperation(_) => vec![],
     })
 }
 
@@ -197,7 +197,7 @@ proptest! {
     #[test]
     fn single_operation_diffs_in_order(ops in proptest::collection::vec(op(false), 1..120)) {
         let mut reg = Reg::new(7);
-        reg.set_exact(true);
+        reg.set_diff_per_operation(true);
         let mut model = Model::new();
         let mut expected = vec![Vec::new(); TOPICS.len()];
         let mut got = vec![Vec::new(); TOPICS.len()];
@@ -224,7 +224,7 @@ proptest! {
             run(&mut reg, &mut model, op)?;
             match op {
                 Op::Drain(max_topics) => drain(&mut reg, &mut got, *max_topics),
-                Op::Exact(exact) => reg.set_exact(*exact),
+                Op::DiffPerOperation(on) => reg.set_diff_per_operation(*on),
                 _ => {}
             }
         }
