@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use presence_core::key::listed_key;
 use presence_core::outbox::listed_size;
 use presence_core::{etf, CoreError, Delivery, Holder, Registry, Snapshot, Update};
 
@@ -382,17 +383,20 @@ impl Store {
     }
 }
 
-/// Cuts a listing into chunks of whole keys (a key larger than a chunk is
-/// split, the later chunks marked as continuing it), each written as one
-/// `%{key => %{metas: [...]}}` term.
+/// Cuts a listing into chunks of whole listed keys (a key larger than a
+/// chunk is split, the later chunks marked as continuing it), each written
+/// as one `%{key => %{metas: [...]}}` term. Keys are grouped as listed:
+/// `42` and `"42"` are one entry, which the BEAM side merges whole only
+/// when it is marked as continuing.
 pub fn listing_chunks<'p>(presences: impl Iterator<Item = &'p Entry>) -> Vec<(bool, Vec<u8>)> {
     let mut index: HashMap<&'p [u8], usize> = HashMap::new();
     let mut groups: Vec<Vec<&'p Entry>> = Vec::new();
     for p in presences {
-        match index.get(&*p.key) {
+        let listed = listed_key(&p.key);
+        match index.get(listed) {
             Some(&i) => groups[i].push(p),
             None => {
-                index.insert(&p.key, groups.len());
+                index.insert(listed, groups.len());
                 groups.push(vec![p]);
             }
         }
@@ -410,7 +414,7 @@ pub fn listing_chunks<'p>(presences: impl Iterator<Item = &'p Entry>) -> Vec<(bo
     };
     for mut group in groups {
         if group.len() > 1 {
-            group.sort_by_key(|p| p.owner);
+            group.sort_by_key(|p| (p.owner, p.phx_ref));
         }
         let group_bytes: usize = group.iter().map(|p| listed_size(p)).sum();
         if !chunk.is_empty()
@@ -436,4 +440,49 @@ pub fn listing_chunks<'p>(presences: impl Iterator<Item = &'p Entry>) -> Vec<(bo
         flush(&mut chunk, continues, &mut chunks);
     }
     chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use presence_core::key::term_key;
+
+    fn entry(owner: u64, key: &[u8], phx_ref: u64) -> Entry {
+        Entry {
+            owner: Holder::Local(owner),
+            key: key.into(),
+            // term_to_binary(%{})
+            meta: vec![131, 116, 0, 0, 0, 0].into(),
+            phx_ref,
+            prev_ref: None,
+            seq: phx_ref,
+        }
+    }
+
+    /// How often the binary key `"42"` is written in a chunk.
+    fn forty_twos(chunk: &[u8]) -> usize {
+        let key = [109, 0, 0, 0, 2, b'4', b'2'];
+        chunk.windows(key.len()).filter(|w| *w == key).count()
+    }
+
+    #[test]
+    fn a_term_key_and_the_string_it_prints_as_are_one_entry_of_one_chunk() {
+        // "42" first, then enough other keys to fill the chunk, then the
+        // integer 42: a chunk of whole stored keys would cut them apart.
+        let integer_42 = term_key(b"42", &[131, 97, 42]);
+        let mut presences = vec![entry(1, b"42", 1)];
+        for i in 0..CHUNK_PRESENCES as u64 - 1 {
+            presences.push(entry(2, format!("k{i}").as_bytes(), 10 + i));
+        }
+        presences.push(entry(3, &integer_42, 5_000));
+        let chunks = listing_chunks(presences.iter());
+        assert_eq!(chunks.len(), 2);
+        let forty_twos: Vec<usize> = chunks.iter().map(|(_, c)| forty_twos(c)).collect();
+        assert_eq!(
+            forty_twos,
+            [1, 0],
+            "\"42\" and 42 are one entry of the first chunk"
+        );
+        assert!(chunks.iter().all(|(continues, _)| !continues));
+    }
 }
