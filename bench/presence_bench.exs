@@ -15,7 +15,10 @@
 # the ticker during 100k and 1M tracks, and during 4 concurrent listers of a
 # 10k topic; console only), --only writes (track and untrack of 10k, 4 callers,
 # --runs N rounds (9) taking the implementations in turn, so that a VM's
-# drift hits them alike; median and range, console only), --churn-workers
+# drift hits them alike; median and range, console only), --only reads
+# (list/1 at 10 a topic, 1k, 10k and 100k, as is and after one update,
+# against the BEAM's floors for building the same map; console only),
+# --churn-workers
 # N (4), --churn-seconds S (5), --churn-owners N (live owner processes per
 # topic, 1,000).
 
@@ -48,8 +51,8 @@ defmodule Bench.Main do
 
     invalid == [] || raise ArgumentError, "unknown options: #{inspect(invalid)}"
 
-    opts[:only] in [nil, "churn", "writes", "scheduler"] ||
-      raise ArgumentError, "--only takes: churn, writes, scheduler"
+    opts[:only] in [nil, "churn", "writes", "scheduler", "reads"] ||
+      raise ArgumentError, "--only takes: churn, writes, scheduler, reads"
 
     quick? = Keyword.get(opts, :quick, false)
 
@@ -67,6 +70,7 @@ defmodule Bench.Main do
       "churn" -> only_churn(churn)
       "writes" -> only_writes(Keyword.get(opts, :runs, 9))
       "scheduler" -> only_scheduler()
+      "reads" -> only_reads()
       nil -> run_all(argv, opts, quick?, churn)
     end
   end
@@ -134,6 +138,54 @@ defmodule Bench.Main do
     for label <- ["100k", "1M", listers_label()] do
       IO.puts("  #{label}:")
       Report.print_size(report, label)
+    end
+
+    if report.errors != [], do: System.halt(1)
+  end
+
+  # list/1 against the BEAM's floors for building the same map, in one
+  # run, console only: 10 presences a topic (10k over 1k topics), then 1k,
+  # 10k and 100k on one topic; each listed as is and after one update.
+  defp only_reads do
+    adapters = start_systems() |> adapters()
+    warm_up(adapters)
+    progress("BEAM floors (no presence system involved)")
+    sizes = [@k, 10 * @k, 100 * @k]
+    floors = Bench.Floors.run(@k, sizes, [])
+    Report.print_floors(floors)
+    Report.print_header()
+
+    shapes = [
+      %Shape{label: "10k / 1k topics", n: 10 * @k, topics: @k},
+      shape("1k", @k),
+      shape("10k", 10 * @k),
+      shape("100k", 100 * @k)
+    ]
+
+    report =
+      for shape <- shapes, adapter <- adapters, reduce: %{Report.new() | floors: floors} do
+        report ->
+          guarded(report, shape.label, adapter, "track/reads/untrack", fn ->
+            Workloads.lifecycle(adapter, shape, runs: 1, memory: true)
+          end)
+      end
+
+    for shape <- shapes do
+      IO.puts("  #{shape.label}:")
+      Report.print_size(report, shape.label)
+    end
+
+    IO.puts("\nlist/1 against the :maps.from_list/1 floor (issue 20: ≤ 2× at 10k, ≤ 3× at 100k):")
+
+    for %Shape{topics: 1, n: n, label: label} <- shapes,
+        {":maps.from_list" <> _, ^n, floor_us, _} <- floors,
+        adapter <- adapters,
+        list_us = Report.get(report, label, :list_us, system(adapter)),
+        is_number(list_us) do
+      IO.puts(
+        "  #{label}, #{adapter.name()}: #{Report.fmt(list_us)} µs = " <>
+          "#{Report.fmt(list_us / floor_us)}× the floor (#{Report.fmt(floor_us)} µs)"
+      )
     end
 
     if report.errors != [], do: System.halt(1)

@@ -15,11 +15,14 @@ defmodule Bench.Report do
     {:disconnect_empty_ms, "3. mass disconnect", "ms until list/1 is empty"},
     {:disconnect_diff_ms, "3. mass disconnect", "ms until the last leave diff was delivered"},
     {:list_us, "4. reads", "list/1, µs (median)"},
+    {:update_list_us, "4. reads", "one update, then list/1, µs (median)"},
     {:count_users_us, "4. reads", "count_users/1, µs (median)"},
     {:count_connections_us, "4. reads", "count_connections/1, µs (median)"},
     {:memory_beam_b, "5. memory", "bytes per presence, BEAM (:erlang.memory(:total))"},
     {:memory_nif_b, "5. memory", "bytes per presence, NIF heap (stats().nif_heap_bytes)"},
     {:memory_b, "5. memory", "bytes per presence, sum"},
+    {:memory_kept_listing_b, "5. memory",
+     "bytes per presence, what listing every topic once adds (a kept listing; not in the sum)"},
     {:storm_diffs, "6. join storm", "presence_diff messages delivered"},
     {:storm_converge_ms, "6. join storm", "ms until every subscriber's view equals list/1"},
     {:track_tick_ms, "7. scheduler", "1 ms ticker during track: worst lateness, ms"},
@@ -163,6 +166,10 @@ defmodule Bench.Report do
      200},
     {"list/1, µs", "10k", :list_us, "~7,000", "≤ 1,000", 1_000},
     {"list/1, µs", "100k", :list_us, "~300,000", "≤ 20,000", 20_000},
+    {"list/1, µs: within 2× the :maps.from_list floor, issue 20", "10k", :list_us, "19,760",
+     "≤ 2× floor", {:from_list_floor, 10_000, 2}},
+    {"list/1, µs: within 3× the :maps.from_list floor, issue 20", "100k", :list_us, "427,000",
+     "≤ 3× floor", {:from_list_floor, 100_000, 3}},
     {"count_users/1, µs (Phoenix: Drab's way)", "10k", :count_users_us, "~7,500", "≤ 1", 1},
     {"count_users/1, µs (Phoenix: Drab's way)", "100k", :count_users_us, "~300,000", "≤ 1", 1},
     {"memory per presence, bytes (ours: BEAM + NIF)", "100k", :memory_b, "~1,100", "≤ 300", 300},
@@ -192,9 +199,11 @@ defmodule Bench.Report do
       phoenix = get(report, size, metric, :phoenix)
 
       verdict =
-        if limit == :phoenix,
-          do: relative_verdict(drab, phoenix),
-          else: verdict(drab, limit, report.idle)
+        case limit do
+          :phoenix -> relative_verdict(drab, phoenix)
+          {:from_list_floor, n, factor} -> floor_verdict(drab, report.floors, n, factor)
+          limit -> verdict(drab, limit, report.idle)
+        end
 
       [what, size, issue, fmt(phoenix), fmt(drab), target, verdict]
     end
@@ -204,6 +213,19 @@ defmodule Bench.Report do
     do: if(drab <= phoenix, do: "met", else: "missed")
 
   defp relative_verdict(_drab, _phoenix), do: "not run"
+
+  defp floor_verdict(drab, floors, n, factor) when is_number(drab) do
+    case for({":maps.from_list" <> _, ^n, us, _} <- floors, do: us) do
+      [floor_us | _] ->
+        ratio = "#{fmt(drab / floor_us)}× the floor of #{fmt(floor_us)} µs"
+        if drab <= factor * floor_us, do: "met (#{ratio})", else: "**missed** (#{ratio})"
+
+      [] ->
+        "not run (no floor at #{fmt(n)})"
+    end
+  end
+
+  defp floor_verdict(_drab, _floors, _n, _factor), do: "not run"
 
   defp verdict(nil, _limit, _idle), do: "not run"
   defp verdict(value, {:tick, limit}, _idle) when value <= limit, do: "met"

@@ -65,19 +65,45 @@ where
     write_map_header(out, groups.len());
     for group in groups {
         write_binary(out, group.key());
-        write_map_header(out, 1);
-        write_atom(out, "metas");
-        out.push(LIST_EXT);
-        out.extend_from_slice(&(group.0.len() as u32).to_be_bytes());
-        for presence in group.0 {
-            write_meta(out, presence)?;
-        }
-        out.push(NIL_EXT);
+        write_metas(out, &group.0)?;
     }
     Ok(())
 }
 
-/// The presences of one key, in owner order.
+/// Writes one key's entry of a listing, `%{metas: [...]}`, as a term of
+/// its own, the metas in owner order: what a kept copy of a listing
+/// refreshes a changed key with. `presences` are all listed under that
+/// key's string.
+pub fn write_key_entry<O, M>(
+    out: &mut Vec<u8>,
+    presences: &mut [&Presence<O, M>],
+) -> Result<(), EtfError>
+where
+    O: Ord,
+    M: AsRef<[u8]>,
+{
+    presences.sort_by(|a, b| (&a.owner, a.phx_ref).cmp(&(&b.owner, b.phx_ref)));
+    out.push(VERSION);
+    write_metas(out, presences)
+}
+
+fn write_metas<O, M: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    presences: &[&Presence<O, M>],
+) -> Result<(), EtfError> {
+    write_map_header(out, 1);
+    write_atom(out, "metas");
+    out.push(LIST_EXT);
+    out.extend_from_slice(&(presences.len() as u32).to_be_bytes());
+    for presence in presences {
+        write_meta(out, presence)?;
+    }
+    out.push(NIL_EXT);
+    Ok(())
+}
+
+/// The presences of one key, in owner order (then ref order: one owner may
+/// have `42` and `"42"`).
 struct KeyGroup<'p, O, M>(Vec<&'p Presence<O, M>>);
 
 impl<O, M> KeyGroup<'_, O, M> {
@@ -105,7 +131,9 @@ fn group_by_key<'p, O: Ord, M>(
     }
     for group in &mut groups {
         if group.0.len() > 1 {
-            group.0.sort_by(|a, b| a.owner.cmp(&b.owner));
+            group
+                .0
+                .sort_by(|a, b| (&a.owner, a.phx_ref).cmp(&(&b.owner, b.phx_ref)));
         }
     }
     groups
@@ -207,6 +235,18 @@ mod tests {
         assert_eq!(&out[..6], &[131, 116, 0, 0, 0, 1]);
         let list_at = out.iter().position(|b| *b == 108).unwrap();
         assert_eq!(&out[list_at + 1..list_at + 5], &[0, 0, 0, 2]);
+    }
+
+    #[test]
+    fn a_key_entry_is_the_value_a_listing_holds_under_that_key() {
+        let presences = [presence(9, "k", None), presence(2, "k", Some(5))];
+        let mut listing = Vec::new();
+        write_grouped(&mut listing, presences.iter()).unwrap();
+        let mut entry = Vec::new();
+        write_key_entry(&mut entry, &mut presences.iter().collect::<Vec<_>>()).unwrap();
+        // The listing is 131, a map of one key ("k": 6 bytes), its entry.
+        assert_eq!(entry[0], VERSION);
+        assert_eq!(&entry[1..], &listing[6 + 6..]);
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod error;
 pub mod etf;
 pub mod heap;
 pub mod key;
+pub mod listing;
 pub mod outbox;
 mod owner;
 mod phx_ref;

@@ -8,6 +8,7 @@ use crate::cow_chunks::Snapshot;
 use crate::delta::RemoteJoin;
 use crate::diff::{PendingDiff, TopicDiff};
 use crate::error::CoreError;
+use crate::listing::{ListingChanges, ListingWatches, WatchId};
 use crate::owner::{Departure, OwnerEntry};
 use crate::phx_ref::RefGen;
 use crate::presence::{
@@ -48,6 +49,8 @@ pub struct Registry<O, M, W> {
     pub(crate) diff_per_operation: bool,
     /// The last group handed to a departure (see [`crate::diff::Op`]).
     last_group: u64,
+    /// Topics whose listing the caller keeps a copy of (see `listing.rs`).
+    listings: ListingWatches,
 }
 
 impl<O, M, W> Registry<O, M, W>
@@ -67,6 +70,7 @@ where
             occupied_topics: 0,
             diff_per_operation: false,
             last_group: 0,
+            listings: ListingWatches::default(),
         }
     }
 
@@ -137,6 +141,7 @@ where
         let entry = self.topics.get_mut(id).expect("interned above");
         let key = entry.shared_key(key);
         self.occupied_topics += usize::from(entry.is_empty());
+        self.listings.note(id, &key);
         let position = entry.insert(Presence {
             owner: Holder::Local(owner),
             key,
@@ -313,6 +318,7 @@ where
         let next_seq = self.refs.next_seq();
         let entry = self.topics.get_mut(id).expect("found above");
         let before = entry.replace(position, meta, new_ref, seq);
+        self.listings.note(id, &before.key);
         if self.diff_per_operation {
             // Phoenix's update: the old meta leaves, the new one joins, in
             // one diff.
@@ -352,6 +358,92 @@ where
             .named(topic)
             .filter(|t| !t.is_empty())
             .map(|t| t.snapshot())
+    }
+
+    /// Starts recording which listed keys of `topic` change, for a copy of
+    /// its listing made now (see `listing.rs`). `None` when the topic is
+    /// empty.
+    pub fn watch_listing(&mut self, topic: &[u8]) -> Option<WatchId> {
+        let t = self.topics.named(topic).filter(|t| !t.is_empty())?;
+        let id = t.id;
+        Some(self.listings.watch(id))
+    }
+
+    /// Stops recording for `watch`, whose copy was dropped.
+    pub fn unwatch_listing(&mut self, topic: &[u8], watch: WatchId) {
+        if let Some(t) = self.topics.named(topic) {
+            let id = t.id;
+            self.listings.unwatch(id, watch);
+        }
+    }
+
+    /// Whether a copy of `topic`'s listing is being kept up to date.
+    pub fn is_listing_watched(&self, topic: &[u8]) -> bool {
+        self.topics
+            .named(topic)
+            .is_some_and(|t| self.listings.is_watched(t.id))
+    }
+
+    /// Changes recorded for `watch` so far (a key changed twice counts
+    /// twice), `None` when the watch is lost; takes nothing.
+    pub fn listing_changes_pending(&self, topic: &[u8], watch: WatchId) -> Option<usize> {
+        let t = self.topics.named(topic)?;
+        self.listings.pending(t.id, watch)
+    }
+
+    /// The keys of `topic` whose presences changed since `watch` started or
+    /// was last asked, each once; [`ListingChanges::Lost`] when the copy
+    /// must be built again.
+    pub fn take_listing_changes(&mut self, topic: &[u8], watch: WatchId) -> ListingChanges {
+        match self.topics.named(topic) {
+            Some(t) => {
+                let id = t.id;
+                self.listings.take(id, watch)
+            }
+            None => ListingChanges::Lost,
+        }
+    }
+
+    /// The presences listed under each of `listed` (strings, as
+    /// [`ListingChanges::Keys`] gives them), in that order: for a topic
+    /// whose keys are all binaries, one lookup a key; otherwise one pass
+    /// over the topic, since term keys are not indexed by their string.
+    pub fn listed_under(
+        &self,
+        topic: &[u8],
+        listed: Vec<Bytes>,
+    ) -> Vec<(Bytes, Vec<Presence<O, M>>)> {
+        let Some(t) = self.topics.named(topic) else {
+            return listed.into_iter().map(|key| (key, Vec::new())).collect();
+        };
+        if !t.has_term_keys() {
+            return listed
+                .into_iter()
+                .map(|key| {
+                    let presences = t.by_key(&key);
+                    (key, presences)
+                })
+                .collect();
+        }
+        let index: HashMap<Bytes, usize> = listed
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, k)| (k, i))
+            .collect();
+        let mut grouped: Vec<(Bytes, Vec<Presence<O, M>>)> =
+            listed.into_iter().map(|key| (key, Vec::new())).collect();
+        for presence in t.iter() {
+            if let Some(&i) = index.get(crate::key::listed_key(&presence.key)) {
+                grouped[i].1.push(presence.clone());
+            }
+        }
+        grouped
+    }
+
+    /// Presences on `topic`: O(1).
+    pub fn topic_len(&self, topic: &[u8]) -> usize {
+        self.topics.named(topic).map_or(0, |t| t.len())
     }
 
     /// Notes that `topic` is being listed (or a key of it read): a client
@@ -414,6 +506,7 @@ where
             diffs.extend(topic.take_diff());
             if topic.is_empty() {
                 self.topics.remove(id);
+                self.listings.topic_removed(id);
             }
         }
         // Give memory back after a peak of changed topics.
@@ -475,6 +568,7 @@ where
             .withdraw_leave(&owner, join.key, &join.meta)
             .unwrap_or(seq);
         let key = entry.shared_key(join.key);
+        self.listings.note(id, &key);
         self.occupied_topics += usize::from(entry.is_empty());
         let position = entry.insert(Presence {
             owner,
@@ -609,6 +703,7 @@ where
             .position_of(phx_ref)
             .expect("handles point at live refs");
         let removed = topic.remove(position).expect("found above");
+        self.listings.note(id, &removed.key);
         self.occupied_topics -= usize::from(topic.is_empty());
         if self.diff_per_operation {
             topic

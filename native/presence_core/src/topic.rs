@@ -263,6 +263,15 @@ where
         }
     }
 
+    /// Whether a key here is not a binary (listed under its string, maybe
+    /// with others).
+    pub(crate) fn has_term_keys(&self) -> bool {
+        match &self.presences {
+            Presences::Many(many) => many.term_keys.is_some(),
+            _ => self.few().iter().any(|p| is_term_key(&p.key)),
+        }
+    }
+
     /// How many presences `key` has here.
     pub(crate) fn key_len(&self, key: &[u8]) -> usize {
         match &self.presences {

@@ -39,7 +39,7 @@ pub fn meta<'a>(env: Env<'a>, presence: &Entry) -> Term<'a> {
 /// refuses to create atoms, and a VM where no module has mentioned
 /// `:metas` yet has no such atom. Every byte is ours or a stored
 /// `term_to_binary/1` of a live term, so the unchecked decode is sound.
-fn decode<'a>(env: Env<'a>, etf: &[u8]) -> Term<'a> {
+pub(crate) fn decode<'a>(env: Env<'a>, etf: &[u8]) -> Term<'a> {
     // SAFETY: `etf` is a complete external term written by presence_core::etf
     // from validated meta encodings (see above).
     let decoded = unsafe { env.binary_to_term_trusted(etf) };

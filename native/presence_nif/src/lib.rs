@@ -8,6 +8,7 @@ mod atoms;
 mod departure;
 mod encode;
 mod error;
+mod listing;
 mod replication;
 mod resource;
 mod schedule;

@@ -1,7 +1,8 @@
 //! The presence table resource, its locks, and how writes wake the
 //! dispatcher.
 //!
-//! Lock order: `delivery`, then `state`; `replication` alone. Writers take
+//! Lock order: `delivery`, then `state`; a kept listing (`listing.rs`),
+//! then `state`; `replication` alone. Writers take
 //! `state` only, and never wait for it on a normal scheduler
 //! ([`Shared::try_lock`]).
 
@@ -15,6 +16,7 @@ use rustler::{Env, LocalPid, Monitor, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::error::NifError;
+use crate::listing::Listings;
 use crate::size;
 
 /// How long a NIF on a normal scheduler spins for the table lock before
@@ -44,6 +46,9 @@ pub struct Shared {
     /// a new one, so what others held of its previous life is dropped.
     pub(crate) incarnation: uuid::Uuid,
     max_meta_bytes: AtomicUsize,
+    /// Large topics' listings, kept as terms between lists. Lock order:
+    /// a kept listing, then `state`.
+    pub(crate) listings: Listings,
 }
 
 // A panic in a NIF (caught by rustler) may unwind while a lock is held.
@@ -86,6 +91,7 @@ impl Table {
             replication: Mutex::new(Replication::default()),
             incarnation: uuid::Uuid::new_v4(),
             max_meta_bytes: AtomicUsize::new(max_meta_bytes),
+            listings: Listings::default(),
         })))
     }
 }
@@ -218,7 +224,7 @@ impl Shared {
 }
 
 /// A lock taken if it is free or comes free within [`LOCK_SPIN`].
-fn spin_lock<T>(lock: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+pub(crate) fn spin_lock<T>(lock: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
     if let Some(guard) = lock.try_lock() {
         return Some(guard);
     }

@@ -14,19 +14,16 @@ use rustler::{Binary, Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
 use crate::atoms;
 use crate::encode::{self, ref_term, Entry};
 use crate::error::NifError;
+use crate::listing::{self, Mode};
 use crate::resource::{State, Table};
 use crate::schedule::{charge_for_bytes, Charge};
 
-/// Listings of up to this many presences, and this many bytes, are built
-/// on the calling scheduler (about a quarter of a millisecond); larger ones
-/// go to a dirty scheduler. Bytes decide as much as presences: a thousand
-/// 60 KB metas are 60 MB to decode.
-const INLINE_LIST_PRESENCES: usize = 1_000;
-const INLINE_LIST_BYTES: usize = 64 * 1024;
-
 /// `get_by_key/2` of a key with more presences than this goes to a dirty
-/// scheduler without collecting them under the lock.
+/// scheduler without collecting them under the lock; so does one of more
+/// bytes than this, after collecting them (a few 60 KB metas are
+/// milliseconds to decode).
 const INLINE_KEY_PRESENCES: usize = 64;
+const INLINE_KEY_BYTES: usize = 64 * 1024;
 
 /// Taking diffs looks for joins among the presences written since the
 /// last take, and copies them into parts: up to this many (a few hundred
@@ -192,37 +189,17 @@ fn table_counts<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> T
     }
 }
 
-/// A snapshot of `topic` for a listing, which a client may sync from:
-/// the registry must then send the leave of anything in it.
-fn observed(state: &mut State, topic: &[u8]) -> Option<Snapshot<Entry>> {
-    state.registry.observe(topic);
-    state.registry.snapshot(topic)
-}
-
-/// The grouped presences of a topic, `:too_large` when the listing is
-/// large enough to belong on a dirty scheduler (`table_list_dirty`), or
+/// The grouped presences of a topic (see `listing.rs`), `:too_large`
+/// when the listing belongs on a dirty scheduler (`table_list_dirty`), or
 /// `:busy`.
 #[rustler::nif]
 fn table_list<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    let Some(mut state) = table.try_lock() else {
-        return atoms::busy().encode(env);
-    };
-    let snapshot = observed(&mut state, &topic);
-    drop(state);
-    match snapshot {
-        None => rustler::types::map::map_new(env),
-        Some(s) if s.len() > INLINE_LIST_PRESENCES => atoms::too_large().encode(env),
-        Some(s) => inline_grouped(env, || s.iter()),
-    }
+    listing::list(env, &table, &topic, Mode::Inline).unwrap_or_else(|refused| refused.encode(env))
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn table_list_dirty<'a>(env: Env<'a>, table: ResourceArc<Table>, topic: Binary) -> Term<'a> {
-    let snapshot = observed(&mut table.lock(), &topic);
-    match snapshot {
-        None => rustler::types::map::map_new(env),
-        Some(s) => encode::grouped(env, s.iter()),
-    }
+    listing::list(env, &table, &topic, Mode::Dirty).unwrap_or_else(|refused| refused.encode(env))
 }
 
 /// The presences under one key, grouped like a list, or `[]` when there
@@ -259,7 +236,7 @@ fn table_get_by_key_dirty<'a>(
     topic: Binary,
     key: Binary,
 ) -> Term<'a> {
-    let snapshot: Option<Snapshot<Entry>> = observed(&mut table.lock(), &topic);
+    let snapshot: Option<Snapshot<Entry>> = listing::observed(&mut table.lock(), &topic);
     let mut presences = snapshot
         .iter()
         .flat_map(|s| s.iter())
@@ -278,7 +255,7 @@ where
     I: Iterator<Item = &'p Entry>,
 {
     let bytes: usize = presences().map(listed_size).sum();
-    if bytes > INLINE_LIST_BYTES {
+    if bytes > INLINE_KEY_BYTES {
         return atoms::too_large().encode(env);
     }
     charge_for_bytes(env, bytes);
@@ -301,15 +278,19 @@ fn table_take_diffs(env: Env, table: ResourceArc<Table>, max_topics: usize) -> T
     if delivery.wants_diffs() && state.registry.next_diff_work() > INLINE_TAKE_WORK {
         return atoms::too_large().encode(env);
     }
-    take_diffs(
+    let taken = take_diffs(
         env,
         &table,
         &mut delivery,
         state,
         max_topics,
         INLINE_TAKE_WORK,
-    )
-    .encode(env)
+    );
+    drop(delivery);
+    // The dispatcher takes diffs steadily: idle kept listings go even
+    // when nobody lists any more.
+    table.listings.sweep_if_due(&table, Mode::Inline);
+    taken.encode(env)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -320,7 +301,10 @@ fn table_take_diffs_dirty(
 ) -> (usize, usize) {
     let mut delivery = table.delivery.lock();
     let state = table.lock();
-    take_diffs(env, &table, &mut delivery, state, max_topics, usize::MAX)
+    let taken = take_diffs(env, &table, &mut delivery, state, max_topics, usize::MAX);
+    drop(delivery);
+    table.listings.sweep_if_due(&table, Mode::Dirty);
+    taken
 }
 
 /// Takes diffs with `state` locked (lock order: delivery, then state), and
