@@ -15,7 +15,7 @@
 #   MIX_ENV=bench mix run bench/sidecar_floor.exs [rounds]   (default 7)
 
 alias Drab.Presence.Backend.Sidecar
-alias Drab.Presence.Sidecar.{Wire, Writes}
+alias Drab.Presence.Sidecar.Wire
 
 rounds = String.to_integer(List.first(System.argv()) || "7")
 
@@ -36,18 +36,20 @@ defmodule Bench.SidecarFloor do
   # owner (the writes are not answered; a refused one would be).
   def open_port(path) do
     port = Port.open({:spawn_executable, path}, [:binary, {:packet, 4}, :use_stdio])
-    :ok = handshake(port, 1, [<<1, 1::64, 0::64>>, "DRPS", <<Wire.version()::16>>])
-    :ok = handshake(port, 2, [<<2, 2::64, 0::64>>, <<100_000::64, 0::8>>])
+    :ok = handshake(port, :hello, ["DRPS", <<Wire.version()::16>>])
+    :ok = handshake(port, :configure, Wire.configure_body({100_000, false}))
     port
   end
 
-  defp handshake(port, op, frame) do
-    Port.command(port, frame)
+  defp handshake(port, name, body) do
+    op = Wire.op_byte(name)
+    ok = Wire.status_byte(:ok)
+    Port.command(port, Wire.request(name, op, 0, body))
 
     receive do
-      {^port, {:data, <<^op, _id::64, 0::64, 0, _::binary>>}} -> :ok
+      {^port, {:data, <<^op, _id::64, 0::64, ^ok, _::binary>>}} -> :ok
     after
-      5_000 -> raise "the sidecar did not answer op #{op}"
+      5_000 -> raise "the sidecar did not answer #{name}"
     end
   end
 
@@ -58,11 +60,11 @@ defmodule Bench.SidecarFloor do
     # The owners' exits afterwards, as the backend's monitors send them, so
     # that every round starts from the same table.
     exits = fn owners ->
-      Port.command(port, Writes.exit_frame(for owner <- owners, do: {Wire.pid_id(owner), []}))
+      Port.command(port, Wire.exit_frame(for owner <- owners, do: {Wire.pid_id(owner), []}))
     end
 
     run(exits, fn owner, i ->
-      frame = Writes.track_frame(Wire.pid_id(owner), "floor:#{round}", "u#{i}", i, meta)
+      frame = Wire.track_frame(Wire.pid_id(owner), "floor:#{round}", "u#{i}", i, meta)
       Port.command(port, frame)
     end)
   end

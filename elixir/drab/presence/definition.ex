@@ -11,7 +11,7 @@ defmodule Drab.Presence.Definition do
 
       @drab_presence_opts opts
 
-      alias Drab.Presence.Table
+      alias Drab.Presence.Calls
 
       @doc """
       Returns the child specification that starts this presence module under
@@ -37,7 +37,7 @@ defmodule Drab.Presence.Definition do
       @spec start_link(keyword()) :: Supervisor.on_start()
       def start_link(opts \\ []) do
         layers = Drab.Presence.Definition.options(__MODULE__, @drab_presence_opts, opts)
-        Drab.Presence.Server.start_link(__MODULE__, layers)
+        Drab.Presence.Supervisor.start_link(__MODULE__, layers)
       end
 
       @doc false
@@ -71,7 +71,7 @@ defmodule Drab.Presence.Definition do
       """
       @spec track(pid(), Drab.Presence.topic(), Drab.Presence.key(), map()) ::
               {:ok, binary()} | {:error, term()}
-      def track(pid, topic, key, meta), do: Table.track(__MODULE__, pid, topic, key, meta)
+      def track(pid, topic, key, meta), do: Calls.track(__MODULE__, pid, topic, key, meta)
 
       @doc "Stops tracking the socket's channel process under `key` on its topic."
       @spec untrack(Drab.Presence.socket(), Drab.Presence.key()) :: :ok
@@ -79,7 +79,7 @@ defmodule Drab.Presence.Definition do
 
       @doc "Stops tracking `pid` under `key` on `topic`. Returns `:ok` even if it was not tracked."
       @spec untrack(pid(), Drab.Presence.topic(), Drab.Presence.key()) :: :ok
-      def untrack(pid, topic, key), do: Table.untrack(__MODULE__, pid, topic, key)
+      def untrack(pid, topic, key), do: Calls.untrack(__MODULE__, pid, topic, key)
 
       @doc "Updates the meta of the socket's presence under `key`. See `update/4`."
       @spec update(Drab.Presence.socket(), Drab.Presence.key(), map() | (map() -> map())) ::
@@ -104,7 +104,7 @@ defmodule Drab.Presence.Definition do
       """
       @spec update(pid(), Drab.Presence.topic(), Drab.Presence.key(), map() | (map() -> map())) ::
               {:ok, binary()} | {:error, :nopresence | :contended}
-      def update(pid, topic, key, meta), do: Table.update(__MODULE__, pid, topic, key, meta)
+      def update(pid, topic, key, meta), do: Calls.update(__MODULE__, pid, topic, key, meta)
 
       @doc """
       Returns the presences of a topic (or a socket's topic) as
@@ -112,7 +112,7 @@ defmodule Drab.Presence.Definition do
       """
       @spec list(Drab.Presence.socket() | Drab.Presence.topic()) :: Drab.Presence.presences()
       def list(%{topic: topic}), do: list(topic)
-      def list(topic), do: Table.list(__MODULE__, topic)
+      def list(topic), do: Calls.list(__MODULE__, topic)
 
       @doc """
       Returns `%{metas: [meta]}` of one key on a topic, passed through
@@ -121,7 +121,7 @@ defmodule Drab.Presence.Definition do
       @spec get_by_key(Drab.Presence.socket() | Drab.Presence.topic(), Drab.Presence.key()) ::
               map() | []
       def get_by_key(%{topic: topic}, key), do: get_by_key(topic, key)
-      def get_by_key(topic, key), do: Table.get_by_key(__MODULE__, topic, key)
+      def get_by_key(topic, key), do: Calls.get_by_key(__MODULE__, topic, key)
 
       @doc """
       Extends presences with data of your own before they are listed or sent
@@ -136,7 +136,7 @@ defmodule Drab.Presence.Definition do
       def count_users(%{topic: topic}), do: count_users(topic)
 
       def count_users(topic) do
-        {users, _connections} = Table.counts(__MODULE__, topic)
+        {users, _connections} = Calls.counts(__MODULE__, topic)
         users
       end
 
@@ -145,7 +145,7 @@ defmodule Drab.Presence.Definition do
       def count_connections(%{topic: topic}), do: count_connections(topic)
 
       def count_connections(topic) do
-        {_users, connections} = Table.counts(__MODULE__, topic)
+        {_users, connections} = Calls.counts(__MODULE__, topic)
         connections
       end
 
@@ -170,11 +170,11 @@ defmodule Drab.Presence.Definition do
       Phoenix.PubSub when it is configured, else through the built-in registry.
       """
       @spec subscribe(Drab.Presence.topic()) :: :ok | {:error, term()}
-      def subscribe(topic), do: Table.subscribe(__MODULE__, topic)
+      def subscribe(topic), do: Calls.subscribe(__MODULE__, topic)
 
       @doc "Undoes `subscribe/1`."
       @spec unsubscribe(Drab.Presence.topic()) :: :ok
-      def unsubscribe(topic), do: Table.unsubscribe(__MODULE__, topic)
+      def unsubscribe(topic), do: Calls.unsubscribe(__MODULE__, topic)
 
       @doc """
       Sizes of the table: `presences`, `owners` (processes), `topics`,
@@ -185,7 +185,7 @@ defmodule Drab.Presence.Definition do
       heap (for all presence modules together).
       """
       @spec stats() :: %{atom() => non_neg_integer()}
-      def stats, do: Table.stats(__MODULE__)
+      def stats, do: Calls.stats(__MODULE__)
 
       @doc """
       Phoenix 1.7's `fetchers_pids/0`: processes that exit once every diff

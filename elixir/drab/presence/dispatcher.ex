@@ -18,7 +18,7 @@ defmodule Drab.Presence.Dispatcher do
   use GenServer
   require Logger
 
-  alias Drab.Presence.{Broadcast, Metas, Runtime, Telemetry}
+  alias Drab.Presence.{Broadcast, Callbacks, Runtime, Telemetry}
 
   # Work per message, so a backlog over many topics does not keep other
   # messages (and shutdown) waiting.
@@ -58,7 +58,7 @@ defmodule Drab.Presence.Dispatcher do
         []
 
       dispatcher ->
-        metas = Metas.name(module)
+        callbacks = Callbacks.name(module)
 
         [
           spawn(fn ->
@@ -70,7 +70,7 @@ defmodule Drab.Presence.Dispatcher do
               %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
               :ok = backend.sync_writes(table)
               GenServer.call(dispatcher, :await_idle, @fetcher_patience_ms)
-              if Process.whereis(metas), do: Metas.sync(metas, @fetcher_patience_ms)
+              if Process.whereis(callbacks), do: Callbacks.sync(callbacks, @fetcher_patience_ms)
             rescue
               ArgumentError -> :ok
             catch
@@ -96,7 +96,7 @@ defmodule Drab.Presence.Dispatcher do
       window_start: now(),
       rest_pending?: false,
       # handle_metas/4's process, when the module defines it.
-      metas: if(Metas.enabled?(module), do: Metas.name(module)),
+      callbacks: if(Callbacks.enabled?(module), do: Callbacks.name(module)),
       # Fetchers waiting for the next idle moment.
       idle_waiters: []
     }
@@ -195,7 +195,13 @@ defmodule Drab.Presence.Dispatcher do
   # timing out) loses that part of that topic's diff, not the dispatcher
   # and with it every other topic's. So does a broadcast that fails (a
   # pubsub server that is not running).
-  defp deliver(%{module: module, runtime: runtime, metas: metas}, topic, joins, leaves, since) do
+  defp deliver(
+         %{module: module, runtime: runtime, callbacks: callbacks},
+         topic,
+         joins,
+         leaves,
+         since
+       ) do
     payload = fetch(module, topic, joins, leaves)
     Broadcast.local_broadcast(runtime.delivery, topic, payload)
 
@@ -211,7 +217,7 @@ defmodule Drab.Presence.Dispatcher do
       )
     end
 
-    if metas, do: Metas.diff(metas, topic, payload)
+    if callbacks, do: Callbacks.diff(callbacks, topic, payload)
   catch
     kind, reason ->
       Logger.error(

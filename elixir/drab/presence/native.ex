@@ -90,7 +90,7 @@ defmodule Drab.Presence.Native do
   def table_configure(_table, _max_meta_bytes), do: err()
 
   @spec table_set_diff_per_operation(table(), boolean()) :: :ok
-  def table_set_diff_per_operation(_table, _exact), do: err()
+  def table_set_diff_per_operation(_table, _diff_per_operation), do: err()
 
   @spec table_take_diffs(table(), pos_integer()) ::
           {queued_parts :: non_neg_integer(), still_pending :: non_neg_integer()}

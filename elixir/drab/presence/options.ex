@@ -224,6 +224,13 @@ defmodule Drab.Presence.Options do
     end
   end
 
+  @doc """
+  Whether each operation makes its own diff: `diff_window: 0`, which is
+  Phoenix.Presence's behaviour (the backends' `diff_per_operation` flag).
+  """
+  @spec diff_per_operation?(keyword()) :: boolean()
+  def diff_per_operation?(opts), do: Keyword.get(opts, :diff_window) == 0
+
   @doc "The options rendered as a markdown list, for `@moduledoc`."
   @spec docs() :: String.t()
   def docs do

@@ -49,9 +49,9 @@ defmodule Drab.Presence.Runtime do
   end
 
   @doc """
-  Marks `module` running under `supervisor` (Server's init): from now on
-  until that process exits, `fetch!/1` answers. One `:persistent_term`
-  write per start.
+  Marks `module` running under `supervisor` (Drab.Presence.Supervisor's
+  init): from now on until that process exits, `fetch!/1` answers. One
+  `:persistent_term` write per start.
   """
   @spec running(module(), pid()) :: :ok
   def running(module, supervisor) do

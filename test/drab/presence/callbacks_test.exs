@@ -90,7 +90,7 @@ defmodule Drab.Presence.CallbacksTest do
     Process.exit(a, :kill)
     {^metas_pid, d5, p5, c5} = next_metas()
 
-    assert metas_pid == Process.whereis(Drab.Presence.Metas.name(Metas))
+    assert metas_pid == Process.whereis(Drab.Presence.Callbacks.name(Metas))
 
     # One call per operation, in order, and the state threads through them:
     # each call counts on from the state the one before returned. (Leaves of
@@ -199,7 +199,7 @@ defmodule Drab.Presence.CallbacksTest do
   end
 
   test "modules without handle_metas/4 start no callback process" do
-    assert Process.whereis(Drab.Presence.Metas.name(Drab.Presence)) == nil
-    assert is_pid(Process.whereis(Drab.Presence.Metas.name(Metas)))
+    assert Process.whereis(Drab.Presence.Callbacks.name(Drab.Presence)) == nil
+    assert is_pid(Process.whereis(Drab.Presence.Callbacks.name(Metas)))
   end
 end

@@ -25,7 +25,7 @@ defmodule Drab.Presence.SidecarTest do
     :ok
   end
 
-  defp handle, do: Runtime.fetch!(Crashy).table
+  defp table, do: Runtime.fetch!(Crashy).table
 
   defp kill_sidecar! do
     os_pid = wait_for_os_pid()
@@ -34,7 +34,7 @@ defmodule Drab.Presence.SidecarTest do
   end
 
   defp wait_for_os_pid do
-    case Sidecar.os_pid(handle()) do
+    case Sidecar.os_pid(table()) do
       nil -> Process.sleep(5) && wait_for_os_pid()
       os_pid -> os_pid
     end
@@ -121,10 +121,10 @@ defmodule Drab.Presence.SidecarTest do
       end
 
     Enum.each(tasks, &Task.await/1)
-    Process.exit(Process.whereis(handle().owner), :kill)
+    Process.exit(Process.whereis(table().port_owner), :kill)
 
     wait_until(fn ->
-      Crashy.count_connections(topic) == 2_000 and Sidecar.os_pid(handle()) != nil
+      Crashy.count_connections(topic) == 2_000 and Sidecar.os_pid(table()) != nil
     end)
 
     # The dispatcher done with the joins and idle: only a wake from the new
@@ -172,7 +172,7 @@ defmodule Drab.Presence.SidecarTest do
 
     journal =
       for key <- keys,
-          {:ok, {meta, ref}} <- [Sidecar.lookup(handle(), owner, topic, key)],
+          {:ok, {meta, ref}} <- [Sidecar.lookup(table(), owner, topic, key)],
           into: %{},
           do: {key, {meta.n, Drab.Presence.Sidecar.Wire.ref_string(ref)}}
 
@@ -210,7 +210,7 @@ defmodule Drab.Presence.SidecarTest do
   test "a writer killed holding an owner's lock: the owner is resynced, the counts recomputed" do
     alias Drab.Presence.Sidecar.{Wire, Writes}
 
-    h = handle()
+    table = table()
     topic = "killed-writer:#{System.unique_integer([:positive])}"
     live = spawn_owner()
     gone = spawn_owner()
@@ -219,11 +219,14 @@ defmodule Drab.Presence.SidecarTest do
       writer =
         spawn(fn ->
           owner = Wire.pid_id(owner_pid)
-          true = :ets.insert_new(h.locks, {owner, self()})
+          true = :ets.insert_new(table.locks, {owner, self()})
           meta = :erlang.term_to_binary(%{half: true})
-          true = :ets.insert_new(h.journal, {{owner, topic, key}, Writes.new_ref(h), meta, nil})
+
+          true =
+            :ets.insert_new(table.journal, {{owner, topic, key}, Writes.new_ref(table), meta, nil})
+
           # Killed here: counted, never sent, lock held.
-          Writes.count(h.counts, topic, key, 1)
+          Writes.count(table.counts, topic, key, 1)
         end)
 
       ref = Process.monitor(writer)
@@ -241,7 +244,7 @@ defmodule Drab.Presence.SidecarTest do
 
     wait_until(fn ->
       Map.keys(Crashy.list(topic)) == ["half", "next"] and
-        Crashy.count_connections(topic) == 2 and :ets.tab2list(h.locks) == []
+        Crashy.count_connections(topic) == 2 and :ets.tab2list(table.locks) == []
     end)
 
     assert [%{half: true}] = Crashy.list(topic)["half"].metas
@@ -355,8 +358,8 @@ defmodule Drab.Presence.SidecarTest do
     end
 
     test "answers truncated and garbage frames with an error and carries on", %{topic: topic} do
-      {_epoch, port} = Drab.Presence.Sidecar.Handle.current(handle())
-      os_pid = Sidecar.os_pid(handle())
+      {_epoch, port} = Drab.Presence.Sidecar.Table.current(table())
+      os_pid = Sidecar.os_pid(table())
 
       for frame <- [
             <<>>,
@@ -369,7 +372,7 @@ defmodule Drab.Presence.SidecarTest do
 
       {:ok, _} = Crashy.track(live_pid(), topic, "k", %{a: 1})
       assert Crashy.count_connections(topic) == 1
-      assert Sidecar.os_pid(handle()) == os_pid, "the sidecar was not restarted"
+      assert Sidecar.os_pid(table()) == os_pid, "the sidecar was not restarted"
     end
   end
 

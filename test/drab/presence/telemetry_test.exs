@@ -109,8 +109,8 @@ defmodule Drab.Presence.TelemetryTest do
     test "killed: restarted and replayed", %{topic: topic} do
       start_supervised!(OnSidecar)
       for key <- ~w(a b c), do: {:ok, _} = OnSidecar.track(live_pid(), topic, key, %{})
-      handle = Runtime.fetch!(OnSidecar).table
-      os_pid = wait_for(fn -> Sidecar.os_pid(handle) end)
+      table = Runtime.fetch!(OnSidecar).table
+      os_pid = wait_for(fn -> Sidecar.os_pid(table) end)
       {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
 
       assert_receive {:telemetry, [:drab_presence, :sidecar, :restart], measurements,

@@ -3,23 +3,20 @@ defmodule Drab.Presence.Backend.NIF do
   # The table in this VM, behind Drab.Presence.Native.
   @behaviour Drab.Presence.Backend
 
-  alias Drab.Presence.Native
+  alias Drab.Presence.{Native, Options}
 
   @impl true
   def new(_module, opts) do
     table = Native.table_new(Keyword.fetch!(opts, :max_meta_bytes))
-    :ok = Native.table_set_diff_per_operation(table, exact?(opts))
+    :ok = Native.table_set_diff_per_operation(table, Options.diff_per_operation?(opts))
     table
   end
 
   @impl true
   def configure(table, opts) do
     :ok = Native.table_configure(table, Keyword.fetch!(opts, :max_meta_bytes))
-    Native.table_set_diff_per_operation(table, exact?(opts))
+    Native.table_set_diff_per_operation(table, Options.diff_per_operation?(opts))
   end
-
-  # `diff_window: 0` is Phoenix.Presence's behaviour: one diff per operation.
-  defp exact?(opts), do: Keyword.get(opts, :diff_window) == 0
 
   @impl true
   defdelegate set_dispatcher(table, pid), to: Native, as: :table_set_dispatcher

@@ -15,7 +15,9 @@ defmodule Drab.Presence.Backend.Sidecar do
   # request again once a new sidecar has been replayed (see PortOwner).
   @behaviour Drab.Presence.Backend
 
-  alias Drab.Presence.Sidecar.{Handle, Instance, Wire, Writes}
+  alias Drab.Presence.Options
+  alias Drab.Presence.Sidecar.{Instance, Table, Wire, Writes}
+  require Wire
 
   # How often a waiting caller checks that its sidecar is still the same.
   @recheck_ms 50
@@ -44,21 +46,21 @@ defmodule Drab.Presence.Backend.Sidecar do
             "backend: :sidecar needs the :drab_presence application started (its supervisor " <>
               "keeps the sidecar running)"
 
-    handle = Handle.new(module, max, pool_size(), path)
-    :atomics.put(handle.max_meta, 2, exact(opts))
+    table = Table.new(module, pool_size(), path)
+    :ok = Table.configure(table, max, Options.diff_per_operation?(opts))
 
     spec = %{
-      id: {Instance, handle.id},
-      start: {Instance, :start_link, [handle, opts]},
+      id: {Instance, table.id},
+      start: {Instance, :start_link, [table, opts]},
       type: :supervisor
     }
 
     case Supervisor.start_child(Drab.Presence.Application, spec) do
       {:ok, _pid} ->
-        handle
+        table
 
       {:error, reason} ->
-        Supervisor.delete_child(Drab.Presence.Application, {Instance, handle.id})
+        Supervisor.delete_child(Drab.Presence.Application, {Instance, table.id})
         raise ArgumentError, "cannot start the presence sidecar: #{describe(reason)}"
     end
   end
@@ -74,19 +76,19 @@ defmodule Drab.Presence.Backend.Sidecar do
 
   @doc false
   # Stops a table's sidecar and its processes, for tests that make many.
-  @spec close(Handle.t()) :: :ok
-  def close(%Handle{} = handle) do
-    _ = Supervisor.terminate_child(Drab.Presence.Application, {Instance, handle.id})
-    _ = Supervisor.delete_child(Drab.Presence.Application, {Instance, handle.id})
-    Handle.unpublish(handle)
+  @spec close(Table.t()) :: :ok
+  def close(%Table{} = table) do
+    _ = Supervisor.terminate_child(Drab.Presence.Application, {Instance, table.id})
+    _ = Supervisor.delete_child(Drab.Presence.Application, {Instance, table.id})
+    Table.unpublish(table)
     :ok
   end
 
   @doc false
   # The OS pid of the running sidecar, for tests and benches that kill it.
-  @spec os_pid(Handle.t()) :: non_neg_integer() | nil
-  def os_pid(%Handle{} = handle) do
-    with {_, port} when port != nil <- Handle.current(handle),
+  @spec os_pid(Table.t()) :: non_neg_integer() | nil
+  def os_pid(%Table{} = table) do
+    with {_, port} when port != nil <- Table.current(table),
          {:os_pid, os_pid} <- Port.info(port, :os_pid) do
       os_pid
     else
@@ -96,37 +98,32 @@ defmodule Drab.Presence.Backend.Sidecar do
   end
 
   @impl true
-  def configure(%Handle{} = handle, opts) do
+  def configure(%Table{} = table, opts) do
     max = Keyword.fetch!(opts, :max_meta_bytes)
-    exact = exact(opts)
-    :atomics.put(handle.max_meta, 1, max)
-    :atomics.put(handle.max_meta, 2, exact)
-    {0, _} = call(handle, :configure, <<max::64, exact::8>>)
+    :ok = Table.configure(table, max, Options.diff_per_operation?(opts))
+    {:ok, _} = call(table, :configure, Wire.configure_body(Table.settings(table)))
     :ok
   end
 
-  # `diff_window: 0` is Phoenix.Presence's behaviour: one diff per operation.
-  defp exact(opts), do: if(Keyword.get(opts, :diff_window) == 0, do: 1, else: 0)
-
   @impl true
-  def set_dispatcher(handle, pid) when is_pid(pid) do
-    {0, <<pending>>} = call(handle, :set_dispatcher, <<Wire.pid_id(pid)::64>>)
+  def set_dispatcher(table, pid) when is_pid(pid) do
+    {:ok, <<pending>>} = call(table, :set_dispatcher, <<Wire.pid_id(pid)::64>>)
     pending == 1
   end
 
   @impl true
-  def track(handle, pid, topic, key, meta) do
-    with {:ok, encoded} <- encode_meta(handle, meta),
-         {:ok, ref} <- Writes.track(handle, pid, topic, key, encoded) do
+  def track(table, pid, topic, key, meta) do
+    with {:ok, encoded} <- encode_meta(table, meta),
+         {:ok, ref} <- Writes.track(table, pid, topic, key, encoded) do
       {:ok, Wire.ref_string(ref)}
     end
   end
 
   @impl true
-  def untrack(handle, pid, topic, key), do: Writes.untrack(handle, Wire.pid_id(pid), topic, key)
+  def untrack(table, pid, topic, key), do: Writes.untrack(table, Wire.pid_id(pid), topic, key)
 
   @impl true
-  def lookup(%Handle{journal: journal}, pid, topic, key) do
+  def lookup(%Table{journal: journal}, pid, topic, key) do
     case :ets.lookup(journal, {Wire.pid_id(pid), topic, key}) do
       [{_, ref, meta, prev}] -> {:ok, {with_refs(:erlang.binary_to_term(meta), ref, prev), ref}}
       [] -> {:error, :not_tracked}
@@ -140,15 +137,15 @@ defmodule Drab.Presence.Backend.Sidecar do
     do: meta |> with_refs(ref, nil) |> Map.put(:phx_ref_prev, Wire.ref_string(prev))
 
   @impl true
-  def update(handle, pid, topic, key, meta, expected_ref) do
-    with {:ok, encoded} <- encode_meta(handle, meta),
-         {:ok, ref} <- Writes.update(handle, Wire.pid_id(pid), topic, key, encoded, expected_ref) do
+  def update(table, pid, topic, key, meta, expected_ref) do
+    with {:ok, encoded} <- encode_meta(table, meta),
+         {:ok, ref} <- Writes.update(table, Wire.pid_id(pid), topic, key, encoded, expected_ref) do
       {:ok, Wire.ref_string(ref)}
     end
   end
 
   @impl true
-  def counts(%Handle{counts: counts}, topic) do
+  def counts(%Table{counts: counts}, topic) do
     case :ets.lookup(counts, topic) do
       [{_, users, connections}] -> {users, connections}
       [] -> {0, 0}
@@ -156,17 +153,17 @@ defmodule Drab.Presence.Backend.Sidecar do
   end
 
   @impl true
-  def list(handle, topic), do: listing(handle, :list, Wire.str(topic))
+  def list(table, topic), do: listing(table, :list, Wire.str(topic))
 
   @impl true
-  def get_by_key(handle, topic, key),
-    do: listing(handle, :get_by_key, [Wire.str(topic), Wire.str(key)])
+  def get_by_key(table, topic, key),
+    do: listing(table, :get_by_key, [Wire.str(topic), Wire.str(key)])
 
   @impl true
-  def take_diffs(handle, max_topics) do
+  def take_diffs(table, max_topics) do
     # The rest (this node's delta started pending, leaves delivered) is the
     # port owner's.
-    {0, <<queued::64, pending::64, _rest::binary>>} = call(handle, :take_diffs, <<max_topics::32>>)
+    {:ok, <<queued::64, pending::64, _rest::binary>>} = call(table, :take_diffs, <<max_topics::32>>)
 
     {queued, pending}
   end
@@ -181,17 +178,17 @@ defmodule Drab.Presence.Backend.Sidecar do
   @parts_per_read 64
 
   @impl true
-  def next_part(%Handle{id: id} = handle) do
+  def next_part(%Table{id: id} = table) do
     case Process.get({__MODULE__, :parts, id}, []) do
       [part | _] ->
         decode_part(part)
 
       [] ->
-        case call(handle, :next_part, <<@parts_per_read::32>>) do
-          {0, <<0::32>>} ->
+        case call(table, :next_part, <<@parts_per_read::32>>) do
+          {:ok, <<0::32>>} ->
             :none
 
-          {0, <<_n::32, parts::binary>>} ->
+          {:ok, <<_n::32, parts::binary>>} ->
             [first | _] = read = read_parts(parts, System.monotonic_time(:microsecond))
             Process.put({__MODULE__, :parts, id}, read)
             decode_part(first)
@@ -218,7 +215,7 @@ defmodule Drab.Presence.Backend.Sidecar do
   end
 
   @impl true
-  def ack_part(%Handle{id: id} = handle, part) do
+  def ack_part(%Table{id: id} = table, part) do
     case Process.get({__MODULE__, :parts, id}, []) do
       [{^part, _, _, _, _, _} | rest] -> Process.put({__MODULE__, :parts, id}, rest)
       _ -> :ok
@@ -226,10 +223,10 @@ defmodule Drab.Presence.Backend.Sidecar do
 
     # The port owner reads the reply (the leaves now delivered). A sidecar
     # restarted meanwhile has parts of other ids: the ack changes nothing.
-    {_epoch, port} = await_port(handle, System.monotonic_time(:millisecond))
+    {_epoch, port} = await_port(table, System.monotonic_time(:millisecond))
 
     try do
-      Port.command(port, [Wire.op(:ack_part), <<0::64, 0::64, part::64>>])
+      Port.command(port, Wire.request(:ack_part, 0, 0, <<part::64>>))
     rescue
       ArgumentError -> true
     end
@@ -238,10 +235,10 @@ defmodule Drab.Presence.Backend.Sidecar do
   end
 
   @impl true
-  def stats(handle) do
-    {0,
+  def stats(table) do
+    {:ok,
      <<presences::64, owners::64, topics::64, pending::64, queued::64, max::64, heap::64,
-       replicas::64>>} = call(handle, :stats, [])
+       replicas::64>>} = call(table, :stats, [])
 
     %{
       presences: presences,
@@ -258,16 +255,16 @@ defmodule Drab.Presence.Backend.Sidecar do
   ## Cluster mode (Drab.Presence.Cluster), as the NIF's. The sidecar
   ## records this node's deltas and applies other nodes'; what must outlive
   ## a sidecar (incarnation, last seq, replica ids) is kept on this side,
-  ## in the handle's replication table, and the port owner hands it to a
+  ## in its `replication` ETS table, and the port owner hands it to a
   ## restarted sidecar. The sidecar cannot message the replicator: the port
   ## owner does, from take_diffs replies (see PortOwner).
 
   @impl true
-  def set_replicator(%Handle{replication: replication} = handle, pid)
+  def set_replicator(%Table{replication: replication} = table, pid)
       when is_pid(pid) or pid == nil do
     :ets.insert(replication, {:replicator, pid})
     [{:seq, seq}] = :ets.lookup(replication, :seq)
-    {0, _} = call(handle, :set_replicator, <<if(pid, do: 1, else: 0), seq::64>>)
+    {:ok, _} = call(table, :set_replicator, <<if(pid, do: 1, else: 0), seq::64>>)
     [{:incarnation, incarnation}] = :ets.lookup(replication, :incarnation)
     incarnation
   end
@@ -276,54 +273,54 @@ defmodule Drab.Presence.Backend.Sidecar do
   # order, after the writes before it, and the port owner forwards the Wake
   # frames of those writes before the reply. delta_seq is the cheapest.
   @impl true
-  def sync_writes(handle) do
-    _seq = delta_seq(handle)
+  def sync_writes(table) do
+    _seq = delta_seq(table)
     :ok
   end
 
   @impl true
-  def delta_seq(handle) do
-    {0, <<seq::64>>} = call(handle, :delta_seq, [])
+  def delta_seq(table) do
+    {:ok, <<seq::64>>} = call(table, :delta_seq, [])
     seq
   end
 
   @impl true
-  def take_delta(handle) do
-    case call(handle, :take_delta, []) do
-      {0, <<0>>} -> :none
-      {0, <<1, seq::64, delta::binary>>} -> {seq, delta}
+  def take_delta(table) do
+    case call(table, :take_delta, []) do
+      {:ok, <<0>>} -> :none
+      {:ok, <<1, seq::64, delta::binary>>} -> {seq, delta}
     end
   end
 
   @impl true
-  def local_state(handle) do
-    {0, <<seq::64>>, chunks} = call(handle, :local_state, [], &collect_state/3)
+  def local_state(table) do
+    {:ok, <<seq::64>>, chunks} = call(table, :local_state, [], &collect_state/3)
     {seq, Enum.reverse(chunks)}
   end
 
-  defp collect_state(7, chunk, acc), do: {7, [chunk | acc]}
+  defp collect_state(:more, chunk, acc), do: {:more, [chunk | acc]}
   defp collect_state(status, body, acc), do: {status, body, acc}
 
   @impl true
-  def apply_delta(handle, replica, delta) when is_binary(delta),
-    do: replica_write(handle, :apply_delta, [<<replica::64>>, delta])
+  def apply_delta(table, replica, delta) when is_binary(delta),
+    do: replica_write(table, :apply_delta, [<<replica::64>>, delta])
 
   @impl true
-  def sync_replica(handle, replica, chunks) when is_list(chunks) do
+  def sync_replica(table, replica, chunks) when is_list(chunks) do
     body = [<<replica::64, length(chunks)::32>> | Enum.map(chunks, &Wire.str/1)]
-    replica_write(handle, :sync_replica, body)
+    replica_write(table, :sync_replica, body)
   end
 
   @impl true
-  def drop_replica(handle, replica) do
-    {0, <<_flags, dropped::64, _changes::binary>>} = call(handle, :drop_replica, <<replica::64>>)
+  def drop_replica(table, replica) do
+    {:ok, <<_flags, dropped::64, _changes::binary>>} = call(table, :drop_replica, <<replica::64>>)
     dropped
   end
 
   # Ids are made and kept here, not in the sidecar: they must outlive it,
   # as the NIF's live as long as its table.
   @impl true
-  def replica_id(%Handle{replication: replication}, name) when is_binary(name) do
+  def replica_id(%Table{replication: replication}, name) when is_binary(name) do
     case :ets.lookup(replication, {:id, name}) do
       [{_, id}] ->
         id
@@ -336,21 +333,21 @@ defmodule Drab.Presence.Backend.Sidecar do
   end
 
   @impl true
-  def replica_ids(%Handle{replication: replication}),
+  def replica_ids(%Table{replication: replication}),
     do: :ets.select(replication, [{{{:id, :"$1"}, :"$2"}, [], [{{:"$1", :"$2"}}]}])
 
   @impl true
-  def forget_replica(%Handle{replication: replication} = handle, replica) do
+  def forget_replica(%Table{replication: replication} = table, replica) do
     :ets.match_delete(replication, {{:id, :_}, replica})
-    {0, <<_flags, dropped::64, _changes::binary>>} = call(handle, :forget_replica, <<replica::64>>)
+    {:ok, <<_flags, dropped::64, _changes::binary>>} = call(table, :forget_replica, <<replica::64>>)
     dropped
   end
 
   # The port owner counts what the write changed before the reply comes.
-  defp replica_write(handle, op, body) do
-    case call(handle, op, body) do
-      {0, _} -> :ok
-      {9, _} -> {:error, :bad_delta}
+  defp replica_write(table, op, body) do
+    case call(table, op, body) do
+      {:ok, _} -> :ok
+      {:bad_delta, _} -> {:error, :bad_delta}
     end
   end
 
@@ -358,8 +355,8 @@ defmodule Drab.Presence.Backend.Sidecar do
   # shows; external_size/1 is that bound here (it may overestimate a
   # little, so only a meta well past the limit is refused unencoded). The
   # exact check, on the encoded bytes, is the sidecar's.
-  defp encode_meta(handle, meta) do
-    max = :atomics.get(handle.max_meta, 1)
+  defp encode_meta(table, meta) do
+    max = Table.max_meta_bytes(table)
 
     if :erlang.external_size(meta) > 2 * max + 1_024 do
       {:error, :meta_too_large}
@@ -371,10 +368,10 @@ defmodule Drab.Presence.Backend.Sidecar do
 
   ## Requests
 
-  defp listing(handle, op, body) do
-    case call(handle, op, body, &collect/3) do
-      {0, [{_continues, last}]} -> :erlang.binary_to_term(last)
-      {0, chunks} -> merge(chunks)
+  defp listing(table, op, body) do
+    case call(table, op, body, &collect/3) do
+      {:ok, [{_continues, last}]} -> :erlang.binary_to_term(last)
+      {:ok, chunks} -> merge(chunks)
     end
   end
 
@@ -397,10 +394,10 @@ defmodule Drab.Presence.Backend.Sidecar do
   defp collect(status, <<continues, term::binary>>, acc),
     do: {status, [{continues == 1, term} | acc]}
 
-  defp call(handle, op, body, collect \\ nil) do
-    {epoch, port} = await_port(handle, System.monotonic_time(:millisecond))
+  defp call(table, op, body, collect \\ nil) do
+    {epoch, port} = await_port(table, System.monotonic_time(:millisecond))
     id = :erlang.unique_integer([:positive])
-    frame = [Wire.op(op), <<id::64, reply_to()::64>> | List.wrap(body)]
+    frame = Wire.request(op, id, reply_to(), body)
 
     try do
       Port.command(port, frame)
@@ -409,42 +406,42 @@ defmodule Drab.Presence.Backend.Sidecar do
       ArgumentError -> :closed
     end
 
-    case await_reply(handle, epoch, id, collect, [], @recheck_ms) do
-      :retry -> call(handle, op, body, collect)
+    case await_reply(table, epoch, id, collect, [], @recheck_ms) do
+      :retry -> call(table, op, body, collect)
       result -> result
     end
   end
 
-  defp await_reply(handle, epoch, id, collect, acc, timeout) do
+  defp await_reply(table, epoch, id, collect, acc, timeout) do
     receive do
-      {:drab_presence_reply, ^id, 7, body} ->
-        {_, acc} = collect.(7, body, acc)
-        await_reply(handle, epoch, id, collect, acc, timeout)
+      {:drab_presence_reply, ^id, Wire.status(:more), body} ->
+        {_, acc} = collect.(:more, body, acc)
+        await_reply(table, epoch, id, collect, acc, timeout)
 
       {:drab_presence_reply, ^id, status, body} when collect == nil ->
-        {status, body}
+        {Wire.status_name(status), body}
 
       {:drab_presence_reply, ^id, status, body} ->
-        collect.(status, body, acc)
+        collect.(Wire.status_name(status), body, acc)
     after
       timeout ->
         cond do
           timeout == 0 ->
             :retry
 
-          match?({^epoch, _}, Handle.current(handle)) ->
-            await_reply(handle, epoch, id, collect, acc, timeout)
+          match?({^epoch, _}, Table.current(table)) ->
+            await_reply(table, epoch, id, collect, acc, timeout)
 
           # The port owner routes every reply of a sidecar before it moves
           # to the next: one last look, then the request goes again.
           true ->
-            await_reply(handle, epoch, id, collect, acc, 0)
+            await_reply(table, epoch, id, collect, acc, 0)
         end
     end
   end
 
-  defp await_port(handle, since) do
-    case Handle.current(handle) do
+  defp await_port(table, since) do
+    case Table.current(table) do
       {epoch, port} when port != nil ->
         {epoch, port}
 
@@ -457,7 +454,7 @@ defmodule Drab.Presence.Backend.Sidecar do
         end
 
         Process.sleep(2)
-        await_port(handle, since)
+        await_port(table, since)
     end
   end
 

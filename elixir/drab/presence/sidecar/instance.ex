@@ -11,36 +11,36 @@ defmodule Drab.Presence.Sidecar.Instance do
   # starts and replays a new one.
   use Supervisor
 
-  alias Drab.Presence.Sidecar.{Handle, Monitors, PortOwner}
+  alias Drab.Presence.Sidecar.{Monitors, PortOwner, Table}
 
   @doc false
-  @spec start_link(Handle.t(), keyword()) :: Supervisor.on_start()
-  def start_link(%Handle{} = handle, opts), do: Supervisor.start_link(__MODULE__, {handle, opts})
+  @spec start_link(Table.t(), keyword()) :: Supervisor.on_start()
+  def start_link(%Table{} = table, opts), do: Supervisor.start_link(__MODULE__, {table, opts})
 
   @impl true
-  def init({handle, opts}) do
+  def init({table, opts}) do
     monitors =
-      for index <- 0..(tuple_size(handle.monitors) - 1) do
-        Supervisor.child_spec({Monitors, {handle, index}}, id: {Monitors, index})
+      for index <- 0..(tuple_size(table.monitors) - 1) do
+        Supervisor.child_spec({Monitors, {table, index}}, id: {Monitors, index})
       end
 
     children =
-      [%{id: :keeper, start: {__MODULE__, :start_keeper, [handle]}}] ++
-        monitors ++ [{PortOwner, {handle, opts}}]
+      [%{id: :keeper, start: {__MODULE__, :start_keeper, [table]}}] ++
+        monitors ++ [{PortOwner, {table, opts}}]
 
     Supervisor.init(children, strategy: :one_for_one, max_restarts: 20, max_seconds: 5)
   end
 
   @doc false
-  # Owns the handle's ETS tables (made public by it) and does nothing else,
+  # Owns the sidecar table's ETS tables (made public by it) and does nothing else,
   # so that they outlive any crash of the processes that write them.
-  @spec start_keeper(Handle.t()) :: {:ok, pid()}
-  def start_keeper(handle) do
+  @spec start_keeper(Table.t()) :: {:ok, pid()}
+  def start_keeper(table) do
     parent = self()
 
     pid =
       spawn_link(fn ->
-        Handle.create_tables(handle)
+        Table.create_tables(table)
         send(parent, {:tables, self()})
         Process.flag(:trap_exit, true)
         keep()

@@ -14,28 +14,28 @@ defmodule Drab.Presence.Sidecar.Monitors do
   # burst (see Writes.exit_owners/2).
   use GenServer
 
-  alias Drab.Presence.Sidecar.{Handle, Wire, Writes}
+  alias Drab.Presence.Sidecar.{Table, Wire, Writes}
 
   # The most DOWNs taken in one burst.
   @burst 500
 
   @doc false
-  @spec child_spec({Handle.t(), non_neg_integer()}) :: Supervisor.child_spec()
-  def child_spec({handle, index}) do
-    %{id: {__MODULE__, index}, start: {__MODULE__, :start_link, [handle, index]}}
+  @spec child_spec({Table.t(), non_neg_integer()}) :: Supervisor.child_spec()
+  def child_spec({table, index}) do
+    %{id: {__MODULE__, index}, start: {__MODULE__, :start_link, [table, index]}}
   end
 
   @doc false
-  @spec start_link(Handle.t(), non_neg_integer()) :: GenServer.on_start()
-  def start_link(handle, index) do
-    GenServer.start_link(__MODULE__, {handle, index}, name: elem(handle.monitors, index))
+  @spec start_link(Table.t(), non_neg_integer()) :: GenServer.on_start()
+  def start_link(table, index) do
+    GenServer.start_link(__MODULE__, {table, index}, name: elem(table.monitors, index))
   end
 
   @impl true
-  def init({handle, index}) do
+  def init({table, index}) do
     state = %{
-      handle: handle,
-      name: elem(handle.monitors, index),
+      table: table,
+      name: elem(table.monitors, index),
       template: Wire.pid_template(),
       template_node: node(),
       monitors: %{},
@@ -51,9 +51,9 @@ defmodule Drab.Presence.Sidecar.Monitors do
   end
 
   defp watch_journal(state) do
-    :ets.select(state.handle.journal, [{{{:"$1", :_, :_}, :_, :_, :_}, [], [:"$1"]}])
+    :ets.select(state.table.journal, [{{{:"$1", :_, :_}, :_, :_, :_}, [], [:"$1"]}])
     |> Enum.dedup()
-    |> Enum.filter(&(Handle.monitor_for(state.handle, &1) == state.name))
+    |> Enum.filter(&(Table.monitor_for(state.table, &1) == state.name))
     |> Enum.reduce(Wire.fresh_template(state), &watch/2)
   end
 
@@ -62,10 +62,10 @@ defmodule Drab.Presence.Sidecar.Monitors do
     do: {:noreply, watch(owner, Wire.fresh_template(state))}
 
   def handle_info({:unwatch, owner}, state) do
-    h = state.handle
+    table = state.table
 
     with {ref, monitors} when ref != nil <- Map.pop(state.monitors, owner),
-         false <- Writes.locked(h, owner, fn -> Writes.has_presences?(h, owner) end) do
+         false <- Writes.locked(table, owner, fn -> Writes.has_presences?(table, owner) end) do
       Process.demonitor(ref, [:flush])
       {:noreply, %{state | monitors: monitors}}
     else
@@ -112,7 +112,7 @@ defmodule Drab.Presence.Sidecar.Monitors do
   defp flush_exits(%{exiting: []} = state), do: state
 
   defp flush_exits(state) do
-    Writes.exit_owners(state.handle, Enum.reverse(state.exiting))
+    Writes.exit_owners(state.table, Enum.reverse(state.exiting))
     %{state | exiting: [], exiting_count: 0}
   end
 

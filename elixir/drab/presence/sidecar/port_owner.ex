@@ -22,12 +22,9 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   use GenServer
   require Logger
 
-  alias Drab.Presence.Sidecar.{Handle, Wire, Writes}
+  alias Drab.Presence.Sidecar.{Table, Wire, Writes}
   alias Drab.Presence.Telemetry
-
-  import Bitwise, only: [band: 2]
-
-  @wake 2
+  require Wire
 
   @replay_batch 2_000
   @handshake_timeout 10_000
@@ -36,36 +33,28 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   @sweep_ms 1_000
   @quiesce_ms 5_000
 
-  @wake_op 4
-  @take_diffs 24
-  @ack_part 26
-  @set_dispatcher 3
-  @take_delta 42
-  @apply_delta 44
-  @forget_replica 47
-
   @doc false
-  @spec child_spec({Handle.t(), keyword()}) :: Supervisor.child_spec()
-  def child_spec({handle, opts}) do
-    %{id: __MODULE__, start: {__MODULE__, :start_link, [handle, opts]}}
+  @spec child_spec({Table.t(), keyword()}) :: Supervisor.child_spec()
+  def child_spec({table, opts}) do
+    %{id: __MODULE__, start: {__MODULE__, :start_link, [table, opts]}}
   end
 
   @doc false
-  @spec start_link(Handle.t(), keyword()) :: GenServer.on_start()
-  def start_link(handle, opts) do
-    GenServer.start_link(__MODULE__, {handle, opts}, name: handle.owner)
+  @spec start_link(Table.t(), keyword()) :: GenServer.on_start()
+  def start_link(table, opts) do
+    GenServer.start_link(__MODULE__, {table, opts}, name: table.port_owner)
   end
 
   @impl true
-  def init({handle, _opts}) do
+  def init({table, _opts}) do
     Process.flag(:trap_exit, true)
-    {epoch, _} = Handle.current(handle)
+    {epoch, _} = Table.current(table)
     # A port owner that replaces a crashed one finds the dispatcher to wake
-    # in the handle's table.
-    [{:dispatcher, dispatcher}] = :ets.lookup(handle.replication, :dispatcher)
+    # in the table's `replication` ETS table.
+    [{:dispatcher, dispatcher}] = :ets.lookup(table.replication, :dispatcher)
 
     state = %{
-      handle: handle,
+      table: table,
       template: Wire.pid_template(),
       template_node: node(),
       port: nil,
@@ -115,7 +104,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   @impl true
   def terminate(_reason, state) do
-    Handle.publish(state.handle, state.epoch + 1, nil)
+    Table.publish(state.table, state.epoch + 1, nil)
     if state.port, do: close(state.port)
     :ok
   end
@@ -136,16 +125,16 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     end
   end
 
-  defp restarted(%{handle: h}, why, started_at) do
+  defp restarted(%{table: table}, why, started_at) do
     Telemetry.execute(
       [:sidecar, :restart],
       %{
-        presences: :ets.info(h.journal, :size),
+        presences: :ets.info(table.journal, :size),
         duration_ms:
           System.convert_time_unit(System.monotonic_time() - started_at, :native, :microsecond) /
             1_000
       },
-      %{module: h.module, reason: why}
+      %{module: table.module, reason: why}
     )
   end
 
@@ -153,10 +142,10 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   defp start_sidecar(state) do
     epoch = state.epoch + 1
-    Handle.publish(state.handle, epoch, nil)
+    Table.publish(state.table, epoch, nil)
 
     port =
-      Port.open({:spawn_executable, state.handle.path}, [
+      Port.open({:spawn_executable, state.table.path}, [
         :binary,
         {:packet, 4},
         :exit_status,
@@ -166,16 +155,16 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     state = %{state | port: port, epoch: epoch}
 
     with :ok <- handshake(port),
-         :ok <- sync(port, Wire.op(:configure), configuration(state)),
+         :ok <- sync(port, :configure, Wire.configure_body(Table.settings(state.table))),
          :ok <- resume_replication(state),
-         :ok <- quiesce(state.handle),
+         :ok <- quiesce(state.table),
          :ok <- replay(state) do
       # Locks of writers killed mid-write: the replay and the recount did
       # what a repair would (their watches went before they wrote).
-      drop_dead_locks(state.handle)
-      recount(state.handle)
+      drop_dead_locks(state.table)
+      recount(state.table)
       if state.dispatcher, do: set_dispatcher(state)
-      Handle.publish(state.handle, epoch, port)
+      Table.publish(state.table, epoch, port)
       replicas_lost(state)
       {:ok, state}
     else
@@ -191,31 +180,28 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # delta handed out, skipping one: peers see a gap (or a heartbeat ahead
   # of what they applied) and resync this node's full state, which holds
   # the replayed presences under their new refs.
-  defp resume_replication(%{handle: h} = state) do
-    :ets.match_delete(h.replication, {{:remote, :_, :_}, :_})
+  defp resume_replication(%{table: table} = state) do
+    :ets.match_delete(table.replication, {{:remote, :_, :_}, :_})
 
-    case :ets.lookup(h.replication, :replicator) do
+    case :ets.lookup(table.replication, :replicator) do
       [{:replicator, pid}] when is_pid(pid) ->
-        seq = :ets.update_counter(h.replication, :seq, 1)
-        sync(state.port, Wire.op(:set_replicator), <<1, seq::64>>)
+        seq = :ets.update_counter(table.replication, :seq, 1)
+        sync(state.port, :set_replicator, <<1, seq::64>>)
 
       _ ->
         :ok
     end
   end
 
-  defp replicas_lost(%{handle: h, epoch: epoch}) do
-    case :ets.lookup(h.replication, :replicator) do
+  defp replicas_lost(%{table: table, epoch: epoch}) do
+    case :ets.lookup(table.replication, :replicator) do
       [{:replicator, pid}] when is_pid(pid) and epoch > 1 -> send(pid, :drab_presence_replicas_lost)
       _ -> :ok
     end
   end
 
-  defp configuration(%{handle: %{max_meta: settings}}),
-    do: <<:atomics.get(settings, 1)::64, :atomics.get(settings, 2)::8>>
-
   defp handshake(port) do
-    case sync(port, Wire.op(:hello), ["DRPS", <<Wire.version()::16>>]) do
+    case sync(port, :hello, ["DRPS", <<Wire.version()::16>>]) do
       :ok ->
         :ok
 
@@ -235,19 +221,21 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   # A request of the port owner's own, answered before anything else moves:
   # `:ok` (`sync/3`) or `{:ok, body}`, or `{:error, message}`.
-  defp sync(port, op, body) do
-    with {:ok, _body} <- sync_body(port, op, body), do: :ok
+  defp sync(port, name, body) do
+    with {:ok, _body} <- sync_body(port, name, body), do: :ok
   end
 
-  defp sync_body(port, op, body) do
+  defp sync_body(port, name, body) do
+    op = Wire.op(name)
     id = :erlang.unique_integer([:positive])
-    Port.command(port, [<<op, id::64, 0::64>> | List.wrap(body)])
+    Port.command(port, Wire.request(name, id, 0, body))
 
     receive do
-      {^port, {:data, <<^op, ^id::64, 0::64, 0, rest::binary>>}} ->
+      {^port, {:data, <<^op, ^id::64, 0::64, Wire.status(:ok), rest::binary>>}} ->
         {:ok, rest}
 
-      {^port, {:data, <<_op, _id::64, _::64, status, message::binary>>}} when status in [6, 8] ->
+      {^port, {:data, <<_op, _id::64, _::64, status, message::binary>>}}
+      when status in [Wire.status(:bad_frame), Wire.status(:refused)] ->
         {:error, message}
 
       {^port, {:exit_status, status}} ->
@@ -265,8 +253,8 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # Going on while a live writer is half way would lose its write: this
   # waits as long as it takes (a writer gives up a lock it cannot use in
   # Writes' own time limit), saying so now and then.
-  defp quiesce(h, since \\ System.monotonic_time(:millisecond), said? \\ false) do
-    if Enum.all?(:ets.tab2list(h.locks), fn {_owner, writer} -> not Process.alive?(writer) end) do
+  defp quiesce(table, since \\ System.monotonic_time(:millisecond), said? \\ false) do
+    if Enum.all?(:ets.tab2list(table.locks), fn {_owner, writer} -> not Process.alive?(writer) end) do
       :ok
     else
       waited = System.monotonic_time(:millisecond) - since
@@ -276,28 +264,28 @@ defmodule Drab.Presence.Sidecar.PortOwner do
         do: Logger.error("Drab.Presence sidecar: writers still hold locks after #{waited} ms")
 
       Process.sleep(1)
-      quiesce(h, since, said? or say?)
+      quiesce(table, since, said? or say?)
     end
   end
 
-  defp drop_dead_locks(h) do
-    for {_owner, writer} = lock <- :ets.tab2list(h.locks),
+  defp drop_dead_locks(table) do
+    for {_owner, writer} = lock <- :ets.tab2list(table.locks),
         not Process.alive?(writer),
-        do: :ets.delete_object(h.locks, lock)
+        do: :ets.delete_object(table.locks, lock)
   end
 
   # Counts from the journal and the replicated presences, written while
   # no writer runs: what a killed writer may have left half counted is
   # counted again.
-  defp recount(h) do
-    :ets.delete_all_objects(h.counts)
+  defp recount(table) do
+    :ets.delete_all_objects(table.counts)
 
-    for {{_owner, topic, key}, _ref, _meta, _prev} <- :ets.tab2list(h.journal) do
-      Writes.count(h.counts, topic, key, 1)
+    for {{_owner, topic, key}, _ref, _meta, _prev} <- :ets.tab2list(table.journal) do
+      Writes.count(table.counts, topic, key, 1)
     end
 
-    for {{:remote, topic, key}, n} <- :ets.match_object(h.replication, {{:remote, :_, :_}, :_}) do
-      Writes.count(h.counts, topic, key, n)
+    for {{:remote, topic, key}, n} <- :ets.match_object(table.replication, {{:remote, :_, :_}, :_}) do
+      Writes.count(table.counts, topic, key, n)
     end
 
     :ok
@@ -310,55 +298,55 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   defp repair_locks(%{port: nil} = state), do: state
 
   defp repair_locks(state) do
-    h = state.handle
-    dead = for {owner, writer} <- :ets.tab2list(h.locks), not Process.alive?(writer), do: owner
+    table = state.table
+    dead = for {owner, writer} <- :ets.tab2list(table.locks), not Process.alive?(writer), do: owner
 
     if dead != [] do
-      Handle.publish(h, state.epoch, nil)
-      :ok = quiesce(h)
+      Table.publish(table, state.epoch, nil)
+      :ok = quiesce(table)
       Enum.each(dead, &resync_owner(state, &1))
-      recount(h)
-      Handle.publish(h, state.epoch, state.port)
+      recount(table)
+      Table.publish(table, state.epoch, state.port)
 
       Logger.error(
         "Drab.Presence sidecar: resynced #{length(dead)} owner(s) whose writer was killed mid-write"
       )
 
-      Telemetry.execute([:sidecar, :resync], %{owners: length(dead)}, %{module: h.module})
+      Telemetry.execute([:sidecar, :resync], %{owners: length(dead)}, %{module: table.module})
     end
 
     state
   end
 
   defp resync_owner(state, owner) do
-    h = state.handle
+    table = state.table
     pid = Wire.id_pid(state.template, owner)
-    rows = Writes.owner_rows(h, owner)
+    rows = Writes.owner_rows(table, owner)
     old_refs = for {_, ref, _, _} <- rows, do: ref
 
     tracks =
       if Process.alive?(pid) do
         for {{_, topic, key} = row, old, meta, _prev} <- rows do
-          ref = Writes.new_ref(h)
-          :ets.insert(h.leaves, {old, topic, key, meta})
-          :ets.insert(h.journal, {row, ref, meta, nil})
-          Writes.track_frame(owner, topic, key, ref, meta)
+          ref = Writes.new_ref(table)
+          :ets.insert(table.leaves, {old, topic, key, meta})
+          :ets.insert(table.journal, {row, ref, meta, nil})
+          Wire.track_frame(owner, topic, key, ref, meta)
         end
       else
-        Writes.drop_rows(h, owner)
+        Writes.drop_rows(table, owner)
         []
       end
 
-    if tracks != [], do: Writes.notify(Handle.monitor_for(h, owner), {:watch, owner})
+    if tracks != [], do: Writes.notify(Table.monitor_for(table, owner), {:watch, owner})
 
-    exit = Writes.exit_frame([{owner, old_refs}])
+    exit = Wire.exit_frame([{owner, old_refs}])
 
     # One frame per command: the port adds each one's length prefix.
     Enum.each([exit | tracks], &Port.command(state.port, &1))
-    :ets.delete(h.locks, owner)
+    :ets.delete(table.locks, owner)
   rescue
     # The port closed under us: the restart replays the journal.
-    ArgumentError -> :ets.delete(state.handle.locks, owner)
+    ArgumentError -> :ets.delete(state.table.locks, owner)
   end
 
   # Every presence of a live owner goes back in under a new ref, with the
@@ -366,20 +354,20 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # of owners that died meanwhile, and removals whose leaves were not known
   # delivered, are owed as leaves only.
   defp replay(state) do
-    h = state.handle
-    {live, dead} = :ets.tab2list(h.journal) |> Enum.split_with(&alive?(state, &1))
+    table = state.table
+    {live, dead} = :ets.tab2list(table.journal) |> Enum.split_with(&alive?(state, &1))
 
     for {{_owner, topic, key} = row, ref, meta, _prev} <- dead do
-      :ets.delete(h.journal, row)
-      :ets.insert(h.leaves, {ref, topic, key, meta})
+      :ets.delete(table.journal, row)
+      :ets.insert(table.leaves, {ref, topic, key, meta})
     end
 
-    owed = :ets.tab2list(h.leaves)
+    owed = :ets.tab2list(table.leaves)
 
     replayed =
       for {row, old, meta, _prev} <- live do
-        ref = Writes.new_ref(h)
-        :ets.insert(h.journal, {row, ref, meta, nil})
+        ref = Writes.new_ref(table)
+        :ets.insert(table.journal, {row, ref, meta, nil})
         {row, old, ref, meta}
       end
 
@@ -388,7 +376,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
       # The old refs of the replayed presences are owed too, should this
       # sidecar die before they go out.
       for {{_owner, topic, key}, old, _ref, meta} <- replayed,
-          do: :ets.insert(h.leaves, {old, topic, key, meta})
+          do: :ets.insert(table.leaves, {old, topic, key, meta})
 
       :ok
     end
@@ -408,7 +396,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
           end
       ]
 
-      case sync(state.port, Wire.op(:replay), body) do
+      case sync(state.port, :replay, body) do
         :ok -> {:cont, :ok}
         {:error, _} = error -> {:halt, error}
       end
@@ -428,7 +416,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
           end
       ]
 
-      case sync_body(state.port, Wire.op(:recovery_leaves), body) do
+      case sync_body(state.port, :recovery_leaves, body) do
         {:ok, _} -> {:cont, :ok}
         error -> {:halt, error}
       end
@@ -438,7 +426,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   defp set_dispatcher(state) do
     id = Wire.pid_id(state.dispatcher)
 
-    case sync_body(state.port, @set_dispatcher, <<id::64>>) do
+    case sync_body(state.port, :set_dispatcher, <<id::64>>) do
       {:ok, <<1>>} -> send(state.dispatcher, :drab_presence_pending)
       _ -> :ok
     end
@@ -446,12 +434,12 @@ defmodule Drab.Presence.Sidecar.PortOwner do
 
   ## Replies
 
-  defp reply(<<@wake_op, 0::64, 0::64, 0>>, state) do
+  defp reply(<<Wire.op(:wake), 0::64, 0::64, Wire.status(:ok)>>, state) do
     if state.dispatcher, do: send(state.dispatcher, :drab_presence_pending)
     state
   end
 
-  defp reply(<<_op, _id::64, _to::64, 6, message::binary>>, state) do
+  defp reply(<<_op, _id::64, _to::64, Wire.status(:bad_frame), message::binary>>, state) do
     # The answer to a frame the sidecar could not read: its ids may be
     # garbage too, so it goes nowhere but the log.
     Logger.error("Drab.Presence sidecar refused a frame: #{inspect(message, limit: 200)}")
@@ -459,7 +447,7 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   end
 
   defp reply(<<op, id::64, to::64, status, body::binary>> = frame, state) do
-    state = if status == 0, do: journal(op, to, body, state), else: state
+    state = if status == Wire.status(:ok), do: journal(op, to, body, state), else: state
 
     if to != 0 do
       send(Wire.id_pid(state.template, to), {:drab_presence_reply, id, status, body})
@@ -483,24 +471,24 @@ defmodule Drab.Presence.Sidecar.PortOwner do
     state
   end
 
-  defp journal(@set_dispatcher, to, _body, state) do
+  defp journal(Wire.op(:set_dispatcher), to, _body, state) do
     dispatcher = Wire.id_pid(state.template, to)
-    :ets.insert(state.handle.replication, {:dispatcher, dispatcher})
+    :ets.insert(state.table.replication, {:dispatcher, dispatcher})
     %{state | dispatcher: dispatcher}
   end
 
   # A take that started this node's delta pending (cluster mode) wakes the
   # replicator, as the NIF does itself.
   defp journal(
-         @take_diffs,
+         Wire.op(:take_diffs),
          _to,
          <<_queued::64, _pending::64, delta_started, delivered::binary>>,
          state
        ) do
-    delivered(state.handle, delivered)
+    delivered(state.table, delivered)
 
     if delta_started == 1 do
-      case :ets.lookup(state.handle.replication, :replicator) do
+      case :ets.lookup(state.table.replication, :replicator) do
         [{:replicator, pid}] when is_pid(pid) -> send(pid, :drab_presence_delta)
         _ -> :ok
       end
@@ -510,25 +498,30 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   end
 
   # The last seq handed out, for a restarted sidecar to go on from.
-  defp journal(@take_delta, _to, <<1, seq::64, _delta::binary>>, state) do
-    :ets.insert(state.handle.replication, {:seq, seq})
+  defp journal(Wire.op(:take_delta), _to, <<1, seq::64, _delta::binary>>, state) do
+    :ets.insert(state.table.replication, {:seq, seq})
     state
   end
 
   # Replicated presences joined or left: counted as local ones are, and
   # remembered, to be uncounted should the sidecar die with them.
   defp journal(op, _to, <<flags, _dropped::64, n::32, changes::binary>>, state)
-       when op in @apply_delta..@forget_replica do
-    count_changes(state.handle, n, changes)
+       when op in [
+              Wire.op(:apply_delta),
+              Wire.op(:sync_replica),
+              Wire.op(:drop_replica),
+              Wire.op(:forget_replica)
+            ] do
+    count_changes(state.table, n, changes)
 
-    if band(flags, @wake) != 0 and state.dispatcher,
+    if Wire.wake?(flags) and state.dispatcher,
       do: send(state.dispatcher, :drab_presence_pending)
 
     state
   end
 
-  defp journal(@ack_part, _to, <<_empty, delivered::binary>>, state) do
-    delivered(state.handle, delivered)
+  defp journal(Wire.op(:ack_part), _to, <<_empty, delivered::binary>>, state) do
+    delivered(state.table, delivered)
     state
   end
 
@@ -538,27 +531,32 @@ defmodule Drab.Presence.Sidecar.PortOwner do
   # restarted sidecar owes them no more.
   # A size checked in a guard, not written as binary-size(n * 8): Elixir
   # takes an expression as a size in a pattern from 1.14 on.
-  defp delivered(h, <<n::32, refs::binary>>) when byte_size(refs) == n * 8 do
-    for <<ref::64 <- refs>>, do: :ets.delete(h.leaves, ref)
+  defp delivered(table, <<n::32, refs::binary>>) when byte_size(refs) == n * 8 do
+    for <<ref::64 <- refs>>, do: :ets.delete(table.leaves, ref)
     :ok
   end
 
-  defp count_changes(_handle, 0, <<>>), do: :ok
+  defp count_changes(_table, 0, <<>>), do: :ok
 
   defp count_changes(
-         h,
+         table,
          n,
          <<tl::32, topic::binary-size(tl), kl::32, key::binary-size(kl), change::signed-64,
            rest::binary>>
        ) do
     {topic, key} = {:binary.copy(topic), :binary.copy(key)}
-    Writes.count(h.counts, topic, key, change)
+    Writes.count(table.counts, topic, key, change)
 
-    if :ets.update_counter(h.replication, {:remote, topic, key}, change, {{:remote, topic, key}, 0}) ==
+    if :ets.update_counter(
+         table.replication,
+         {:remote, topic, key},
+         change,
+         {{:remote, topic, key}, 0}
+       ) ==
          0,
-       do: :ets.delete(h.replication, {:remote, topic, key})
+       do: :ets.delete(table.replication, {:remote, topic, key})
 
-    count_changes(h, n - 1, rest)
+    count_changes(table, n - 1, rest)
   end
 
   defp close(port) do

@@ -7,7 +7,7 @@ defmodule Drab.Presence.Sidecar.Writes do
   # costs a few ETS operations and a pipe write.
   #
   # Every write of an owner's presences runs under a lock on that owner (a
-  # row of the handle's locks table), so one owner's writes reach the pipe
+  # row of its `locks` ETS table), so one owner's writes reach the pipe
   # in the order they were decided in, whichever processes make them, and
   # the sidecar applies them in that order (the port runs the commands of
   # all processes in the order they were made: a process's Port.command/2
@@ -21,13 +21,8 @@ defmodule Drab.Presence.Sidecar.Writes do
   # counts and the sidecar disagreeing. The port owner finds such locks
   # (on its sweep, or when a writer asks), pauses writes, and resyncs the
   # owner and recounts (see PortOwner).
-  alias Drab.Presence.Sidecar.{Handle, Wire}
-  alias Drab.Presence.Table
-
-  @track 16
-  @untrack 17
-  @update 19
-  @exit 20
+  alias Drab.Presence.Key
+  alias Drab.Presence.Sidecar.{Table, Wire}
 
   # How long a writer waits for a restarting sidecar before giving up.
   @unavailable_ms 10_000
@@ -36,27 +31,27 @@ defmodule Drab.Presence.Sidecar.Writes do
   Runs `fun` with the port, holding `owner`'s lock: every write of the
   owner's presences goes through here. Waits while the sidecar restarts.
   """
-  @spec run(Handle.t(), non_neg_integer(), (port() -> result)) :: result when result: term()
-  def run(%Handle{} = h, owner, fun),
-    do: run(h, owner, fun, System.monotonic_time(:millisecond))
+  @spec run(Table.t(), non_neg_integer(), (port() -> result)) :: result when result: term()
+  def run(%Table{} = table, owner, fun),
+    do: run(table, owner, fun, System.monotonic_time(:millisecond))
 
-  defp run(h, owner, fun, since) do
-    lock(h, owner, since, 0)
+  defp run(table, owner, fun, since) do
+    lock(table, owner, since, 0)
 
-    case Handle.current(h) do
+    case Table.current(table) do
       {_epoch, port} when port != nil ->
         try do
           fun.(port)
         after
-          :ets.delete_object(h.locks, {owner, self()})
+          :ets.delete_object(table.locks, {owner, self()})
         end
 
       {_epoch, nil} ->
         # Restarting (or paused for a repair): the port owner waits for
         # every lock to go before it replays; ours must not hold it up.
-        :ets.delete_object(h.locks, {owner, self()})
+        :ets.delete_object(table.locks, {owner, self()})
         await_port(since)
-        run(h, owner, fun, since)
+        run(table, owner, fun, since)
     end
   end
 
@@ -70,8 +65,8 @@ defmodule Drab.Presence.Sidecar.Writes do
     Process.sleep(2)
   end
 
-  defp lock(h, owner, since, tries) do
-    unless :ets.insert_new(h.locks, {owner, self()}) do
+  defp lock(table, owner, since, tries) do
+    unless :ets.insert_new(table.locks, {owner, self()}) do
       if System.monotonic_time(:millisecond) - since > @unavailable_ms do
         exit(
           {:sidecar_unavailable,
@@ -79,7 +74,7 @@ defmodule Drab.Presence.Sidecar.Writes do
         )
       end
 
-      case :ets.lookup(h.locks, owner) do
+      case :ets.lookup(table.locks, owner) do
         [{_, holder}] when holder == self() ->
           raise ArgumentError, "a presence write of this owner is already in progress here"
 
@@ -87,23 +82,23 @@ defmodule Drab.Presence.Sidecar.Writes do
           # Another writer of this owner; or a dead one, whose write the
           # port owner must repair before anyone writes this owner again.
           if rem(tries, 64) == 63 and not Process.alive?(holder),
-            do: notify(h.owner, :sweep_locks)
+            do: notify(table.port_owner, :sweep_locks)
 
           if tries < 16, do: :erlang.yield(), else: Process.sleep(1)
-          lock(h, owner, since, tries + 1)
+          lock(table, owner, since, tries + 1)
 
         [] ->
-          lock(h, owner, since, tries + 1)
+          lock(table, owner, since, tries + 1)
       end
     end
   end
 
   @doc "A ref for a new presence (or a new meta): unique in this table, random across tables."
-  @spec new_ref(Handle.t()) :: non_neg_integer()
-  def new_ref(%Handle{ref_seed: seed, refs: refs} = handle) do
+  @spec new_ref(Table.t()) :: non_neg_integer()
+  def new_ref(%Table{ref_seed: seed, refs: refs} = table) do
     # Never 0: the core stores a previous ref in 8 bytes, 0 meaning none.
     case Bitwise.band(seed + :atomics.add_get(refs, 1, 1), 0xFFFF_FFFF_FFFF_FFFF) do
-      0 -> new_ref(handle)
+      0 -> new_ref(table)
       ref -> ref
     end
   end
@@ -112,29 +107,29 @@ defmodule Drab.Presence.Sidecar.Writes do
   Tracks `owner` (the id of `pid`). A pid that is no longer alive gets a
   ref and its presence leaves at once, as the NIF (and Phoenix) answer it.
   """
-  @spec track(Handle.t(), pid(), binary(), binary(), binary()) ::
+  @spec track(Table.t(), pid(), binary(), binary(), binary()) ::
           {:ok, non_neg_integer()} | {:error, :already_tracked}
-  def track(h, pid, topic, key, meta) do
+  def track(table, pid, topic, key, meta) do
     owner = Wire.pid_id(pid)
 
-    run(h, owner, fn port ->
+    run(table, owner, fn port ->
       row = {owner, topic, key}
-      ref = new_ref(h)
+      ref = new_ref(table)
 
       # The watch goes before anything is written: a writer killed after
       # it leaves a monitor on an owner that may have no presence (it is
       # dropped on DOWN); one killed before it has written nothing.
-      unless has_presences?(h, owner),
-        do: notify(Handle.monitor_for(h, owner), {:watch, owner})
+      unless has_presences?(table, owner),
+        do: notify(Table.monitor_for(table, owner), {:watch, owner})
 
-      if :ets.insert_new(h.journal, {row, ref, meta, nil}) do
-        count(h.counts, topic, key, 1)
+      if :ets.insert_new(table.journal, {row, ref, meta, nil}) do
+        count(table.counts, topic, key, 1)
 
-        command(port, track_frame(owner, topic, key, ref, meta))
+        command(port, Wire.track_frame(owner, topic, key, ref, meta))
 
         # Its monitor may have seen it go before this row was in: the
         # presence goes now, as the NIF lets it.
-        if pid != self() and not Process.alive?(pid), do: remove(h, port, row)
+        if pid != self() and not Process.alive?(pid), do: remove(table, port, row)
         {:ok, ref}
       else
         {:error, :already_tracked}
@@ -143,27 +138,27 @@ defmodule Drab.Presence.Sidecar.Writes do
   end
 
   @doc "Removes `owner`'s presence under `key` on `topic`, if any."
-  @spec untrack(Handle.t(), non_neg_integer(), binary(), binary()) :: :ok
-  def untrack(h, owner, topic, key) do
-    run(h, owner, fn port -> remove(h, port, {owner, topic, key}) end)
+  @spec untrack(Table.t(), non_neg_integer(), binary(), binary()) :: :ok
+  def untrack(table, owner, topic, key) do
+    run(table, owner, fn port -> remove(table, port, {owner, topic, key}) end)
   end
 
   # The leave is owed before the row goes: a writer killed in between
   # leaves a presence that is replayed under a new ref with its old ref's
   # leave owed, never one that subscribers see and nobody owes a leave for.
-  defp remove(h, port, {owner, topic, key} = row) do
-    case :ets.lookup(h.journal, row) do
+  defp remove(table, port, {owner, topic, key} = row) do
+    case :ets.lookup(table.journal, row) do
       [{_, ref, meta, _prev}] ->
-        :ets.insert(h.leaves, {ref, topic, key, meta})
-        :ets.delete(h.journal, row)
-        uncount(h.counts, topic, key, 1)
+        :ets.insert(table.leaves, {ref, topic, key, meta})
+        :ets.delete(table.journal, row)
+        uncount(table.counts, topic, key, 1)
 
         # Its monitor checks again, under the owner's lock, before letting
         # it go: a track may come in between.
-        unless has_presences?(h, owner),
-          do: notify(Handle.monitor_for(h, owner), {:unwatch, owner})
+        unless has_presences?(table, owner),
+          do: notify(Table.monitor_for(table, owner), {:unwatch, owner})
 
-        command(port, [write_head(@untrack, owner, topic, key), <<ref::64>>])
+        command(port, Wire.untrack_frame(owner, topic, key, ref))
 
       [] ->
         :ok
@@ -176,13 +171,13 @@ defmodule Drab.Presence.Sidecar.Writes do
   Gives a presence a new meta and ref; with `expected_ref`, only if it
   still has that ref. The same meta changes nothing and keeps the ref.
   """
-  @spec update(Handle.t(), non_neg_integer(), binary(), binary(), binary(), non_neg_integer() | nil) ::
+  @spec update(Table.t(), non_neg_integer(), binary(), binary(), binary(), non_neg_integer() | nil) ::
           {:ok, non_neg_integer()} | {:error, :not_tracked | :stale}
-  def update(h, owner, topic, key, meta, expected_ref) do
-    run(h, owner, fn port ->
+  def update(table, owner, topic, key, meta, expected_ref) do
+    run(table, owner, fn port ->
       row = {owner, topic, key}
 
-      case :ets.lookup(h.journal, row) do
+      case :ets.lookup(table.journal, row) do
         [] ->
           {:error, :not_tracked}
 
@@ -193,11 +188,11 @@ defmodule Drab.Presence.Sidecar.Writes do
           {:ok, ref}
 
         [{_, old_ref, old_meta, _}] ->
-          ref = new_ref(h)
-          :ets.insert(h.leaves, {old_ref, topic, key, old_meta})
-          :ets.insert(h.journal, {row, ref, meta, old_ref})
+          ref = new_ref(table)
+          :ets.insert(table.leaves, {old_ref, topic, key, old_meta})
+          :ets.insert(table.journal, {row, ref, meta, old_ref})
 
-          command(port, [write_head(@update, owner, topic, key), <<old_ref::64, ref::64>>, meta])
+          command(port, Wire.update_frame(owner, topic, key, old_ref, ref, meta))
 
           {:ok, ref}
       end
@@ -212,73 +207,54 @@ defmodule Drab.Presence.Sidecar.Writes do
   done on its own afterwards, holding no other lock: a wait for a lock
   never holds others up.
   """
-  @spec exit_owners(Handle.t(), [non_neg_integer()]) :: :ok
-  def exit_owners(%Handle{} = h, owners),
-    do: exit_owners(h, owners, System.monotonic_time(:millisecond))
+  @spec exit_owners(Table.t(), [non_neg_integer()]) :: :ok
+  def exit_owners(%Table{} = table, owners),
+    do: exit_owners(table, owners, System.monotonic_time(:millisecond))
 
-  defp exit_owners(h, owners, since) do
-    {locked, busy} = Enum.split_with(owners, &:ets.insert_new(h.locks, {&1, self()}))
+  defp exit_owners(table, owners, since) do
+    {locked, busy} = Enum.split_with(owners, &:ets.insert_new(table.locks, {&1, self()}))
 
-    case Handle.current(h) do
+    case Table.current(table) do
       {_epoch, port} when port != nil ->
         try do
           if locked != [],
-            do: command(port, exit_frame(Enum.map(locked, &{&1, drop_rows(h, &1)})))
+            do: command(port, Wire.exit_frame(Enum.map(locked, &{&1, drop_rows(table, &1)})))
         after
-          Enum.each(locked, &:ets.delete_object(h.locks, {&1, self()}))
+          Enum.each(locked, &:ets.delete_object(table.locks, {&1, self()}))
         end
 
         Enum.each(busy, fn owner ->
-          run(h, owner, fn port -> command(port, exit_frame([{owner, drop_rows(h, owner)}])) end)
+          run(table, owner, fn port ->
+            command(port, Wire.exit_frame([{owner, drop_rows(table, owner)}]))
+          end)
         end)
 
       {_epoch, nil} ->
-        Enum.each(locked, &:ets.delete_object(h.locks, {&1, self()}))
+        Enum.each(locked, &:ets.delete_object(table.locks, {&1, self()}))
         await_port(since)
-        exit_owners(h, owners, since)
+        exit_owners(table, owners, since)
     end
-  end
-
-  # Frames of writes (protocol 3): no request id, no reply address.
-  defp write_head(op, owner, topic, key),
-    do: [<<op, 0::64, 0::64, owner::64>>, Wire.str(topic), Wire.str(key)]
-
-  @doc false
-  @spec track_frame(non_neg_integer(), binary(), binary(), non_neg_integer(), binary()) :: iodata()
-  def track_frame(owner, topic, key, ref, meta),
-    do: [write_head(@track, owner, topic, key), <<ref::64>>, meta]
-
-  @doc false
-  # Owners gone, each with the refs its journal held.
-  @spec exit_frame([{non_neg_integer(), [non_neg_integer()]}]) :: iodata()
-  def exit_frame(departed) do
-    [
-      <<@exit, 0::64, 0::64, length(departed)::32>>
-      | for(
-          {owner, refs} <- departed,
-          do: [<<owner::64, length(refs)::32>> | for(r <- refs, do: <<r::64>>)]
-        )
-    ]
   end
 
   @doc false
   # The owner's journal rows go, uncounted, their leaves owed; their refs.
   # For the holder of the owner's lock, or a port owner that paused writes.
-  @spec drop_rows(Handle.t(), non_neg_integer()) :: [non_neg_integer()]
-  def drop_rows(h, owner) do
-    for {{_, topic, key} = row, ref, meta, _prev} <- owner_rows(h, owner) do
-      :ets.delete(h.journal, row)
-      uncount(h.counts, topic, key, 1)
-      :ets.insert(h.leaves, {ref, topic, key, meta})
+  @spec drop_rows(Table.t(), non_neg_integer()) :: [non_neg_integer()]
+  def drop_rows(table, owner) do
+    for {{_, topic, key} = row, ref, meta, _prev} <- owner_rows(table, owner) do
+      :ets.delete(table.journal, row)
+      uncount(table.counts, topic, key, 1)
+      :ets.insert(table.leaves, {ref, topic, key, meta})
       ref
     end
   end
 
   @doc "The journal rows of `owner`: one range of the ordered set, walked from its start."
-  @spec owner_rows(Handle.t(), non_neg_integer()) :: [tuple()]
+  @spec owner_rows(Table.t(), non_neg_integer()) :: [tuple()]
   # Topics are binaries, which sort after any number: {owner, 0, 0} comes
   # just before the owner's first row.
-  def owner_rows(h, owner), do: rows_from(h.journal, owner, :ets.next(h.journal, {owner, 0, 0}))
+  def owner_rows(table, owner),
+    do: rows_from(table.journal, owner, :ets.next(table.journal, {owner, 0, 0}))
 
   defp rows_from(journal, owner, {owner, _, _} = row),
     do: :ets.lookup(journal, row) ++ rows_from(journal, owner, :ets.next(journal, row))
@@ -290,21 +266,22 @@ defmodule Drab.Presence.Sidecar.Writes do
   the ordered set, and topics (binaries) sort after any number, so the row
   after `{owner, 0, 0}` is its first if it has any.
   """
-  @spec has_presences?(Handle.t(), non_neg_integer()) :: boolean()
-  def has_presences?(h, owner), do: match?({^owner, _, _}, :ets.next(h.journal, {owner, 0, 0}))
+  @spec has_presences?(Table.t(), non_neg_integer()) :: boolean()
+  def has_presences?(table, owner),
+    do: match?({^owner, _, _}, :ets.next(table.journal, {owner, 0, 0}))
 
   @doc """
   Runs `fun` holding `owner`'s lock, whether or not the sidecar is up: for
   a monitor that must see the owner's presences with no write half way.
   """
-  @spec locked(Handle.t(), non_neg_integer(), (() -> result)) :: result when result: term()
-  def locked(h, owner, fun) do
-    lock(h, owner, System.monotonic_time(:millisecond), 0)
+  @spec locked(Table.t(), non_neg_integer(), (() -> result)) :: result when result: term()
+  def locked(table, owner, fun) do
+    lock(table, owner, System.monotonic_time(:millisecond), 0)
 
     try do
       fun.()
     after
-      :ets.delete_object(h.locks, {owner, self()})
+      :ets.delete_object(table.locks, {owner, self()})
     end
   end
 
@@ -337,11 +314,11 @@ defmodule Drab.Presence.Sidecar.Writes do
   Counts `n` presences more under `key` on `topic`. Users are the strings
   keys are listed under: `42` and `"42"` are two presences of one user (a
   non-binary key is stored tagged with its string, see presence_core's
-  key.rs). Rows at zero go, without losing a count written meanwhile.
+  key.rs and Drab.Presence.Key). Rows at zero go, without losing a count written meanwhile.
   """
   @spec count(atom(), binary(), binary(), integer()) :: :ok
   def count(counts, topic, key, n) do
-    listed = {topic, Table.listed_key(key)}
+    listed = {topic, Key.listed(key)}
     now = :ets.update_counter(counts, listed, n, {listed, 0})
 
     users =

@@ -1,4 +1,4 @@
-defmodule Drab.Presence.Table do
+defmodule Drab.Presence.Calls do
   @moduledoc false
   # The operations behind every presence module's functions. They run in the
   # caller and go straight to the backend: no GenServer on the read or write
@@ -6,7 +6,7 @@ defmodule Drab.Presence.Table do
 
   import Bitwise, only: [<<<: 2]
 
-  alias Drab.Presence.Runtime
+  alias Drab.Presence.{Key, Runtime}
 
   # How long an update function keeps retrying against concurrent writers
   # before `{:error, :contended}`, and how many tries go without a pause.
@@ -21,7 +21,7 @@ defmodule Drab.Presence.Table do
     check_meta!(meta)
     %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
 
-    case backend.track(table, pid, topic, stored_key!(key), without_refs(meta)) do
+    case backend.track(table, pid, topic, Key.store!(key), without_refs(meta)) do
       {:ok, _phx_ref} = ok -> ok
       {:error, :already_tracked} -> {:error, {:already_tracked, pid, topic, key}}
       {:error, reason} -> refuse!(reason, pid, meta, module)
@@ -33,7 +33,7 @@ defmodule Drab.Presence.Table do
     check_pid!(pid)
     check_topic!(topic)
     %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
-    backend.untrack(table, pid, topic, stored_key!(key))
+    backend.untrack(table, pid, topic, Key.store!(key))
   end
 
   @spec update(module(), pid(), term(), term(), map() | (map() -> map())) ::
@@ -42,7 +42,7 @@ defmodule Drab.Presence.Table do
     check_pid!(pid)
     check_topic!(topic)
     %Runtime{} = runtime = Runtime.fetch!(module)
-    stored = stored_key!(key)
+    stored = Key.store!(key)
 
     case meta_or_fun do
       fun when is_function(fun, 1) ->
@@ -145,7 +145,7 @@ defmodule Drab.Presence.Table do
   def get_by_key(module, topic, key) do
     check_topic!(topic)
     %Runtime{backend: backend, table: table} = Runtime.fetch!(module)
-    stored = stored_key!(key)
+    stored = Key.store!(key)
 
     case backend.get_by_key(table, topic, stored) do
       [] ->
@@ -203,40 +203,6 @@ defmodule Drab.Presence.Table do
 
   defp check_meta!(meta),
     do: raise(ArgumentError, "a presence meta must be a map, got: #{inspect(meta)}")
-
-  # Keys are the terms users track, as in Phoenix (`42` and `"42"` are two
-  # presences), listed by to_string/1 (both under "42"). The table stores
-  # a binary as itself, at no cost, and any other key tagged with the
-  # string it lists under (presence_core's key.rs): <<131, size::32,
-  # string, term_to_binary(key)>>. No UTF-8 string starts with byte 131,
-  # so a binary that does is tagged too, and never mistaken for a term.
-  defp stored_key!(<<131, _::binary>> = key), do: tagged(key, key)
-  defp stored_key!(key) when is_binary(key), do: key
-  defp stored_key!(key), do: tagged(listed_key!(key), key)
-
-  defp tagged(listed, key) do
-    <<131, byte_size(listed)::32, listed::binary, :erlang.term_to_binary(key)::binary>>
-  end
-
-  @doc false
-  # The string a stored key is listed, and its user counted, under: for the
-  # sidecar's BEAM-side user counts.
-  @spec listed_key(binary()) :: binary()
-  def listed_key(<<131, size::32, listed::binary-size(size), _term::binary>>), do: listed
-  def listed_key(stored), do: stored
-
-  defp listed_key!(key) do
-    String.Chars.to_string(key)
-  rescue
-    exception ->
-      reraise ArgumentError,
-              [
-                message:
-                  "a presence key must be convertible to a string with to_string/1, got: " <>
-                    "#{inspect(key)} (#{Exception.message(exception)})"
-              ],
-              __STACKTRACE__
-  end
 
   # The message measures neither the meta (encoding a 100 MB term to say
   # how large it is would cost what refusing it early saved) nor the table

@@ -1,11 +1,15 @@
-defmodule Drab.Presence.Sidecar.Handle do
+defmodule Drab.Presence.Sidecar.Table do
   @moduledoc false
-  # What callers of a sidecar table hold: the names of its ETS tables and
-  # processes, the meta limit, and where to find the current port.
+  # A presence table that lives in a sidecar, as this VM holds it: what
+  # `Backend.Sidecar.new/2` returns and every caller passes back (the NIF's
+  # counterpart is its table resource). It names the BEAM-side state (ETS
+  # tables), the processes that serve the table (`monitors`, `port_owner`)
+  # and the settings, and finds the current port (`current/1`).
   #
-  # The BEAM-side state. Local writes are decided here, by their callers,
-  # each under a lock on its owner (see Writes), before the sidecar hears
-  # of them:
+  # Local writes are decided on this side, by their callers, each under a
+  # lock on its owner (see Writes), before the sidecar hears of them. An
+  # owner is a tracked process, as the u64 Wire.pid_id/1 makes of it. The
+  # ETS tables:
   #
   #   * journal: `{{owner, topic, key}, ref, meta, prev_ref | nil}`, every
   #     local presence (ordered_set: an owner's presences are one range);
@@ -13,19 +17,19 @@ defmodule Drab.Presence.Sidecar.Handle do
   #   * leaves: `{ref, topic, key, meta}`, presences removed whose leaves
   #     the sidecar has not yet said are delivered; they are owed again
   #     after a restart;
-  #   * counts: `{topic, users, connections}` and `{{topic, key}, n}`, so
-  #     that counting reads ETS (O(1)) instead of crossing the port;
+  #   * counts: `{topic, users, connections}` and `{{topic, listed_key}, n}`,
+  #     so that counting reads ETS (O(1)) instead of crossing the port;
   #     replicated presences (cluster mode) count too, written by the port
-  #     owner from the sidecar's replies;
+  #     owner from the sidecar's replies (see Journal);
   #   * locks: `{owner, writer}`, held during each write of the owner's;
   #   * replication (cluster mode): `{:incarnation, uuid}` (made with the
-  #     handle: this table's replica name on other nodes), `{:replicator,
-  #     pid | nil}`, `{:seq, n}` (the last delta handed out), replica ids by
-  #     name (`{{:id, name}, id}`, `{:last_id, n}`), and `{{:remote, topic,
+  #     table: its replica name on other nodes), `{:replicator, pid | nil}`,
+  #     `{:seq, n}` (the last delta handed out), replica ids by name
+  #     (`{{:id, name}, id}`, `{:last_id, n}`), and `{{:remote, topic,
   #     key}, n}`, the replicated presences counted, to uncount when a
   #     sidecar dies with them. All of it outlives a sidecar: a restarted
-  #     one keeps this node's name and numbering (see PortOwner). The same
-  #     table keeps `{:dispatcher, pid | nil}`, for a port owner that
+  #     one keeps this node's name and numbering (see Recovery). The same
+  #     ETS table keeps `{:dispatcher, pid | nil}`, for a port owner that
   #     replaces a crashed one.
 
   @enforce_keys [
@@ -38,12 +42,17 @@ defmodule Drab.Presence.Sidecar.Handle do
     :ref_seed,
     :refs,
     :replication,
-    :max_meta,
+    :settings,
     :monitors,
-    :owner,
+    :port_owner,
     :path
   ]
   defstruct @enforce_keys
+
+  # The indexes of `settings`, read by callers and by the port owner when
+  # it configures a new sidecar. diff_per_operation: 1 for `diff_window: 0`.
+  @max_meta_bytes 1
+  @diff_per_operation 2
 
   @type t :: %__MODULE__{
           id: pos_integer(),
@@ -55,23 +64,21 @@ defmodule Drab.Presence.Sidecar.Handle do
           ref_seed: non_neg_integer(),
           refs: :atomics.atomics_ref(),
           replication: atom(),
-          max_meta: :atomics.atomics_ref(),
+          settings: :atomics.atomics_ref(),
           monitors: tuple(),
-          owner: atom(),
+          port_owner: atom(),
           path: Path.t()
         }
 
   @doc """
-  A handle for a new table of presence module `module` (named in telemetry
-  events); `create_tables/1` makes its tables.
+  A new table of presence module `module` (named in telemetry events), to
+  `configure/3` before its sidecar starts; `create_tables/1` makes its ETS
+  tables.
   """
-  @spec new(module(), pos_integer(), pos_integer(), Path.t()) :: t()
-  def new(module, max_meta_bytes, pool_size, path) do
+  @spec new(module(), pos_integer(), Path.t()) :: t()
+  def new(module, pool_size, path) do
     id = :erlang.unique_integer([:positive])
     name = fn suffix -> :"drab_presence_sidecar_#{id}_#{suffix}" end
-    # 1: max_meta_bytes; 2: 1 for `diff_window: 0` (one diff per operation).
-    max_meta = :atomics.new(2, signed: false)
-    :atomics.put(max_meta, 1, max_meta_bytes)
     # Refs handed out are counted from a random seed, so that refs differ
     # between tables and nodes (see Writes.new_ref/1).
     <<ref_seed::64>> = random_bytes(8)
@@ -86,20 +93,42 @@ defmodule Drab.Presence.Sidecar.Handle do
       ref_seed: ref_seed,
       refs: :atomics.new(1, signed: false),
       replication: name.(:replication),
-      max_meta: max_meta,
+      settings: :atomics.new(2, signed: false),
       monitors: List.to_tuple(for i <- 1..pool_size, do: name.("monitor#{i}")),
-      owner: name.(:port_owner),
+      port_owner: name.(:port_owner),
       path: path
     }
   end
 
+  @doc """
+  Sets the options that may change while the table lives: the meta limit,
+  and whether each operation makes its own diff (`diff_window: 0`). The
+  sidecar is told by the caller; a restarted one, by the port owner.
+  """
+  @spec configure(t(), pos_integer(), boolean()) :: :ok
+  def configure(%__MODULE__{settings: settings}, max_meta_bytes, diff_per_operation?) do
+    :atomics.put(settings, @max_meta_bytes, max_meta_bytes)
+    :atomics.put(settings, @diff_per_operation, if(diff_per_operation?, do: 1, else: 0))
+    :ok
+  end
+
+  @doc "`{max_meta_bytes, diff_per_operation?}` as last configured."
+  @spec settings(t()) :: {pos_integer(), boolean()}
+  def settings(%__MODULE__{settings: settings}) do
+    {:atomics.get(settings, @max_meta_bytes), :atomics.get(settings, @diff_per_operation) == 1}
+  end
+
+  @doc "The meta limit, as the caller of a write checks it."
+  @spec max_meta_bytes(t()) :: pos_integer()
+  def max_meta_bytes(%__MODULE__{settings: settings}), do: :atomics.get(settings, @max_meta_bytes)
+
   @doc false
   @spec create_tables(t()) :: :ok
-  def create_tables(%__MODULE__{} = h) do
-    :ets.new(h.journal, [:ordered_set, :public, :named_table, write_concurrency: true])
-    :ets.new(h.leaves, [:set, :public, :named_table, write_concurrency: true])
+  def create_tables(%__MODULE__{} = table) do
+    :ets.new(table.journal, [:ordered_set, :public, :named_table, write_concurrency: true])
+    :ets.new(table.leaves, [:set, :public, :named_table, write_concurrency: true])
 
-    :ets.new(h.counts, [
+    :ets.new(table.counts, [
       :set,
       :public,
       :named_table,
@@ -107,10 +136,10 @@ defmodule Drab.Presence.Sidecar.Handle do
       write_concurrency: true
     ])
 
-    :ets.new(h.locks, [:set, :public, :named_table, write_concurrency: true])
-    :ets.new(h.replication, [:set, :public, :named_table])
+    :ets.new(table.locks, [:set, :public, :named_table, write_concurrency: true])
+    :ets.new(table.replication, [:set, :public, :named_table])
 
-    :ets.insert(h.replication, [
+    :ets.insert(table.replication, [
       {:incarnation, uuid()},
       {:replicator, nil},
       {:seq, 0},

@@ -1,4 +1,4 @@
-defmodule Drab.Presence.Metas do
+defmodule Drab.Presence.Callbacks do
   @moduledoc false
   # Phoenix 1.7's server-side presence callbacks: `init/1` once, then
   # `handle_metas/4` after each `presence_diff` is broadcast, with the topic,
@@ -33,7 +33,7 @@ defmodule Drab.Presence.Metas do
 
   @doc "The registered name of `module`'s callback process."
   @spec name(module()) :: atom()
-  def name(module), do: Module.concat(module, Metas)
+  def name(module), do: Module.concat(module, Callbacks)
 
   @doc "Whether `module` uses the callbacks, i.e. defines `handle_metas/4`."
   @spec enabled?(module()) :: boolean()

@@ -1,4 +1,4 @@
-defmodule Drab.Presence.Server do
+defmodule Drab.Presence.Supervisor do
   @moduledoc false
   # The processes of one presence module: the built-in subscriber registry
   # and the diff dispatcher. Neither holds presences (the table is the
@@ -7,7 +7,16 @@ defmodule Drab.Presence.Server do
   # without subscriptions; subscribers that monitor it subscribe again.
   use Supervisor
 
-  alias Drab.Presence.{Broadcast, Cluster, Dispatcher, Metas, Options, Runtime, Setup, Telemetry}
+  alias Drab.Presence.{
+    Broadcast,
+    Callbacks,
+    Cluster,
+    Dispatcher,
+    Options,
+    Runtime,
+    Setup,
+    Telemetry
+  }
 
   @doc false
   # `layers`: keyword lists of options, each over the ones before it.
@@ -18,7 +27,7 @@ defmodule Drab.Presence.Server do
     # After the app's dependencies have started: :telemetry is up by now.
     Telemetry.refresh()
     # Phoenix.Presence's check, raised here as options errors are.
-    Metas.check!(module)
+    Callbacks.check!(module)
     # In the caller, so that a restart with options the running table
     # cannot take raises here, with the reason, not in a child's init.
     Runtime.ensure(module, opts)
@@ -43,8 +52,8 @@ defmodule Drab.Presence.Server do
 
     # Before the dispatcher, which hands it every diff it broadcasts.
     children =
-      if Metas.enabled?(module),
-        do: List.insert_at(children, 1, {Metas, {module, opts}}),
+      if Callbacks.enabled?(module),
+        do: List.insert_at(children, 1, {Callbacks, {module, opts}}),
         else: children
 
     Supervisor.init(children, strategy: :one_for_one, max_restarts: 10, max_seconds: 5)
