@@ -108,7 +108,7 @@ defmodule Bench.ClusterImpl.Ours do
       transport == :pubsub and not Bench.ClusterImpl.phoenix?() ->
         {:unavailable, "Phoenix.PubSub is not on the code path (ERL_LIBS)"}
 
-      Drab.Presence.Cluster.transport(options(transport)) != expected(transport) ->
+      Drab.Presence.Cluster.Transport.choose(options(transport)) != expected(transport) ->
         {:unavailable, "this build does not replicate over #{transport} with these options"}
 
       true ->

@@ -7,6 +7,8 @@ defmodule Drab.Presence.Supervisor do
   # without subscriptions; subscribers that monitor it subscribe again.
   use Supervisor
 
+  alias Drab.Presence.Cluster.Transport
+
   alias Drab.Presence.{
     Broadcast,
     Callbacks,
@@ -64,11 +66,11 @@ defmodule Drab.Presence.Supervisor do
   # members, so the cluster process must join it again.
   defp cluster_children(module, opts) do
     scope =
-      if Cluster.transport(opts) == :pg and Code.ensure_loaded?(:pg),
-        do: [%{id: :pg, start: {:pg, :start_link, [Cluster.pg_scope(module)]}}],
+      if Transport.choose(opts) == :pg and Code.ensure_loaded?(:pg),
+        do: [%{id: :pg, start: {:pg, :start_link, [Transport.pg_scope(module)]}}],
         else: []
 
-    if Cluster.transport(opts) do
+    if Transport.choose(opts) do
       children = scope ++ [{Cluster, {module, opts}}]
 
       [
