@@ -257,7 +257,7 @@ defmodule Drab.Presence.Backend.Sidecar do
   ## a sidecar (incarnation, last seq, replica ids) is kept on this side,
   ## in its `replication` ETS table, and the port owner hands it to a
   ## restarted sidecar. The sidecar cannot message the replicator: the port
-  ## owner does, from take_diffs replies (see PortOwner).
+  ## owner does, from take_diffs replies (see PortOwner and Journal).
 
   @impl true
   def set_replicator(%Table{replication: replication} = table, pid)

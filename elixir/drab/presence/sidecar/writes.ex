@@ -14,13 +14,22 @@ defmodule Drab.Presence.Sidecar.Writes do
   # returns once its command is queued behind any earlier one, and the
   # lock is let go only after). The lock is also how the port
   # owner knows no write is half done: before it replays a new sidecar, it
-  # waits until no live process holds a lock (see PortOwner).
+  # waits until no live process holds a lock (see Recovery).
   #
   # A writer killed while it holds a lock (an untrappable exit between two
   # steps) leaves the lock behind, and may leave the owner's journal, its
   # counts and the sidecar disagreeing. The port owner finds such locks
   # (on its sweep, or when a writer asks), pauses writes, and resyncs the
-  # owner and recounts (see PortOwner).
+  # owner and recounts (see Recovery).
+  #
+  # Why this side decides writes that presence_core's Topic decides again
+  # in the sidecar: a caller must never wait for the sidecar (a restart
+  # takes a while), so already_tracked, not_tracked, stale, the new ref and
+  # the counts are answered here, from the journal, which must hold every
+  # local presence anyway to replay a new sidecar (DESIGN.md, "Writes,
+  # crashes, and where the replay state lives"). The sidecar applies what
+  # was decided; the key format both sides count by is Drab.Presence.Key
+  # here and key.rs there.
   alias Drab.Presence.Key
   alias Drab.Presence.Sidecar.{Table, Wire}
 
