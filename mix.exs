@@ -1,6 +1,8 @@
 # The mix compiler that installs the NIF and the sidecar (precompiled or
-# built with cargo), and the task that packages them for a release.
-Code.require_file("mix/presence_nif.exs", __DIR__)
+# built with cargo), and the task that packages them for a release; both
+# name artifacts through DrabPresence.Precompiled.
+for file <- ~w(precompiled.exs compile.presence_nif.exs drab_presence.package.exs),
+    do: Code.require_file(Path.join("mix", file), __DIR__)
 
 defmodule DrabPresence.MixProject do
   use Mix.Project
@@ -50,7 +52,7 @@ defmodule DrabPresence.MixProject do
       # The checksum file is written by scripts/package when a release is
       # cut (see DESIGN.md, "Releasing"); a package without it builds
       # from source.
-      files: ~w(elixir mix/presence_nif.exs native/presence_core/src native/presence_core/Cargo.toml
+      files: ~w(elixir mix native/presence_core/src native/presence_core/Cargo.toml
                 native/presence_nif/src native/presence_nif/Cargo.toml
                 native/presence_sidecar/src native/presence_sidecar/Cargo.toml
                 Cargo.toml Cargo.lock mix.exs checksum-Elixir.Drab.Presence.Native.exs

@@ -1,5 +1,5 @@
 defmodule Drab.Presence.PrecompiledTest do
-  # The build-time side of precompiled artifacts (mix/presence_nif.exs,
+  # The build-time side of precompiled artifacts (mix/precompiled.exs,
   # loaded with mix.exs): names, targets, NIF versions, checksums and
   # cargo's output directory. Where rustler_precompiled is on the code path
   # (built from its public source, ERL_LIBS), its own functions must agree
