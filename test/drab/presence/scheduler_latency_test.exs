@@ -1,5 +1,5 @@
-defmodule Drab.Presence.SchedulerTest do
-  # Issue 6: calls that hold a normal scheduler (or the table lock) for tens
+defmodule Drab.Presence.SchedulerLatencyTest do
+  # Calls that hold a normal scheduler (or the table lock) for tens
   # of milliseconds. A high-priority ticker wants to run every 1 ms; with one
   # normal scheduler online, a NIF that holds it shows as a gap between
   # ticks. Each bound is checked on the best of three runs, so that one

@@ -1,6 +1,9 @@
-defmodule Drab.Presence.HardeningTest do
-  # Issue 6. Not async: the NIF heap is measured across every table, and the
-  # contention and restart tests are timing-sensitive.
+defmodule Drab.Presence.FaultsTest do
+  # What goes wrong around the table: fetch/2 functions that fail, killed
+  # children of the presence supervisor, bad input and options, clients
+  # syncing mid-diff, the NIF heap after churn. Not async: the NIF heap is
+  # measured across every table, and the contention and restart tests are
+  # timing-sensitive.
   use Drab.PresenceCase, async: false
 
   # Kills and failing fetch/2 functions log errors by design; shown only on a failure.
