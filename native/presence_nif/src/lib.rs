@@ -8,11 +8,13 @@ mod atoms;
 mod departure;
 mod encode;
 mod error;
+mod kept;
 mod listing;
 mod replication;
 mod resource;
 mod schedule;
 mod size;
+mod spin;
 mod table;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;

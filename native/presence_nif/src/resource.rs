@@ -1,14 +1,13 @@
 //! The presence table resource, its locks, and how writes wake the
 //! dispatcher.
 //!
-//! Lock order: `delivery`, then `state`; a kept listing (`listing.rs`),
+//! Lock order: `delivery`, then `state`; a kept listing (`kept.rs`),
 //! then `state`; `replication` alone. Writers take
 //! `state` only, and never wait for it on a normal scheduler
 //! ([`Shared::try_lock`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 use presence_core::{random_seed, Change, Delivery, Meta, Registry, Removed, ReplicaId, Update};
@@ -16,13 +15,9 @@ use rustler::{Env, LocalPid, Monitor, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::error::NifError;
-use crate::listing::Listings;
+use crate::kept::Listings;
 use crate::size;
-
-/// How long a NIF on a normal scheduler spins for the table lock before
-/// it answers `:busy` (see [`Shared::try_lock`]): a few times the longest
-/// a writer holds it.
-const LOCK_SPIN: Duration = Duration::from_micros(20);
+use crate::spin::spin_lock;
 
 pub(crate) struct State {
     pub(crate) registry: Registry<LocalPid, Meta, Monitor>,
@@ -221,21 +216,4 @@ impl Shared {
         presence_core::etf::check_meta(&encoded).map_err(|_| rustler::Error::BadArg)?;
         Ok(Ok(Meta::from(encoded.as_slice())))
     }
-}
-
-/// A lock taken if it is free or comes free within [`LOCK_SPIN`].
-pub(crate) fn spin_lock<T>(lock: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
-    if let Some(guard) = lock.try_lock() {
-        return Some(guard);
-    }
-    let started = Instant::now();
-    while started.elapsed() < LOCK_SPIN {
-        for _ in 0..64 {
-            std::hint::spin_loop();
-        }
-        if let Some(guard) = lock.try_lock() {
-            return Some(guard);
-        }
-    }
-    None
 }

@@ -289,7 +289,7 @@ fn table_take_diffs(env: Env, table: ResourceArc<Table>, max_topics: usize) -> T
     drop(delivery);
     // The dispatcher takes diffs steadily: idle kept listings go even
     // when nobody lists any more.
-    table.listings.sweep_if_due(&table, Mode::Inline);
+    listing::sweep_if_due(&table, Mode::Inline);
     taken.encode(env)
 }
 
@@ -303,7 +303,7 @@ fn table_take_diffs_dirty(
     let state = table.lock();
     let taken = take_diffs(env, &table, &mut delivery, state, max_topics, usize::MAX);
     drop(delivery);
-    table.listings.sweep_if_due(&table, Mode::Dirty);
+    listing::sweep_if_due(&table, Mode::Dirty);
     taken
 }
 
