@@ -56,7 +56,7 @@ defmodule DrabPresence.MixProject do
                 native/presence_nif/src native/presence_nif/Cargo.toml
                 native/presence_sidecar/src native/presence_sidecar/Cargo.toml
                 Cargo.toml Cargo.lock mix.exs checksum-Elixir.Drab.Presence.Native.exs
-                README.md DESIGN.md CHANGELOG.md LICENSE)
+                README.md DESIGN.md ARCHITECTURE.md CHANGELOG.md LICENSE)
     ]
   end
 
@@ -67,7 +67,7 @@ defmodule DrabPresence.MixProject do
     [
       main: "readme",
       source_ref: "v#{@version}",
-      extras: ["README.md", "DESIGN.md", "CHANGELOG.md", "LICENSE"]
+      extras: ["README.md", "DESIGN.md", "ARCHITECTURE.md", "CHANGELOG.md", "LICENSE"]
     ]
   end
 end
