@@ -29,8 +29,11 @@ defmodule DrabPresence.MixProject do
       # sidecar of a release (DRAB_PRESENCE_BASE_URL overrides it).
       precompiled_url: "#{@source_url}/releases/download/v#{@version}",
       test_coverage: [ignore_modules: [Mix.Tasks.Compile.PresenceNif]],
-      # Optional: called only when the app has Phoenix (Broadcast.delivery/2).
-      xref: [exclude: [Phoenix.PubSub, Phoenix.Channel.Server]]
+      # Optional: called only when the app has Phoenix (Broadcast.delivery/2)
+      # or :telemetry (Drab.Presence.Telemetry). Elixir 1.11-1.13 otherwise
+      # warn, when :telemetry is loadable, that we use an app we do not
+      # depend on.
+      xref: [exclude: [Phoenix.PubSub, Phoenix.Channel.Server, :telemetry]]
     ]
   end
 
