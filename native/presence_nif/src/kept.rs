@@ -130,6 +130,16 @@ impl Copy {
         self.garbage_bytes = 0;
     }
 
+    /// The map's size in external format, as estimated when it was built.
+    pub(crate) fn estimated_bytes(&self) -> usize {
+        self.keys * self.bytes_per_key
+    }
+
+    /// A key's entry in external format, on average when the map was built.
+    pub(crate) fn bytes_per_key(&self) -> usize {
+        self.bytes_per_key
+    }
+
     pub(crate) fn copy_into<'a>(&self, env: Env<'a>) -> Term<'a> {
         self.env.run(|e| self.map.load(e).in_env(env))
     }
