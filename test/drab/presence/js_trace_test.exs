@@ -138,6 +138,7 @@ defmodule Drab.Presence.JsTraceTest do
   defp step(s, label, ops) do
     s = Enum.reduce(ops, s, &apply_op(&2, &1))
     await_quiet(s)
+    await_fetchers()
     diffs = receive_diffs(s.topic)
     listed = Drab.Presence.list(s.topic)
     assert sorted(listed) == sorted(modelled(s.model)), "list/1 after #{label}"
@@ -235,6 +236,17 @@ defmodule Drab.Presence.JsTraceTest do
       true ->
         Process.sleep(2)
         await_quiet(s, tries - 1)
+    end
+  end
+
+  # On the sidecar a write does not wait for the sidecar, so "nothing
+  # pending" can be read before it has seen an update (the count does not
+  # move): fetchers_pids/0 exit once every write made before is applied and
+  # its diff broadcast, as Phoenix's tests wait for them.
+  defp await_fetchers do
+    for pid <- Drab.Presence.fetchers_pids() do
+      ref = Process.monitor(pid)
+      assert_receive {:DOWN, ^ref, _, _, _}, 10_000
     end
   end
 
