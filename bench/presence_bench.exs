@@ -1,8 +1,9 @@
 # Drab.Presence against Phoenix.Presence: the workloads of the benchmark
 # issue, at 1k, 10k and 100k presences on one topic, 10k over 1k topics, and
-# 1M on one topic (ours alone), plus join storms and diff latency under
-# churn. Run it with `bench/run` (or `bench/run --quick` to skip the 100k,
-# 1M and 20k sizes).
+# 1M on one topic (ours alone), plus join storms, join and leave storms of
+# real Phoenix channels, and diff latency under churn. Run it with
+# `bench/run` (or `bench/run --quick` to skip the 100k, 1M, 20k and 5k
+# channel sizes).
 #
 # Phoenix.Presence is compared when phoenix and phoenix_pubsub are on the
 # code path (point ERL_LIBS at built copies); without them, Drab.Presence
@@ -18,17 +19,17 @@
 # drift hits them alike; median and range, console only), --only reads
 # (list/1 at 10 a topic, 1k, 10k and 100k, as is and after one update,
 # against the BEAM's floors for building the same map; console only),
-# --churn-workers
-# N (4), --churn-seconds S (5), --churn-owners N (live owner processes per
-# topic, 1,000).
+# --only channels (the channel storms at 1k and 5k clients, 1k with
+# --quick; console only), --churn-workers N (4), --churn-seconds S (5),
+# --churn-owners N (live owner processes per topic, 1,000).
 
-for file <- ~w(harness adapters subscribers workloads floors report) do
+for file <- ~w(harness adapters subscribers workloads channels floors report) do
   Code.require_file("support/#{file}.exs", __DIR__)
 end
 
 defmodule Bench.Main do
   import Bench.Harness
-  alias Bench.{Adapter, Report, Shape, Workloads}
+  alias Bench.{Adapter, Channels, Report, Shape, Workloads}
 
   @k 1_000
   @small_runs 3
@@ -51,8 +52,8 @@ defmodule Bench.Main do
 
     invalid == [] || raise ArgumentError, "unknown options: #{inspect(invalid)}"
 
-    opts[:only] in [nil, "churn", "writes", "scheduler", "reads"] ||
-      raise ArgumentError, "--only takes: churn, writes, scheduler, reads"
+    opts[:only] in [nil, "churn", "writes", "scheduler", "reads", "channels"] ||
+      raise ArgumentError, "--only takes: churn, writes, scheduler, reads, channels"
 
     quick? = Keyword.get(opts, :quick, false)
 
@@ -71,6 +72,7 @@ defmodule Bench.Main do
       "writes" -> only_writes(Keyword.get(opts, :runs, 9))
       "scheduler" -> only_scheduler()
       "reads" -> only_reads()
+      "channels" -> only_channels(quick?)
       nil -> run_all(argv, opts, quick?, churn)
     end
   end
@@ -191,6 +193,62 @@ defmodule Bench.Main do
     if report.errors != [], do: System.halt(1)
   end
 
+  # The channel storms alone, console only.
+  defp only_channels(quick?) do
+    phoenix? = start_systems()
+
+    if phoenix? and Channels.available?() do
+      adapters = adapters(phoenix?)
+      warm_up(adapters)
+      report = run_channels(Report.new(), adapters, quick?)
+      if report.errors != [], do: System.halt(1)
+    else
+      IO.puts(channels_skipped())
+    end
+  end
+
+  defp channels_skipped do
+    """
+
+    *** The channel storms need Phoenix (phoenix, phoenix_pubsub, plug,
+    *** telemetry, jason: a Phoenix app's libraries) on the code path: they
+    *** are skipped. Point ERL_LIBS at built copies to run them.
+    """
+  end
+
+  defp channel_sizes(quick?),
+    do: [{"1k channels", @k}] ++ if(quick?, do: [], else: [{"5k channels", 5 * @k}])
+
+  # Our default (diff_window: 50), diff_window: 0 under a size of its own
+  # (beside the same run's Phoenix figures, for the ratio), the sidecar,
+  # and Phoenix.Presence, at each size.
+  defp run_channels(report, adapters, quick?) do
+    progress("channel storms: a warm-up of 200 (unreported)")
+    for adapter <- [Adapter.Unwindowed | adapters], do: Channels.storm(adapter, 200)
+
+    Enum.reduce(channel_sizes(quick?), report, fn {label, n}, report ->
+      unwindowed = "#{label}, diff_window: 0"
+
+      report =
+        Enum.reduce([Adapter.Unwindowed | adapters], report, fn adapter, report ->
+          size = if adapter == Adapter.Unwindowed, do: unwindowed, else: label
+
+          guarded(report, size, adapter, "channel join and leave storms", fn ->
+            Channels.storm(adapter, n)
+          end)
+        end)
+
+      report = Report.copy(report, label, unwindowed, :phoenix)
+
+      for size <- [label, unwindowed] do
+        IO.puts("  #{size}:")
+        Report.print_size(report, size)
+      end
+
+      report
+    end)
+  end
+
   @listers 4
   @lister_ms 3_000
 
@@ -270,6 +328,15 @@ defmodule Bench.Main do
         if(quick?, do: [], else: [{"20k subscribers", 20 * @k, [Adapter.Drab]}])
 
     report = Enum.reduce(storms, report, fn storm, report -> run_storm(report, storm) end)
+
+    report =
+      if phoenix? and Channels.available?() do
+        run_channels(report, adapters, quick?)
+      else
+        IO.puts(channels_skipped())
+        report
+      end
+
     report = run_churn(report, adapters, churn)
 
     write_outputs(report, out, %{
@@ -303,8 +370,10 @@ defmodule Bench.Main do
         Supervisor.start_link([{Phoenix.PubSub, name: Bench.PubSub}], strategy: :one_for_one)
 
       :ok = Adapter.Drab.start(Bench.PubSub)
+      :ok = Adapter.Unwindowed.start(Bench.PubSub)
       :ok = Adapter.Sidecar.start(Bench.PubSub)
       :ok = Adapter.Phoenix.start(Bench.PubSub)
+      if Channels.available?(), do: :ok = Channels.start()
     else
       IO.puts("""
 
@@ -424,6 +493,7 @@ defmodule Bench.Main do
   end
 
   defp system(Adapter.Drab), do: :drab
+  defp system(Adapter.Unwindowed), do: :drab
   defp system(Adapter.Phoenix), do: :phoenix
   defp system(Adapter.Sidecar), do: :sidecar
 

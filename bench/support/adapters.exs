@@ -18,6 +18,8 @@ defmodule Bench.Adapter do
   @callback native_bytes() :: non_neg_integer() | nil
   @doc "Waits until no diff is pending or on its way."
   @callback quiesce() :: :ok
+  @doc "The presence module, for workloads that call it as an app's code does (channels)."
+  @callback presence() :: module()
 
   @doc "True when the process is idle: nothing in its mailbox, not running."
   def idle?(pid) do
@@ -45,6 +47,9 @@ defmodule Bench.Adapter.Ours do
 
       @impl true
       def name, do: unquote(name)
+
+      @impl true
+      def presence, do: P
 
       @impl true
       def start(pubsub) do
@@ -92,6 +97,18 @@ defmodule Bench.Adapter.Drab do
   use Bench.Adapter.Ours, presence: Bench.DrabPresence, name: "Drab.Presence"
 end
 
+defmodule Bench.UnwindowedPresence do
+  @moduledoc false
+  # Our side with one diff per operation (diff_window: 0), as Phoenix sends
+  # them: for the channel storms, where the window is what is compared.
+  use Drab.Presence, otp_app: :drab_presence, diff_window: 0
+end
+
+defmodule Bench.Adapter.Unwindowed do
+  @moduledoc false
+  use Bench.Adapter.Ours, presence: Bench.UnwindowedPresence, name: "Drab.Presence (diff_window: 0)"
+end
+
 defmodule Bench.SidecarPresence do
   @moduledoc false
   # Our side on the sidecar backend, otherwise on the same defaults.
@@ -121,6 +138,9 @@ defmodule Bench.Adapter.Phoenix do
 
   @impl true
   def name, do: "Phoenix.Presence"
+
+  @impl true
+  def presence, do: P
 
   @impl true
   def start(_pubsub) do
