@@ -16,8 +16,10 @@ defmodule Bench.Adapter do
   @callback presences() :: non_neg_integer()
   @doc "Bytes held outside the BEAM's allocators (the NIF's Rust heap), or nil: none."
   @callback native_bytes() :: non_neg_integer() | nil
-  @doc "Waits until no diff is pending or on its way."
+  @doc "Waits until no diff is pending or on its way (failing past a default timeout)."
   @callback quiesce() :: :ok
+  @doc "The same, failing past `timeout_ms`."
+  @callback quiesce(timeout_ms :: non_neg_integer()) :: :ok
   @doc "The presence module, for workloads that call it as an app's code does (channels)."
   @callback presence() :: module()
 
@@ -77,13 +79,13 @@ defmodule Bench.Adapter.Ours do
       def native_bytes, do: P.stats().nif_heap_bytes
 
       @impl true
-      def quiesce do
+      def quiesce(timeout_ms \\ 120_000) do
         dispatcher = Process.whereis(Module.concat(P, Dispatcher))
 
         Bench.Harness.wait_until(
           fn -> P.stats().pending_topics == 0 and Bench.Adapter.idle?(dispatcher) end,
           "#{unquote(name)} diffs to go out",
-          120_000
+          timeout_ms
         )
 
         :ok
@@ -180,13 +182,13 @@ defmodule Bench.Adapter.Phoenix do
   # Diffs leave the shard as one Task each (Phoenix.Presence's async_merge);
   # they are all out when the shard is idle and no task is left.
   @impl true
-  def quiesce do
+  def quiesce(timeout_ms \\ 600_000) do
     {shard, tasks} = processes()
 
     Bench.Harness.wait_until(
       fn -> Bench.Adapter.idle?(shard) and Task.Supervisor.children(tasks) == [] end,
       "Phoenix.Presence diffs to go out",
-      600_000,
+      timeout_ms,
       10
     )
 

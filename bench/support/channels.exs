@@ -247,6 +247,9 @@ if Code.ensure_loaded?(Phoenix.Socket) and Code.ensure_loaded?(Phoenix.Endpoint)
       send(coordinator, {:connected, self()})
 
       receive do
+        {__MODULE__, :close} ->
+          exit(:normal)
+
         {__MODULE__, :join} ->
           # What phoenix.js sends: [join_ref, ref, topic, event, payload].
           join = Jason.encode!(["1", "1", topic, "phx_join", join_payload])
@@ -285,9 +288,12 @@ if Code.ensure_loaded?(Phoenix.Socket) and Code.ensure_loaded?(Phoenix.Endpoint)
       # ["1",null,"topic","presence_state",...) tells the coordinator that
       # its join is through. It is no other client's, so it is kept here
       # (id 0 in the log), not looked up in the store.
+      # A phx_error is the socket's word that the channel crashed: that
+      # join will never be through.
+      if event?(frame, "phx_error"), do: send(client.coordinator, {:channel_crashed, self()})
+
       client =
-        if :binary.match(frame, ~s(,"presence_state",), scope: {0, min(byte_size(frame), 256)}) !=
-             :nomatch do
+        if event?(frame, "presence_state") do
           send(client.coordinator, {:presence_state, self()})
 
           %{
@@ -306,6 +312,10 @@ if Code.ensure_loaded?(Phoenix.Socket) and Code.ensure_loaded?(Phoenix.Endpoint)
       if byte_size(frame) >= 16_384, do: :erlang.garbage_collect()
       client
     end
+
+    # The event of a frame, from its prefix: [join_ref,ref,"topic","event",...
+    defp event?(frame, event),
+      do: :binary.match(frame, ~s(,"#{event}",), scope: {0, min(byte_size(frame), 256)}) != :nomatch
 
     # Replays the frames as phoenix.js would receive them. Returns the view's
     # digest, the arrival of the last frame that changed the view (once the
@@ -506,8 +516,7 @@ defmodule Bench.Channels do
         t0 = now()
         deadline = deadline(timeout_ms)
         join(clients, deadline)
-        adapter.quiesce()
-        check_deadline!(deadline, "the join storm")
+        quiesce!(adapter, deadline, "the join storm")
         expected = isolated("checker", fn -> ClientView.digest_of_list(adapter.list(topic)) end)
         check!(elem(expected, 0) == n, "list/1 holds #{elem(expected, 0)} metas, expected #{n}")
         joined = verify(client_pids ++ watcher_pids, expected, t0)
@@ -531,8 +540,7 @@ defmodule Bench.Channels do
           20
         )
 
-        adapter.quiesce()
-        check_deadline!(deadline, "the leave storm")
+        quiesce!(adapter, deadline, "the leave storm")
         left = verify(watcher_pids, ClientView.digest_of_list(%{}), t1)
         leave_us = since_t0(left, t1)
         progress("  #{n} channels joined in #{fmt_ms(join_us)}, left in #{fmt_ms(leave_us)}")
@@ -548,20 +556,10 @@ defmodule Bench.Channels do
           channels_leave_frames: Enum.sum(Enum.map(left, & &1.frames))
         }
       after
-        Harness.kill_herd(clients)
+        close(clients)
       end
     after
-      # Closed, not killed: a channel whose transport was killed logs its exit.
-      {_, watcher_pids} = watchers
-      Enum.each(watcher_pids, &send(&1, {Bench.ChannelClient, :close}))
-
-      wait_until(
-        fn -> not Enum.any?(watcher_pids, &Process.alive?/1) end,
-        "watchers to close",
-        60_000
-      )
-
-      Harness.kill_herd(watchers)
+      close(watchers)
       adapter.quiesce()
       wait_until(fn -> adapter.presences() == 0 end, "presences to be gone", 120_000, 5)
       adapter.quiesce()
@@ -593,14 +591,29 @@ defmodule Bench.Channels do
     )
   end
 
+  # Closed, not killed (unless a client is stuck): a channel whose transport
+  # was killed logs its exit, 5k error reports after a failed storm.
+  defp close({_, pids} = herd) do
+    Enum.each(pids, &send(&1, {Bench.ChannelClient, :close}))
+
+    try do
+      wait_until(fn -> not Enum.any?(pids, &Process.alive?/1) end, "clients to close", 60_000, 10)
+    after
+      Harness.kill_herd(herd)
+    end
+  end
+
   defp fmt_ms(us), do: "#{Bench.Report.fmt(us / 1_000)} ms"
 
   defp deadline(timeout_ms), do: {System.monotonic_time(:millisecond) + timeout_ms, timeout_ms}
 
   defp remaining({at, _timeout_ms}), do: max(at - System.monotonic_time(:millisecond), 0)
 
-  defp check_deadline!({_, timeout_ms} = deadline, what),
-    do: check!(remaining(deadline) > 0, "#{what} took over #{timeout_ms} ms")
+  defp quiesce!(adapter, {_, timeout_ms} = deadline, what) do
+    adapter.quiesce(remaining(deadline))
+  rescue
+    Bench.Failed -> fail!("#{what} took over #{timeout_ms} ms: diffs were still going out")
+  end
 
   # Spawns `n` connected clients (a herd), not joined yet.
   defp connect(n, topic, role, payload, store) do
@@ -623,22 +636,34 @@ defmodule Bench.Channels do
   end
 
   # A client that crashes takes its herd down: that fails the wait at once.
+  # A channel that crashes fails it too, once every other has answered.
   defp await_each({herd, pids}, tag, what, {_, timeout_ms} = deadline) do
     monitor = Process.monitor(herd)
 
-    for _ <- pids do
-      receive do
-        {^tag, _pid} ->
-          :ok
+    crashed =
+      Enum.count(pids, fn _ ->
+        receive do
+          {^tag, _pid} ->
+            false
 
-        {:DOWN, ^monitor, :process, _, reason} ->
-          fail!("a client crashed while waiting for #{what}: #{short(reason)}")
-      after
-        remaining(deadline) -> fail!("timed out after #{timeout_ms} ms waiting for #{what}")
-      end
-    end
+          {:channel_crashed, _pid} ->
+            true
+
+          {:DOWN, ^monitor, :process, _, reason} ->
+            fail!("a client crashed while waiting for #{what}: #{short(reason)}")
+        after
+          remaining(deadline) -> fail!("timed out after #{timeout_ms} ms waiting for #{what}")
+        end
+      end)
 
     Process.demonitor(monitor, [:flush])
+
+    check!(
+      crashed == 0,
+      "#{crashed} of #{length(pids)} channels crashed (phx_error) instead of pushing " <>
+        "presence_state; their exits are logged above"
+    )
+
     :ok
   end
 

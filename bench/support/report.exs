@@ -407,8 +407,9 @@ defmodule Bench.Report do
       is empty. Channels hibernate when idle (`hibernate_after: 0`) and
       transports collect garbage after a large frame, or 5k of them would
       keep their largest heaps. Drab.Presence runs with its default window
-      (50 ms) and, in a row of its own beside the same Phoenix figures,
-      with `diff_window: 0`. The floor is what the channels' own
+      (50 ms) and, at 1k, in a row of its own beside the same Phoenix
+      figures, with `diff_window: 0` (at 5k, one diff per join from its one
+      dispatcher would outlast the storms' 10-minute bound). The floor is what the channels' own
       `presence_state` pushes cost to encode with the socket's serializer,
       for any presence system: the encoding of the final listing (median)
       × (N + 1) ÷ 2, since the N pushes list 1 to N presences.
