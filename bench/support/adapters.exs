@@ -82,6 +82,20 @@ defmodule Bench.Adapter.Ours do
       def quiesce(timeout_ms \\ 120_000) do
         dispatcher = Process.whereis(Module.concat(P, Dispatcher))
 
+        # On the sidecar a write does not wait for the sidecar: "nothing
+        # pending" can be read before it has seen the last writes. The
+        # fetchers exit once every write made before is applied and its
+        # diff broadcast (a no-op wait on the NIF).
+        for pid <- P.fetchers_pids() do
+          ref = Process.monitor(pid)
+
+          receive do
+            {:DOWN, ^ref, _, _, _} -> :ok
+          after
+            timeout_ms -> raise "#{unquote(name)}: diffs still going out after #{timeout_ms} ms"
+          end
+        end
+
         Bench.Harness.wait_until(
           fn -> P.stats().pending_topics == 0 and Bench.Adapter.idle?(dispatcher) end,
           "#{unquote(name)} diffs to go out",
