@@ -156,21 +156,12 @@ defmodule Drab.Presence.DrabIntegrationTest do
     # It is restarted after the run as test_helper.exs started it.
     if Process.whereis(Drab.Presence), do: Supervisor.stop(Drab.Presence)
 
-    # Phoenix 1.4's endpoint starts its PubSub; 1.5+ expects it started.
-    pubsub =
-      if Code.ensure_loaded?(Phoenix.PubSub) and function_exported?(Phoenix.PubSub, :child_spec, 1),
-        do: [{Phoenix.PubSub, name: @pubsub}],
-        else: []
-
-    # On the suite's backend: the table keeps the one it was made with.
+    # Registered first, so it runs last (after the endpoint below is
+    # stopped) and even if starting the endpoint fails: the rest of the
+    # suite needs the global module back.
     backend = Drab.PresenceCase.backend()
-    presence = {Drab.Presence, backend: backend}
-    {:ok, sup} = Supervisor.start_link(pubsub ++ [@endpoint, presence], strategy: :one_for_one)
-
-    Process.unlink(sup)
 
     on_exit(fn ->
-      Supervisor.stop(sup)
       Application.delete_env(:drab, :presence)
       # Without this endpoint's (stopped) PubSub, as test_helper.exs started
       # it: Drab's config would still name it.
@@ -181,6 +172,19 @@ defmodule Drab.Presence.DrabIntegrationTest do
 
       Process.unlink(presence)
     end)
+
+    # Phoenix 1.4's endpoint starts its PubSub; 1.5+ expects it started.
+    pubsub =
+      if Code.ensure_loaded?(Phoenix.PubSub) and function_exported?(Phoenix.PubSub, :child_spec, 1),
+        do: [{Phoenix.PubSub, name: @pubsub}],
+        else: []
+
+    # On the suite's backend: the table keeps the one it was made with.
+    presence = {Drab.Presence, backend: backend}
+    {:ok, sup} = Supervisor.start_link(pubsub ++ [@endpoint, presence], strategy: :one_for_one)
+
+    Process.unlink(sup)
+    on_exit(fn -> Supervisor.stop(sup) end)
 
     {:ok, port: :ranch.get_port(Module.concat(@endpoint, "HTTP"))}
   end
