@@ -52,8 +52,9 @@ pub(crate) struct Copy {
     map: SavedTerm,
     pub(crate) watch: WatchId,
     pub(crate) keys: usize,
-    /// Estimates, in bytes of external format: a key's entry, when the map
-    /// was built, and the garbage refreshes left in `env`.
+    /// Estimates, in bytes of external format: a key's entry (from the
+    /// build, raised by larger refreshes), and the garbage refreshes left
+    /// in `env`.
     bytes_per_key: usize,
     garbage_bytes: usize,
 }
@@ -112,6 +113,13 @@ impl Copy {
         // entry twice and a bit.
         self.garbage_bytes += 2 * written + 64 * changed.len();
         self.keys = keys;
+        // Metas may grow after the build: the estimate that bounds the work
+        // done on a normal scheduler only ever rises with what refreshes
+        // write, so it errs towards a dirty scheduler.
+        let put = changed.iter().filter(|(_, p)| !p.is_empty()).count();
+        if let Some(per_key) = written.checked_div(put) {
+            self.bytes_per_key = self.bytes_per_key.max(per_key);
+        }
         if self.garbage_bytes > self.keys * self.bytes_per_key + 64 * 1024 {
             self.compact();
         }
@@ -130,7 +138,7 @@ impl Copy {
         self.garbage_bytes = 0;
     }
 
-    /// The map's size in external format, as estimated when it was built.
+    /// The map's size in external format, estimated (see `bytes_per_key`).
     pub(crate) fn estimated_bytes(&self) -> usize {
         self.keys * self.bytes_per_key
     }
