@@ -7,6 +7,7 @@
 //! in one `binary_to_term/1`, which yields to other processes as it goes.
 //! The NIF and the sidecar share this code.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 
 use crate::key::listed_key;
@@ -55,17 +56,25 @@ where
     O: Ord + 'p,
     M: AsRef<[u8]> + 'p,
 {
-    let groups = group_by_key(presences);
+    write_groups(out, &group_by_listed_key(presences))
+}
+
+/// Writes groups made by [`group_by_listed_key`] (or slices of them), each
+/// one key of the map, as one external-format term.
+pub fn write_groups<O, M: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    groups: &[Vec<&Presence<O, M>>],
+) -> Result<(), EtfError> {
     let bytes: usize = groups
         .iter()
-        .map(|g| g.key().len() + 32 + g.0.iter().map(|p| meta_size(p)).sum::<usize>())
+        .map(|g| listed_key(&g[0].key).len() + 32 + g.iter().map(|p| meta_size(p)).sum::<usize>())
         .sum();
     out.reserve(bytes + 6);
     out.push(VERSION);
     write_map_header(out, groups.len());
     for group in groups {
-        write_binary(out, group.key());
-        write_metas(out, &group.0)?;
+        write_binary(out, listed_key(&group[0].key));
+        write_metas(out, group)?;
     }
     Ok(())
 }
@@ -82,7 +91,7 @@ where
     O: Ord,
     M: AsRef<[u8]>,
 {
-    presences.sort_by(|a, b| (&a.owner, a.phx_ref).cmp(&(&b.owner, b.phx_ref)));
+    presences.sort_by(listing_order);
     out.push(VERSION);
     write_metas(out, presences)
 }
@@ -102,38 +111,35 @@ fn write_metas<O, M: AsRef<[u8]>>(
     Ok(())
 }
 
-/// The presences of one key, in owner order (then ref order: one owner may
-/// have `42` and `"42"`).
-struct KeyGroup<'p, O, M>(Vec<&'p Presence<O, M>>);
-
-impl<O, M> KeyGroup<'_, O, M> {
-    fn key(&self) -> &[u8] {
-        listed_key(&self.0[0].key)
-    }
+/// The order of one key's metas in a listing: by owner, as Phoenix.Tracker
+/// lists them, then by ref (one owner may have `42` and `"42"`). Every
+/// writer of listings (whole, one key, the sidecar's chunks) uses it.
+pub fn listing_order<O: Ord, M>(a: &&Presence<O, M>, b: &&Presence<O, M>) -> Ordering {
+    (&a.owner, a.phx_ref).cmp(&(&b.owner, b.phx_ref))
 }
 
-fn group_by_key<'p, O: Ord, M>(
+/// `presences` grouped by the string their key is listed under, each
+/// group in [`listing_order`], groups in the order their keys first came.
+pub fn group_by_listed_key<'p, O: Ord, M>(
     presences: impl Iterator<Item = &'p Presence<O, M>>,
-) -> Vec<KeyGroup<'p, O, M>> {
+) -> Vec<Vec<&'p Presence<O, M>>> {
     // Most keys have one presence: index them once, and only give a key its
     // own vector when a second presence shows up.
     let mut index: HashMap<&'p [u8], usize> = HashMap::new();
-    let mut groups: Vec<KeyGroup<'p, O, M>> = Vec::new();
+    let mut groups: Vec<Vec<&'p Presence<O, M>>> = Vec::new();
     for presence in presences {
         let listed = listed_key(&presence.key);
         match index.get(listed) {
-            Some(&i) => groups[i].0.push(presence),
+            Some(&i) => groups[i].push(presence),
             None => {
                 index.insert(listed, groups.len());
-                groups.push(KeyGroup(vec![presence]));
+                groups.push(vec![presence]);
             }
         }
     }
     for group in &mut groups {
-        if group.0.len() > 1 {
-            group
-                .0
-                .sort_by(|a, b| (&a.owner, a.phx_ref).cmp(&(&b.owner, b.phx_ref)));
+        if group.len() > 1 {
+            group.sort_by(listing_order);
         }
     }
     groups

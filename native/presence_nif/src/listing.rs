@@ -150,7 +150,8 @@ fn kept_listing<'a>(
     if let Some(old) = kept.copy.take() {
         state.registry.unwatch_listing(topic, old.watch);
     }
-    let snapshot = match observed(&mut state, topic) {
+    // Observed above.
+    let snapshot = match state.registry.snapshot(topic) {
         Some(snapshot) if snapshot.len() >= KEEP_MIN / 2 => snapshot,
         small_or_none => {
             drop(state);

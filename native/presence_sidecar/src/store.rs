@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use presence_core::key::listed_key;
 use presence_core::outbox::listed_size;
 use presence_core::{etf, CoreError, Delivery, Holder, Registry, Snapshot, Update};
 
@@ -389,52 +388,44 @@ impl Store {
 /// `42` and `"42"` are one entry, which the BEAM side merges whole only
 /// when it is marked as continuing.
 pub fn listing_chunks<'p>(presences: impl Iterator<Item = &'p Entry>) -> Vec<(bool, Vec<u8>)> {
-    let mut index: HashMap<&'p [u8], usize> = HashMap::new();
-    let mut groups: Vec<Vec<&'p Entry>> = Vec::new();
-    for p in presences {
-        let listed = listed_key(&p.key);
-        match index.get(listed) {
-            Some(&i) => groups[i].push(p),
-            None => {
-                index.insert(listed, groups.len());
-                groups.push(vec![p]);
-            }
-        }
-    }
     let mut chunks = Vec::new();
-    let mut chunk: Vec<&Entry> = Vec::new();
+    // Whole groups, and the part of one that did not fit the last chunk.
+    let mut chunk: Vec<Vec<&Entry>> = Vec::new();
+    let mut in_chunk = 0;
     let mut bytes = 0;
     let mut continues = false;
-    let flush = |chunk: &mut Vec<&Entry>, continues: bool, chunks: &mut Vec<(bool, Vec<u8>)>| {
+    let flush = |chunk: &mut Vec<Vec<&Entry>>, continues: bool, chunks: &mut Vec<_>| {
         let mut out = Vec::new();
         // Stored metas were checked as maps when they were written.
-        if etf::write_grouped(&mut out, chunk.drain(..)).is_ok() {
+        if etf::write_groups(&mut out, chunk).is_ok() {
             chunks.push((continues, out));
         }
+        chunk.clear();
     };
-    for mut group in groups {
-        if group.len() > 1 {
-            group.sort_by_key(|p| (p.owner, p.phx_ref));
-        }
-        let group_bytes: usize = group.iter().map(|p| listed_size(p)).sum();
-        if !chunk.is_empty()
-            && (chunk.len() + group.len() > CHUNK_PRESENCES || bytes + group_bytes > CHUNK_BYTES)
+    for group in etf::group_by_listed_key(presences) {
+        let sizes: Vec<usize> = group.iter().map(|p| listed_size(p)).collect();
+        let group_bytes: usize = sizes.iter().sum();
+        if in_chunk > 0
+            && (in_chunk + group.len() > CHUNK_PRESENCES || bytes + group_bytes > CHUNK_BYTES)
         {
             flush(&mut chunk, continues, &mut chunks);
-            continues = false;
-            bytes = 0;
+            (continues, in_chunk, bytes) = (false, 0, 0);
         }
-        for p in group.iter() {
-            let size = listed_size(p);
-            if !chunk.is_empty() && (chunk.len() == CHUNK_PRESENCES || bytes + size > CHUNK_BYTES) {
+        let mut part: Vec<&Entry> = Vec::new();
+        for (p, size) in group.into_iter().zip(sizes) {
+            if in_chunk > 0 && (in_chunk == CHUNK_PRESENCES || bytes + size > CHUNK_BYTES) {
+                if !part.is_empty() {
+                    chunk.push(std::mem::take(&mut part));
+                }
                 flush(&mut chunk, continues, &mut chunks);
                 // The rest of this key continues the chunk just sent.
-                continues = true;
-                bytes = 0;
+                (continues, in_chunk, bytes) = (true, 0, 0);
             }
             bytes += size;
-            chunk.push(p);
+            in_chunk += 1;
+            part.push(p);
         }
+        chunk.push(part);
     }
     if !chunk.is_empty() || chunks.is_empty() {
         flush(&mut chunk, continues, &mut chunks);

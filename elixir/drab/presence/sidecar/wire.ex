@@ -81,17 +81,13 @@ defmodule Drab.Presence.Sidecar.Wire do
   defmacro op(name) when is_atom(name), do: Map.fetch!(@ops, name)
   defmacro op(name), do: quote(do: Drab.Presence.Sidecar.Wire.op_byte(unquote(name)))
 
-  @doc "The byte of a status, as `op/1` makes that of an op."
+  @doc "The byte of a status, a literal (for patterns and guards)."
   defmacro status(name) when is_atom(name), do: Map.fetch!(@statuses, name)
-  defmacro status(name), do: quote(do: Drab.Presence.Sidecar.Wire.status_byte(unquote(name)))
 
   @doc "The byte of the op named `name`."
   @spec op_byte(atom()) :: byte()
-  def op_byte(name), do: Map.fetch!(@ops, name)
-
-  @doc "The byte of the status named `name`."
-  @spec status_byte(atom()) :: byte()
-  def status_byte(name), do: Map.fetch!(@statuses, name)
+  # One clause per op: every write builds its frame with this.
+  for {name, byte} <- @ops, do: def(op_byte(unquote(name)), do: unquote(byte))
 
   @doc "The name of a status byte; an unknown one stays a byte."
   @spec status_name(byte()) :: atom() | byte()
